@@ -1,0 +1,56 @@
+"""The `fedesm` command. Each sub-module registers its subcommands; none holds logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fedesm import __version__
+from fedesm.errors import FedesmError
+
+# Sub-modules of fedesm.cli, each exposing register(subparsers).
+_COMMAND_MODULES = ["model", "data", "train", "job", "demo", "experiment"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedesm",
+        description="Federated LoRA fine-tuning of ESM-2 for per-residue binding-site prediction (NVIDIA FLARE).",
+    )
+    parser.add_argument("--version", action="version", version=f"fedesm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"fedesm.cli.{name}")
+        except ModuleNotFoundError as e:  # a command group not written yet
+            if e.name == f"fedesm.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FedesmError as e:
+        if args.verbose:
+            raise
+        print(f"fedesm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedesm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

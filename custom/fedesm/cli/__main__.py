@@ -1,0 +1,5 @@
+import sys
+
+from fedesm.cli import main
+
+sys.exit(main())
