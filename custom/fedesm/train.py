@@ -1,0 +1,227 @@
+"""The local trainer: rounds of N optimizer steps on batches drawn at random from local data.
+
+The same code trains every federated site (the NVFLARE executor calls `train_steps` once per round)
+and the centralized baseline (`fedesm.centralized`). The model and optimizer live in the trainer
+for its whole life, so a site keeps its optimizer state between rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer, eval_batches
+from fedesm.data.records import Record
+from fedesm.metrics import binary_metrics
+from fedesm.privacy import GradientNoise
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings; plain values so they travel in job configs and CLI flags."""
+
+    steps_per_round: int = 100
+    rounds: int = 1  # with steps_per_round, sets the length of the learning-rate schedule
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: Optional[int] = None  # default: 5% of all steps, at most 500
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    class_weights: Optional[list] = None  # e.g. [1.0, 5.0], or "balanced" from the local positive rate
+    max_len: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    bucket: Optional[bool] = None  # length-bucketed batches; default on CUDA
+    grad_noise_std: float = 0.0  # the paper's DP mode: Gaussian noise on every gradient, every step
+    eval_batch_tokens: int = 16384
+    threshold: float = 0.5
+    freeze_lora_a: bool = False  # FFA-LoRA: only B trains
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training settings: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RoundStats:
+    steps: int
+    samples: int
+    residues: int
+    loss: float
+    seconds: float
+    aborted: bool = False
+    lr: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def residues_per_second(self) -> float:
+        return self.residues / self.seconds if self.seconds else 0.0
+
+
+def _lr_lambda(cfg: TrainConfig, total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.schedule == "linear":
+            decay = 1.0 - progress
+        elif cfg.schedule == "cosine":
+            decay = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            raise ValueError(f"unknown schedule {cfg.schedule!r} (cosine, linear, constant)")
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+class LocalTrainer:
+    """Owns the model on its device, the optimizer, the schedule and the random batch sampler."""
+
+    def __init__(self, model, alphabet, train_records: Sequence[Record], config: TrainConfig,
+                 privacy: Optional[object] = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.tokenizer = Tokenizer(alphabet)
+        use_cuda = self.device.type == "cuda"
+        self.autocast_dtype = None
+        if config.precision == "bf16" or (config.precision == "auto" and use_cuda):
+            self.autocast_dtype = torch.bfloat16
+        bucket = use_cuda if config.bucket is None else config.bucket
+        self.sampler = RandomBatchSampler(train_records, self.tokenizer, config.batch_size, config.max_len,
+                                          seed=config.seed, bucket=bucket)
+        if config.freeze_lora_a:
+            for name, p in self.model.named_parameters():
+                if ".lora_A." in name:
+                    p.requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        total = max(1, config.steps_per_round * config.rounds)
+        warmup = config.warmup_steps if config.warmup_steps is not None else min(500, int(0.05 * total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config, total, warmup))
+        self.loss_weight = self._class_weights(train_records)
+        self.privacy = privacy if privacy is not None else (
+            GradientNoise(config.grad_noise_std, seed=config.seed) if config.grad_noise_std > 0 else None)
+        self.global_step = 0
+        self._torch_gen = torch.Generator().manual_seed(config.seed)
+
+    def _class_weights(self, records) -> Optional[torch.Tensor]:
+        cw = self.config.class_weights
+        if cw is None:
+            return None
+        if cw == "balanced":
+            pos = sum(r.n_positive for r in records) / max(1, sum(len(r) for r in records))
+            pos = min(max(pos, 1e-3), 1 - 1e-3)
+            cw = [0.5 / (1 - pos), 0.5 / pos]
+        return torch.tensor(cw, dtype=torch.float32, device=self.device)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            logits = self.model(tokens)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), weight=self.loss_weight,
+                               ignore_index=IGNORE_INDEX)
+
+    def train_steps(self, n_steps: int, should_abort: Optional[Callable[[], bool]] = None,
+                    progress: bool = False, desc: str = "train") -> RoundStats:
+        """Run `n_steps` optimizer steps; stops early (between steps) when `should_abort()` is true."""
+        self.model.train()
+        t0 = time.perf_counter()
+        losses, samples, residues, done, aborted = [], 0, 0, 0, False
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_steps, desc=desc, leave=False, dynamic_ncols=True)
+        for _ in range(n_steps):
+            if should_abort is not None and should_abort():
+                aborted = True
+                break
+            tokens, labels = self.sampler.next_batch()
+            tokens = tokens.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            loss = self.loss(tokens, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            if self.privacy is not None:
+                self.privacy.apply(self.params)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            done += 1
+            losses.append(loss.item())
+            samples += tokens.shape[0]
+            residues += int((labels != IGNORE_INDEX).sum())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if bar is not None:
+            bar.close()
+        return RoundStats(steps=done, samples=samples, residues=residues,
+                          loss=float(np.mean(losses)) if losses else float("nan"),
+                          seconds=time.perf_counter() - t0, aborted=aborted,
+                          lr=self.scheduler.get_last_lr()[0])
+
+    def predict_proba(self, sequences: Sequence[str]) -> list[np.ndarray]:
+        return predict_proba(self.model, self.tokenizer, sequences, self.config.max_len, self.device,
+                             self.config.eval_batch_tokens, self.autocast_dtype)
+
+    def evaluate(self, records: Sequence[Record], threshold: Optional[float] = None) -> dict:
+        probs = self.predict_proba([r.sequence for r in records])
+        return evaluate_probabilities(records, probs, self.config.threshold if threshold is None else threshold)
+
+
+def evaluate_probabilities(records: Sequence[Record], probs: Sequence[np.ndarray], threshold: float = 0.5) -> dict:
+    labels = np.concatenate([r.labels for r in records]) if records else np.zeros(0)
+    p = np.concatenate(probs) if probs else np.zeros(0)
+    return binary_metrics(labels, p, threshold)
+
+
+@torch.no_grad()
+def predict_proba(model, tokenizer: Tokenizer, sequences: Sequence[str], max_len: int, device=None,
+                  batch_tokens: int = 16384, autocast_dtype=None) -> list[np.ndarray]:
+    """Per-residue probability of the positive class; long sequences averaged over overlapping windows."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = [np.zeros(len(s), dtype=np.float64) for s in sequences]
+    counts = [np.zeros(len(s), dtype=np.float64) for s in sequences]
+    for windows, tokens in eval_batches(list(sequences), tokenizer, max_len, batch_tokens):
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(tokens.to(device))
+        prob = torch.softmax(logits.float(), dim=-1)[..., 1].cpu().numpy()
+        for row, w in enumerate(windows):
+            n = w.end - w.start
+            sums[w.record][w.start : w.end] += prob[row, 1 : n + 1]
+            counts[w.record][w.start : w.end] += 1
+    if was_training:
+        model.train()
+    return [s / np.maximum(c, 1) for s, c in zip(sums, counts)]
