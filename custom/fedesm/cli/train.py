@@ -1,0 +1,152 @@
+"""`fedesm train` (the centralized baseline) and `fedesm predict`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+from fedesm.cli._common import add_lora_args, add_train_args, load_data, lora_from_args, train_config_from_args
+from fedesm.errors import FedesmError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="centralized LoRA fine-tuning (the baseline of the federated experiments)",
+                       description="Fine-tune ESM-2 with LoRA on one machine: R rounds of N optimizer steps, each "
+                       "step a batch drawn at random from the training data (the same loop every federated site "
+                       "runs). Evaluates on the validation set after every round; writes metrics.jsonl/.csv, "
+                       "TensorBoard events (tb/), and the best/ and last/ adapters in PEFT's layout.")
+    p.add_argument("--train", required=True, help="training data: FASTA (3-line), CSV, TSV, Parquet, JSONL or s3://")
+    p.add_argument("--val", required=True, help="validation data (same formats)")
+    p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
+                   help="ESM-2 source: fair-esm name (online), local .pt, s3:// URI, or random:ARCH "
+                   "(default esm2_t12_35M_UR50D)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_args(p)
+    add_train_args(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="per-residue binding probabilities for new sequences",
+                       description="Predict binding sites: writes one CSV row per residue (id, position, "
+                       "residue, probability, call). --model is a trained model folder (from `fedesm train`, a "
+                       "federated job result, or its best/ folder) or a merged checkpoint from `fedesm export`.")
+    p.add_argument("--model", required=True, help="model folder or merged .pt checkpoint")
+    p.add_argument("--input", required=True, help="sequences: FASTA (2- or 3-line) or a table with id,sequence")
+    p.add_argument("--out", required=True, help="output CSV")
+    p.add_argument("--threshold", type=float, default=None, help="call threshold (default: the model card's)")
+    p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model")
+    p.add_argument("--max-len", type=int, default=None, help="window length (default: the model card's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.set_defaults(func=_predict)
+
+
+def _train(args) -> int:
+    from fedesm.centralized import run_centralized
+
+    train = load_data(args.train)
+    val = load_data(args.val)
+    cfg = train_config_from_args(args)
+    rows = run_centralized(train, val, args.backbone, args.out, cfg, lora_from_args(args),
+                           progress=not args.no_progress)
+    best = max(rows[1:], key=lambda r: r["f1"])
+    print(f"{'round':>5} {'loss':>8} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'AUPRC':>6}")
+    for r in rows:
+        loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
+        auprc = f"{r['auprc']:.3f}" if r.get("auprc") is not None else "-"
+        print(f"{r['round']:>5} {loss:>8} {r['accuracy']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} "
+              f"{r['f1']:6.3f} {auprc:>6}")
+    print(f"best round {best['round']} (val F1 {best['f1']:.3f}); adapters in {Path(args.out) / 'best'} "
+          f"and {Path(args.out) / 'last'}")
+    return 0
+
+
+def _read_sequences(path: str) -> list[tuple[str, str]]:
+    """(id, sequence) pairs; labels, when present, are ignored."""
+    p = Path(path)
+    if not p.is_file():
+        raise FedesmError(f"{path}: no such file")
+    if p.suffix.lower() in (".fa", ".fasta", ".faa", ".txt"):
+        out, cur_id, line_no = [], None, 0
+        with p.open() as f:
+            for line_no, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith(">"):
+                    cur_id = line[1:].split()[0]
+                    out.append([cur_id, None, line_no])
+                elif cur_id is None:
+                    raise FedesmError(f"{path}:{line_no}: sequence line before any '>id' header")
+                elif out[-1][1] is None:
+                    out[-1][1] = line.upper()
+                elif set(line) <= {"0", "1"}:
+                    continue  # a label line of a 3-line FASTA
+                else:
+                    out[-1][1] += line.upper()  # wrapped sequence
+        seqs = []
+        from fedesm.data.records import ESM_RESIDUES
+
+        for rid, seq, ln in out:
+            if not seq:
+                raise FedesmError(f"{path}:{ln}, record {rid!r}: empty sequence")
+            bad = set(seq) - ESM_RESIDUES
+            if bad:
+                raise FedesmError(f"{path}:{ln}, record {rid!r}: residues not in ESM's alphabet: {''.join(sorted(bad))}")
+            seqs.append((rid, seq))
+        return seqs
+    from fedesm.data.readers import read_records
+
+    return [(r.id, r.sequence) for r in read_records(p)]
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from fedesm.data.batching import Tokenizer
+    from fedesm.train import predict_proba, resolve_device
+
+    model_path = Path(args.model)
+    if model_path.is_file():
+        from fedesm.model import load_exported
+
+        model, alphabet = load_exported(model_path)
+        threshold, max_len = 0.5, 1000
+    else:
+        from fedesm.model import load_trained_model
+
+        model, card = load_trained_model(_find_model_dir(model_path), backbone_source=args.backbone)
+        alphabet = model.fedesm_backbone.alphabet
+        threshold, max_len = card.threshold, card.max_len
+    threshold = args.threshold if args.threshold is not None else threshold
+    max_len = args.max_len or max_len
+    seqs = _read_sequences(args.input)
+    device = resolve_device(args.device)
+    model.to(device)
+    probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    n_pos = 0
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "position", "residue", "probability", "binding"])
+        for (rid, seq), p in zip(seqs, probs):
+            calls = (p >= threshold).astype(int)
+            n_pos += int(calls.sum())
+            for i, (aa, pi, c) in enumerate(zip(seq, p, calls), 1):
+                w.writerow([rid, i, aa, f"{pi:.4f}", c])
+    os.replace(tmp, out)
+    total = sum(len(s) for _, s in seqs)
+    print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f})")
+    return 0
+
+
+def _find_model_dir(path: Path) -> Path:
+    """A model folder itself, or the one inside a job result / training output (best/ preferred)."""
+    if (path / "fedesm_model.json").exists():
+        return path
+    for candidate in sorted(path.rglob("fedesm_model.json"), key=lambda p: ("best" not in str(p), len(str(p)))):
+        return candidate.parent
+    raise FedesmError(f"{path}: no trained model found (no fedesm_model.json inside)")
