@@ -1,0 +1,84 @@
+"""Convert between torch state dicts, dicts of numpy arrays and NVFLARE WEIGHTS Shareables.
+
+Weights travel as a ``DXO(WEIGHTS)`` whose data is ``{name: np.ndarray}``. Floating arrays are
+sent as float32 by default; ``transfer_dtype="float16"`` halves the payload, and the receiver
+decodes it back to float32 (the meta key ``TRANSFER_DTYPE_KEY`` says how it was sent).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.decomposers import numpy_decomposers
+from nvflare.fuel.utils import fobs
+
+TRANSFER_DTYPE_KEY = "fedesm_transfer_dtype"
+TRANSFER_DTYPES = ("float32", "float16")
+
+
+def to_numpy_dict(state_dict: dict[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
+    """Detach torch tensors (or copy arrays) to numpy; bfloat16 becomes float32 (numpy has none).
+
+    ``dtype`` casts floating arrays only (integer buffers keep their type).
+    """
+    out = {}
+    for name, value in state_dict.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu()
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()
+            arr = value.numpy().copy()
+        else:
+            arr = np.array(value)
+        if dtype is not None and np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(dtype)
+        out[name] = arr
+    return out
+
+
+def to_torch_dict(numpy_dict: dict[str, Any]) -> dict[str, Any]:
+    """Numpy arrays to (owned, writable) torch tensors, e.g. for ``set_peft_model_state_dict``."""
+    import torch
+
+    return {name: torch.tensor(np.asarray(value)) for name, value in numpy_dict.items()}
+
+
+def _encode(weights: dict[str, Any], transfer_dtype: str) -> dict[str, np.ndarray]:
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"transfer_dtype must be one of {TRANSFER_DTYPES}, got {transfer_dtype!r}")
+    return to_numpy_dict(weights, dtype=np.dtype(transfer_dtype))
+
+
+def make_weights_shareable(
+    weights: dict[str, Any], meta: dict | None = None, transfer_dtype: str = "float32"
+) -> Shareable:
+    """A ``DXO(WEIGHTS)`` Shareable of numpy arrays; torch tensors are converted."""
+    meta = dict(meta or {})
+    meta[TRANSFER_DTYPE_KEY] = transfer_dtype
+    return DXO(data_kind=DataKind.WEIGHTS, data=_encode(weights, transfer_dtype), meta=meta).to_shareable()
+
+
+def read_weights_shareable(shareable: Shareable) -> tuple[dict[str, np.ndarray], dict]:
+    """``(weights, meta)`` from a ``DXO(WEIGHTS)`` Shareable; reduced-precision floats become float32."""
+    dxo = from_shareable(shareable)
+    if dxo.data_kind != DataKind.WEIGHTS:
+        raise ValueError(f"expected a DXO of kind {DataKind.WEIGHTS.value}, got {dxo.data_kind}")
+    meta = dict(dxo.meta or {})
+    sent_as = meta.get(TRANSFER_DTYPE_KEY, "float32")
+    weights = {}
+    for name, value in dxo.data.items():
+        arr = np.asarray(value)
+        if sent_as != "float32" and np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+        weights[name] = arr
+    return weights, meta
+
+
+def shareable_nbytes(shareable: Shareable) -> int:
+    """Size in bytes of the Shareable as NVFLARE serialises it (FOBS) for sending."""
+    numpy_decomposers.register()
+    return len(fobs.dumps(shareable))

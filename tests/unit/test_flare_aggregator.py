@@ -1,0 +1,224 @@
+"""FraLoraAggregator on hand-built Shareables and FLContexts, and the payload helpers."""
+
+import numpy as np
+import pytest
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+
+from fedesm.aggregation import AggregationState, aggregate
+from fedesm.flare.aggregator import FraLoraAggregator
+from fedesm.flare.payload import (
+    make_weights_shareable,
+    read_weights_shareable,
+    shareable_nbytes,
+    to_numpy_dict,
+    to_torch_dict,
+)
+
+D, R = 32, 4
+P = "base_model.model.esm.layers.0.self_attn"
+KEYS = {
+    f"{P}.q_proj.lora_A.weight": (R, D),
+    f"{P}.q_proj.lora_B.weight": (D, R),
+    f"{P}.v_proj.lora_A.weight": (R, D),
+    f"{P}.v_proj.lora_B.weight": (D, R),
+    "base_model.model.head.weight": (2, D),
+    "base_model.model.head.bias": (2,),
+}
+A_KEY, B_KEY = f"{P}.q_proj.lora_A.weight", f"{P}.q_proj.lora_B.weight"
+
+
+def site_weights(seed):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in KEYS.items()}
+
+
+def contribution(weights, site, round_=3, steps=10, n_samples=100, metrics=None, **kw):
+    meta = {}
+    if steps is not None:
+        meta[MetaKey.NUM_STEPS_CURRENT_ROUND] = steps
+    if n_samples is not None:
+        meta["n_samples"] = n_samples
+    if metrics is not None:
+        meta["metrics"] = metrics
+    s = make_weights_shareable(weights, meta, **kw)
+    s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+    s.add_cookie(AppConstants.CONTRIBUTION_ROUND, round_)
+    return s
+
+
+def context(round_=3, global_weights=None):
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_, private=True, sticky=True)
+    if global_weights is not None:
+        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(global_weights, {}), private=True, sticky=True)
+    return fl_ctx
+
+
+def test_accepts_good_contributions_and_keeps_metrics():
+    agg = FraLoraAggregator(rank=R)
+    fl_ctx = context(global_weights=site_weights(0))
+    assert agg.accept(contribution(site_weights(1), "site-1", metrics={"val_f1": 0.5}), fl_ctx)
+    assert agg.accept(contribution(site_weights(2), "site-2", metrics={"val_f1": 0.7}), fl_ctx)
+    agg.aggregate(fl_ctx)
+    assert agg.last_round_metrics == {"site-1": {"val_f1": 0.5}, "site-2": {"val_f1": 0.7}}
+    assert agg.last_round_weights == {"site-1": 0.5, "site-2": 0.5}
+
+
+@pytest.mark.parametrize(
+    "make_bad, reason",
+    [
+        (lambda: contribution(site_weights(1), "site-1", round_=2), "contribution for round 2, current round is 3"),
+        (lambda: contribution(dict(site_weights(1), **{A_KEY: np.full((R, D), np.nan, np.float32)}), "site-1"), "non-finite"),
+        (lambda: contribution(dict(site_weights(1), **{B_KEY: np.zeros((D, R + 1), np.float32)}), "site-1"), "global model has"),
+        (lambda: contribution(dict(site_weights(1), extra=np.zeros(3, np.float32)), "site-1"), "unknown keys"),
+        (lambda: contribution(site_weights(1), "site-1", steps=0), "NUM_STEPS_CURRENT_ROUND must be a positive number"),
+        (lambda: contribution(site_weights(1), "site-1", steps=None), "NUM_STEPS_CURRENT_ROUND must be a positive number"),
+        (lambda: contribution(site_weights(1), "site-1", n_samples=-5), "n_samples must be a positive number"),
+        (lambda: DXO(DataKind.WEIGHT_DIFF, site_weights(1)).to_shareable(), "data kind"),
+    ],
+)
+def test_rejects_with_reason(make_bad, reason):
+    agg = FraLoraAggregator()
+    fl_ctx = context(global_weights=site_weights(0))
+    bad = make_bad()
+    if bad.get_cookie(AppConstants.CONTRIBUTION_ROUND) is None:
+        bad.add_cookie(AppConstants.CONTRIBUTION_ROUND, 3)
+    assert not agg.accept(bad, fl_ctx)
+    assert reason in agg.last_reject_reason
+
+
+def test_rejects_error_return_code():
+    agg = FraLoraAggregator()
+    s = contribution(site_weights(1), "site-1")
+    s.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
+    assert not agg.accept(s, context())
+    assert "return code" in agg.last_reject_reason
+
+
+def test_rejects_duplicate_site_and_mismatch_with_first_contribution():
+    agg = FraLoraAggregator()
+    fl_ctx = context()  # no global model: the first accepted contribution is the reference
+    assert agg.accept(contribution(site_weights(1), "site-1"), fl_ctx)
+    assert not agg.accept(contribution(site_weights(2), "site-1"), fl_ctx)
+    assert "duplicate contribution in round 3" in agg.last_reject_reason
+    wrong_shape = dict(site_weights(2), **{"base_model.model.head.bias": np.zeros(3, np.float32)})
+    assert not agg.accept(contribution(wrong_shape, "site-2"), fl_ctx)
+    assert "shape of 'base_model.model.head.bias' is (3,), site-1 sent (2,)" in agg.last_reject_reason
+    missing = {k: v for k, v in site_weights(2).items() if k != "base_model.model.head.bias"}
+    assert not agg.accept(contribution(missing, "site-2"), fl_ctx)
+    assert "keys differ" in agg.last_reject_reason
+    assert agg.accept(contribution(site_weights(2), "site-2"), fl_ctx)
+    # after reset the same site may contribute to the next round
+    agg.reset(fl_ctx)
+    assert agg.accept(contribution(site_weights(3), "site-1", round_=4), context(round_=4))
+
+
+@pytest.mark.parametrize("strategy", ["fra", "fedit", "fra-ef"])
+def test_aggregate_weighs_by_steps_and_matches_library(strategy):
+    agg = FraLoraAggregator(strategy=strategy, rank=R, weigh_by="steps")
+    fl_ctx = context(global_weights=site_weights(0))
+    sites = {"site-1": (site_weights(1), 10), "site-2": (site_weights(2), 30), "site-3": (site_weights(3), 60)}
+    for name, (w, steps) in sites.items():
+        assert agg.accept(contribution(w, name, steps=steps, n_samples=1), fl_ctx)
+    result = agg.aggregate(fl_ctx)
+    dxo = from_shareable(result)
+    assert dxo.data_kind == DataKind.WEIGHTS
+    kw = {"state": AggregationState()} if strategy == "fra-ef" else {}
+    expected = aggregate([w for w, _ in sites.values()], [10, 30, 60], strategy, rank=R, **kw)
+    assert list(dxo.data) == list(KEYS)
+    for k in KEYS:
+        assert isinstance(dxo.data[k], np.ndarray) and dxo.data[k].dtype == np.float32
+        np.testing.assert_allclose(dxo.data[k], expected[k], atol=1e-6)
+    assert agg.last_round_weights == pytest.approx({"site-1": 0.1, "site-2": 0.3, "site-3": 0.6})
+
+
+def test_weigh_by_samples_and_uniform():
+    for weigh_by, expected in (("samples", {"a": 0.2, "b": 0.8}), ("uniform", {"a": 0.5, "b": 0.5})):
+        agg = FraLoraAggregator(weigh_by=weigh_by)
+        fl_ctx = context()
+        assert agg.accept(contribution(site_weights(1), "a", steps=99, n_samples=100), fl_ctx)
+        assert agg.accept(contribution(site_weights(2), "b", steps=1, n_samples=400), fl_ctx)
+        agg.aggregate(fl_ctx)
+        assert agg.last_round_weights == pytest.approx(expected)
+
+
+def test_fra_ef_state_survives_reset():
+    agg = FraLoraAggregator(strategy="fra-ef", rank=2)
+    for round_ in (0, 1):
+        fl_ctx = context(round_=round_)
+        for i in (1, 2, 3):
+            assert agg.accept(contribution(site_weights(i), f"site-{i}", round_=round_), fl_ctx)
+        agg.aggregate(fl_ctx)
+        agg.reset(fl_ctx)
+        assert agg.ef_state.rounds == round_ + 1
+        assert agg.ef_state.residual_norms[f"{P}.q_proj"] > 0
+
+
+def test_ffa_uses_global_a():
+    glob = site_weights(0)
+    agg = FraLoraAggregator(strategy="ffa")
+    fl_ctx = context(global_weights=glob)
+    for i in (1, 2):
+        w = site_weights(i)
+        w.update({k: v for k, v in glob.items() if ".lora_A." in k})
+        assert agg.accept(contribution(w, f"site-{i}"), fl_ctx)
+    out = from_shareable(agg.aggregate(fl_ctx)).data
+    np.testing.assert_array_equal(out[A_KEY], glob[A_KEY])
+
+
+def test_constructor_validates_config():
+    with pytest.raises(ValueError, match="valid: fra, fra-ef, fedit, ffa"):
+        FraLoraAggregator(strategy="fedavg")
+    with pytest.raises(ValueError, match="weigh_by"):
+        FraLoraAggregator(weigh_by="loss")
+    with pytest.raises(ValueError, match="expected_data_kind"):
+        FraLoraAggregator(expected_data_kind="WEIGHT_DIFF")
+    with pytest.raises(ValueError, match="rank"):
+        FraLoraAggregator(rank=0)
+
+
+def test_aggregate_without_contributions_returns_empty_weights():
+    assert from_shareable(FraLoraAggregator().aggregate(context())).data == {}
+
+
+# ------------------------------------------------------------------------------------ payload
+
+
+def test_payload_round_trip_fp32_and_fp16():
+    state = {"w": torch.randn(8, 16), "b": torch.randn(8).bfloat16(), "steps": torch.tensor([3])}
+    np_state = to_numpy_dict(state)
+    assert np_state["b"].dtype == np.float32 and np_state["steps"].dtype == np.int64
+    s32 = make_weights_shareable(state, {"n_samples": 5})
+    w32, meta = read_weights_shareable(s32)
+    assert meta["n_samples"] == 5
+    np.testing.assert_array_equal(w32["w"], state["w"].numpy())
+    s16 = make_weights_shareable(state, {}, transfer_dtype="float16")
+    assert from_shareable(s16).data["w"].dtype == np.float16
+    w16, _ = read_weights_shareable(s16)
+    assert w16["w"].dtype == np.float32 and w16["steps"].dtype == np.int64
+    np.testing.assert_allclose(w16["w"], state["w"].numpy(), rtol=1e-3, atol=1e-3)
+    back = to_torch_dict(w16)
+    assert isinstance(back["w"], torch.Tensor) and back["w"].dtype == torch.float32
+    # fp16 roughly halves what NVFLARE sends
+    big = {"w": torch.randn(256, 256)}
+    n32 = shareable_nbytes(make_weights_shareable(big))
+    n16 = shareable_nbytes(make_weights_shareable(big, transfer_dtype="float16"))
+    assert 256 * 256 * 4 < n32 < 256 * 256 * 4 * 1.1
+    assert 0.45 < n16 / n32 < 0.55
+    with pytest.raises(ValueError, match="transfer_dtype"):
+        make_weights_shareable(big, transfer_dtype="int8")
+
+
+def test_fp16_contribution_is_decoded_and_accepted():
+    agg = FraLoraAggregator()
+    fl_ctx = context(global_weights=site_weights(0))
+    assert agg.accept(contribution(site_weights(1), "site-1", transfer_dtype="float16"), fl_ctx)
+    assert agg.accept(contribution(site_weights(2), "site-2"), fl_ctx)
+    out = from_shareable(agg.aggregate(fl_ctx)).data
+    assert out[A_KEY].dtype == np.float32
