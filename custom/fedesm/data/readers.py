@@ -1,0 +1,431 @@
+"""Read and write per-residue binding-site sets in the formats public benchmarks ship in.
+
+Formats, chosen by file extension (each also readable and writable gzip-compressed, e.g. ``.fa.gz``):
+
+- 3-line FASTA (``.fa``, ``.fasta``, ``.txt``), as used by GPSite and most binding-site benchmarks::
+
+      >1abc_A family=kinase
+      MKVLAAGIT...
+      00011000...
+
+  Header: ``>ID`` optionally followed by whitespace-separated ``key=value`` fields; ``family=NAME``
+  sets the record's family (used by family-disjoint splits), other fields are ignored. The next line
+  is the sequence, the one after it one 0/1 label per residue. Blank lines and lines starting with
+  ``#`` (comments) are ignored.
+- Tables: CSV (``.csv``), TSV (``.tsv``), Parquet (``.parquet``), JSON Lines (``.jsonl``) with
+  columns ``id``, ``sequence``, ``labels`` (a 0/1 string like ``"00110"``, or a list of 0/1 ints;
+  in CSV/TSV also ``"[0, 0, 1]"``) and optional ``family`` (empty = none). In CSV, TSV and JSONL,
+  ``#`` lines before the data are comments.
+
+Sequences are upper-cased and whitespace is removed. Structural problems (a missing label line, a
+label that is not 0/1, a label count that differs from the sequence length, a missing column, bad
+JSON) raise ``DataError`` naming the file, the record id and the line (Parquet: ``row N``, 0-based).
+Content checks (alphabet, duplicate ids, empty sequences) are ``fedesm.data.validate``'s job.
+Writes are atomic: a temp file beside the target, renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Union
+
+import numpy as np
+
+from fedesm.data.records import Record
+from fedesm.errors import DataError
+
+PathLike = Union[str, os.PathLike]
+Location = Union[int, str]  # a 1-based line number, or "row N" for Parquet
+
+FORMATS = ("fasta", "csv", "tsv", "parquet", "jsonl")
+_EXTENSIONS = {
+    ".fa": "fasta",
+    ".fasta": "fasta",
+    ".faa": "fasta",
+    ".txt": "fasta",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+# The extension write_split and friends use for each format.
+FORMAT_EXTENSION = {"fasta": "fa", "csv": "csv", "tsv": "tsv", "parquet": "parquet", "jsonl": "jsonl"}
+_REQUIRED_COLUMNS = ("id", "sequence", "labels")
+
+
+def detect_format(path: PathLike) -> tuple[str, bool]:
+    """(format, gzipped) from the file name; DataError for an extension we do not read."""
+    name = Path(path).name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[: -len(".gz")]
+    fmt = _EXTENSIONS.get(Path(name).suffix)
+    if fmt is None:
+        known = ", ".join(sorted(_EXTENSIONS))
+        raise DataError(f"unknown file extension (known: {known}, each optionally .gz)", path=path)
+    return fmt, gz
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def read_records(path: PathLike) -> list[Record]:
+    """All records of one file. Raises DataError on the first format error."""
+    records, _ = read_records_with_lines(path)
+    return records
+
+
+def read_records_with_lines(
+    path: PathLike, problems: Optional[list[DataError]] = None
+) -> tuple[list[Record], list[Location]]:
+    """Records plus where each came from (line number, or ``"row N"`` for Parquet).
+
+    With ``problems`` given, per-record errors are appended there and the record is skipped, so a
+    caller can report every problem at once; errors that make the whole file unreadable (missing
+    file, unknown extension, missing column) still raise.
+    """
+    fmt, gz = detect_format(path)
+    p = Path(path)
+    if not p.exists():
+        raise DataError("no such file", path=path)
+    if p.is_dir():
+        raise DataError("is a directory, expected a data file", path=path)
+    records: list[Record] = []
+    lines: list[Location] = []
+    for item in _PARSERS[fmt](p, gz):
+        try:
+            if isinstance(item, DataError):  # a record the parser could not make sense of
+                raise item
+            rid, seq, labels, family, loc = item
+            records.append(make_record(rid, seq, labels, family, path=path, line=loc))
+            lines.append(loc)
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.append(e)
+    return records, lines
+
+
+def make_record(rid, sequence, labels, family=None, path=None, line=None) -> Record:
+    """Normalise raw fields into a Record: id as text, upper-case sequence without whitespace, uint8 labels."""
+    rid = "" if rid is None else str(rid).strip()
+    if not rid:
+        raise DataError("empty record id", path=path, line=line)
+    seq = "".join(str(sequence if sequence is not None else "").split()).upper()
+    arr = parse_labels(labels, path=path, record_id=rid, line=line)
+    if len(arr) != len(seq):
+        raise DataError(f"label length {len(arr)} != sequence length {len(seq)}", path, rid, line)
+    family = None if family is None or str(family).strip() == "" else str(family).strip()
+    return Record(id=rid, sequence=seq, labels=arr, family=family)
+
+
+def parse_labels(labels, path=None, record_id=None, line=None) -> np.ndarray:
+    """A 0/1 string (whitespace ignored), a JSON-style ``"[0, 1]"`` string, or a sequence of 0/1 ints."""
+    if labels is None:
+        raise DataError("missing labels", path, record_id, line)
+    if isinstance(labels, str):
+        text = "".join(labels.split())
+        if text.startswith("["):
+            try:
+                labels = json.loads(text)
+            except json.JSONDecodeError:
+                raise DataError(f"labels {text[:30]!r} are not a 0/1 string or a list of 0/1", path, record_id, line)
+        else:
+            bad = next((i for i, c in enumerate(text) if c not in "01"), None)
+            if bad is not None:
+                raise DataError(f"label {text[bad]!r} at position {bad + 1} is not 0 or 1", path, record_id, line)
+            return (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).astype(np.uint8)
+    values = list(labels)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
+            continue
+        raise DataError(f"label {v!r} at position {i + 1} is not 0 or 1", path, record_id, line)
+    return np.asarray(values, dtype=np.uint8)
+
+
+def _open_text(path: Path, gz: bool):
+    # newline=None: universal newlines, so CRLF files (as GPSite ships) read the same as LF ones.
+    if gz:
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    return open(path, "rt", encoding="utf-8", newline=None)
+
+
+def _numbered_lines(path: Path, gz: bool) -> Iterator[tuple[int, str]]:
+    try:
+        with _open_text(path, gz) as f:
+            for n, line in enumerate(f, start=1):
+                yield n, line.rstrip("\r\n")
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated gzip, binary file...
+        raise DataError(f"cannot read file: {e}", path=path)
+
+
+def _parse_header(text: str) -> tuple[str, Optional[str]]:
+    fields = text[1:].split()
+    if not fields:
+        return "", None
+    family = None
+    for field in fields[1:]:
+        key, sep, value = field.partition("=")
+        if sep and key == "family":
+            family = value
+    return fields[0], family
+
+
+def _looks_like_labels(text: str) -> bool:
+    # Digits only: a label line (parse_labels then names any digit other than 0/1).
+    return "".join(text.split()).isdigit()
+
+
+def _read_fasta(path: Path, gz: bool):
+    """3-line FASTA: header, sequence, labels. A broken record is reported and skipped to the next header."""
+    lines = [(n, t) for n, t in _numbered_lines(path, gz) if t.strip() and not t.lstrip().startswith("#")]
+    i = 0
+    while i < len(lines):
+        n, text = lines[i]
+        if not text.startswith(">"):
+            # Not at a header: report once, then resynchronise at the next header.
+            j = i
+            while j < len(lines) and not lines[j][1].startswith(">"):
+                j += 1
+            yield DataError("expected a '>' header line (3-line FASTA: >id, sequence, labels)", path, None, n)
+            i = j
+            continue
+        rid, family = _parse_header(text)
+        body = []
+        j = i + 1
+        while j < len(lines) and not lines[j][1].startswith(">") and len(body) < 3:
+            body.append(lines[j][1])
+            j += 1
+        if len(body) == 0:
+            yield DataError("missing sequence and label lines", path, rid or None, n)
+        elif len(body) == 1:
+            yield DataError("missing label line (3-line FASTA: >id, sequence, labels)", path, rid or None, n)
+        elif len(body) == 3 or not _looks_like_labels(body[1]):
+            # A multi-line FASTA sequence, or an unlabelled FASTA file.
+            yield DataError(
+                "line after the sequence is not a 0/1 label line (expected 3-line FASTA: >id, sequence, labels)",
+                path, rid or None, n,
+            )
+            while j < len(lines) and not lines[j][1].startswith(">"):
+                j += 1
+        else:
+            yield rid, body[0], body[1], family, n
+        i = j
+
+
+def _skip_leading_comments(lines: list[str]) -> int:
+    n = 0
+    while n < len(lines) and (not lines[n].strip() or lines[n].lstrip().startswith("#")):
+        n += 1
+    return n
+
+
+def _check_columns(path, columns, line) -> None:
+    missing = [c for c in _REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        found = ", ".join(map(str, columns)) or "none"
+        raise DataError(f"missing column {missing[0]!r} (found: {found})", path=path, line=line)
+
+
+def _read_delimited(path: Path, gz: bool, delimiter: str):
+    try:
+        with _open_text(path, gz) as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read file: {e}", path=path)
+    lines = text.splitlines(keepends=True)
+    skip = _skip_leading_comments(lines)
+    reader = csv.reader(lines[skip:], delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError("empty file: no header row", path=path)
+    header = [h.strip() for h in header]
+    _check_columns(path, header, skip + 1)
+    col = {name: header.index(name) for name in header}
+    try:
+        for row in reader:
+            n = skip + reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                yield DataError(f"{len(row)} fields, header has {len(header)}", path, row[0] if row else None, n)
+                continue
+            family = row[col["family"]] if "family" in col else None
+            yield row[col["id"]], row[col["sequence"]], row[col["labels"]], family, n
+    except csv.Error as e:
+        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}", path=path, line=skip + reader.line_num)
+
+
+def _read_csv(path, gz):
+    return _read_delimited(path, gz, ",")
+
+
+def _read_tsv(path, gz):
+    return _read_delimited(path, gz, "\t")
+
+
+def _read_jsonl(path: Path, gz: bool):
+    for n, text in _numbered_lines(path, gz):
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield DataError(f"invalid JSON: {e.msg}", path, None, n)
+            continue
+        if not isinstance(obj, dict):
+            yield DataError("expected a JSON object per line", path, None, n)
+            continue
+        missing = [c for c in _REQUIRED_COLUMNS if c not in obj]
+        if missing:
+            yield DataError(f"missing field {missing[0]!r}", path, obj.get("id"), n)
+            continue
+        yield obj["id"], obj["sequence"], obj["labels"], obj.get("family"), n
+
+
+def _read_parquet(path: Path, gz: bool):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                table = pq.read_table(io.BytesIO(f.read()))
+        else:
+            table = pq.read_table(path)
+    except (OSError, EOFError, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet file: {e}", path=path)
+    _check_columns(path, table.column_names, None)
+    ids = table.column("id").to_pylist()
+    seqs = table.column("sequence").to_pylist()
+    labels = table.column("labels").to_pylist()
+    families = table.column("family").to_pylist() if "family" in table.column_names else [None] * len(ids)
+    for i in range(len(ids)):
+        yield ids[i], seqs[i], labels[i], families[i], f"row {i}"
+
+
+# Each parser yields (id, sequence, labels, family, location) per record, or a DataError for a
+# record it could not parse (the reader raises it, or collects it and goes on).
+_PARSERS = {
+    "fasta": _read_fasta,
+    "csv": _read_csv,
+    "tsv": _read_tsv,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+}
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write_records(records: Iterable[Record], path: PathLike, comment: Optional[str] = None) -> Path:
+    """Write records in the format the extension names; atomic (temp file + rename).
+
+    ``comment`` (e.g. "SYNTHETIC ...") becomes ``#`` lines at the top of text formats and the
+    ``comment`` key of Parquet's schema metadata.
+    """
+    fmt, gz = detect_format(path)
+    path = Path(path)
+    records = list(records)
+    if fmt == "parquet":
+        payload = _parquet_bytes(records, comment)
+    else:
+        payload = _TEXT_WRITERS[fmt](records, comment).encode("utf-8")
+    if gz:
+        buf = io.BytesIO()
+        # mtime=0 and no file name: the same records give byte-identical files.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as g:
+            g.write(payload)
+        payload = buf.getvalue()
+    atomic_write_bytes(path, payload)
+    return path
+
+
+def atomic_write_bytes(path: PathLike, payload: bytes) -> None:
+    """Write to a temp file in the target's directory, then rename it over the target."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DataError("output directory does not exist", path=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _labels_str(r: Record) -> str:
+    return (np.asarray(r.labels, dtype=np.uint8) + ord("0")).tobytes().decode("ascii")
+
+
+def _comment_lines(comment: Optional[str]) -> str:
+    if not comment:
+        return ""
+    return "".join(f"# {line}\n" for line in comment.splitlines())
+
+
+def _fasta_text(records: list[Record], comment: Optional[str]) -> str:
+    out = [_comment_lines(comment)]
+    for r in records:
+        if any(c.isspace() for c in r.id) or (r.family and any(c.isspace() for c in r.family)):
+            raise DataError("ids and families written to FASTA must not contain whitespace", record_id=r.id)
+        header = f">{r.id}" + (f" family={r.family}" if r.family else "")
+        out.append(f"{header}\n{r.sequence}\n{_labels_str(r)}\n")
+    return "".join(out)
+
+
+def _delimited_text(records: list[Record], comment: Optional[str], delimiter: str) -> str:
+    buf = io.StringIO()
+    buf.write(_comment_lines(comment))
+    w = csv.writer(buf, delimiter=delimiter, lineterminator="\n")
+    w.writerow(["id", "sequence", "labels", "family"])
+    for r in records:
+        w.writerow([r.id, r.sequence, _labels_str(r), r.family or ""])
+    return buf.getvalue()
+
+
+def _jsonl_text(records: list[Record], comment: Optional[str]) -> str:
+    out = [_comment_lines(comment)]
+    for r in records:
+        obj = {"id": r.id, "sequence": r.sequence, "labels": _labels_str(r), "family": r.family}
+        out.append(json.dumps(obj) + "\n")
+    return "".join(out)
+
+
+_TEXT_WRITERS = {
+    "fasta": _fasta_text,
+    "csv": lambda recs, c: _delimited_text(recs, c, ","),
+    "tsv": lambda recs, c: _delimited_text(recs, c, "\t"),
+    "jsonl": _jsonl_text,
+}
+
+
+def _parquet_bytes(records: list[Record], comment: Optional[str]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "id": pa.array([r.id for r in records], pa.string()),
+            "sequence": pa.array([r.sequence for r in records], pa.string()),
+            "labels": pa.array([_labels_str(r) for r in records], pa.string()),
+            "family": pa.array([r.family for r in records], pa.string()),
+        }
+    )
+    if comment:
+        table = table.replace_schema_metadata({"comment": comment})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
