@@ -1,4 +1,4 @@
-"""Server-side aggregation of LoRA adapters (framework-free: numpy, optionally torch tensors).
+"""Server-side aggregation of LoRA adapters (no NVFLARE: numpy in and out, torch for the linear algebra).
 
 Averaging LoRA factors separately (FedIT) is not the average of the sites' updates:
 ``mean(B) @ mean(A) != mean(B @ A)``. FRA-LoRA ("factored re-factorisation") aggregates the
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
 
@@ -79,8 +80,6 @@ def _to_f64(x: Any) -> np.ndarray:
 def _like(x64: np.ndarray, ref: Any) -> Any:
     """Convert a float64 result back to the kind (numpy/torch), dtype and device of ``ref``."""
     if _is_torch(ref):
-        import torch
-
         return torch.from_numpy(np.ascontiguousarray(x64)).to(dtype=ref.dtype, device=ref.device)
     ref = np.asarray(ref)
     if not np.issubdtype(ref.dtype, np.floating):
@@ -117,22 +116,23 @@ def _refactor(
     Returns ``(A_new, B_new, A_tail, B_tail, S_tail)``: the kept rank-``rank`` factors (zero-padded
     when fewer components exist) and the dropped singular triplets, split evenly the same way.
     """
-    bs = np.concatenate(b_list, axis=1)  # d_out x m
-    as_ = np.concatenate(a_list, axis=0)  # m x d_in
+    # torch (MKL) QR/SVD run ~2x faster than numpy (OpenBLAS) on CPU; from_numpy/.numpy() are zero-copy
+    bs = torch.from_numpy(np.concatenate(b_list, axis=1))  # d_out x m
+    as_ = torch.from_numpy(np.concatenate(a_list, axis=0))  # m x d_in
     d_out, d_in = bs.shape[0], as_.shape[1]
-    q_b, r_b = np.linalg.qr(bs)  # d_out x p, p x m
-    q_a, r_a = np.linalg.qr(as_.T)  # d_in x q, q x m
-    core = (r_b * col_weights[None, :]) @ r_a.T  # p x q
-    u, s, vt = np.linalg.svd(core, full_matrices=False)
-    k = min(rank, s.size)
-    root = np.sqrt(s)
+    q_b, r_b = torch.linalg.qr(bs)  # d_out x p, p x m
+    q_a, r_a = torch.linalg.qr(as_.T)  # d_in x q, q x m
+    core = (r_b * torch.from_numpy(col_weights)[None, :]) @ r_a.T  # p x q
+    u, s, vt = torch.linalg.svd(core, full_matrices=False)
+    k = min(rank, s.numel())
+    root = s.sqrt()
     b_new = np.zeros((d_out, rank))
     a_new = np.zeros((rank, d_in))
-    b_new[:, :k] = q_b @ (u[:, :k] * root[:k])
-    a_new[:k, :] = (root[:k, None] * vt[:k]) @ q_a.T
-    b_tail = q_b @ (u[:, k:] * root[k:])
-    a_tail = (root[k:, None] * vt[k:]) @ q_a.T
-    return a_new, b_new, a_tail, b_tail, s[k:]
+    b_new[:, :k] = (q_b @ (u[:, :k] * root[:k])).numpy()
+    a_new[:k, :] = ((root[:k, None] * vt[:k]) @ q_a.T).numpy()
+    b_tail = (q_b @ (u[:, k:] * root[k:])).numpy()
+    a_tail = ((root[k:, None] * vt[k:]) @ q_a.T).numpy()
+    return a_new, b_new, a_tail, b_tail, s[k:].numpy()
 
 
 def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank: int) -> tuple[Any, Any]:
@@ -297,7 +297,8 @@ def _frozen_a(site_states, active, a_key, global_state, tol) -> np.ndarray:
             raise ValueError(f"ffa: global model has no {a_key!r} to keep frozen")
         a_frozen = _to_f64(global_state[a_key])
         if a_frozen.shape != _shape(site_states[0][a_key]):
-            raise ValueError(f"ffa: global {a_key!r} has shape {a_frozen.shape}, sites send {_shape(site_states[0][a_key])}")
+            site_shape = _shape(site_states[0][a_key])
+            raise ValueError(f"ffa: global {a_key!r} has shape {a_frozen.shape}, sites send {site_shape}")
     else:
         a_frozen = _to_f64(site_states[active[0]][a_key])
     scale = max(1.0, float(np.max(np.abs(a_frozen))) if a_frozen.size else 1.0)

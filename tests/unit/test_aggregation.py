@@ -17,7 +17,9 @@ def rel(x, ref):
 
 
 def make_factors(rng, k=K, r=R, d_in=D, d_out=D, dtype=np.float64):
-    return [(rng.standard_normal((r, d_in)).astype(dtype), rng.standard_normal((d_out, r)).astype(dtype)) for _ in range(k)]
+    return [
+        (rng.standard_normal((r, d_in)).astype(dtype), rng.standard_normal((d_out, r)).astype(dtype)) for _ in range(k)
+    ]
 
 
 def dense_average(factors, weights):
@@ -146,7 +148,11 @@ def test_float64_state_dict_is_accurate_and_stays_float64():
     rng = np.random.default_rng(8)
     basis_b, basis_a = rng.standard_normal((D, R)), rng.standard_normal((R, D))
     states = [
-        {A_KEY: rng.standard_normal((R, R)) @ basis_a, B_KEY: basis_b @ rng.standard_normal((R, R)), HEAD_B: rng.standard_normal(2)}
+        {
+            A_KEY: rng.standard_normal((R, R)) @ basis_a,
+            B_KEY: basis_b @ rng.standard_normal((R, R)),
+            HEAD_B: rng.standard_normal(2),
+        }
         for _ in range(K)
     ]
     out = aggregate(states, [1, 1, 1], "fra")

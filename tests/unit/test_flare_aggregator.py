@@ -33,6 +33,10 @@ KEYS = {
 A_KEY, B_KEY = f"{P}.q_proj.lora_A.weight", f"{P}.q_proj.lora_B.weight"
 
 
+def replaced(key, value):
+    return dict(site_weights(1), **{key: value})
+
+
 def site_weights(seed):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in KEYS.items()}
@@ -74,11 +78,11 @@ def test_accepts_good_contributions_and_keeps_metrics():
     "make_bad, reason",
     [
         (lambda: contribution(site_weights(1), "site-1", round_=2), "contribution for round 2, current round is 3"),
-        (lambda: contribution(dict(site_weights(1), **{A_KEY: np.full((R, D), np.nan, np.float32)}), "site-1"), "non-finite"),
-        (lambda: contribution(dict(site_weights(1), **{B_KEY: np.zeros((D, R + 1), np.float32)}), "site-1"), "global model has"),
+        (lambda: contribution(replaced(A_KEY, np.full((R, D), np.nan, np.float32)), "site-1"), "non-finite"),
+        (lambda: contribution(replaced(B_KEY, np.zeros((D, R + 1), np.float32)), "site-1"), "global model has"),
         (lambda: contribution(dict(site_weights(1), extra=np.zeros(3, np.float32)), "site-1"), "unknown keys"),
-        (lambda: contribution(site_weights(1), "site-1", steps=0), "NUM_STEPS_CURRENT_ROUND must be a positive number"),
-        (lambda: contribution(site_weights(1), "site-1", steps=None), "NUM_STEPS_CURRENT_ROUND must be a positive number"),
+        (lambda: contribution(site_weights(1), "site-1", steps=0), "NUM_STEPS_CURRENT_ROUND must be a positive"),
+        (lambda: contribution(site_weights(1), "site-1", steps=None), "NUM_STEPS_CURRENT_ROUND must be a positive"),
         (lambda: contribution(site_weights(1), "site-1", n_samples=-5), "n_samples must be a positive number"),
         (lambda: DXO(DataKind.WEIGHT_DIFF, site_weights(1)).to_shareable(), "data kind"),
     ],
@@ -215,10 +219,14 @@ def test_payload_round_trip_fp32_and_fp16():
         make_weights_shareable(big, transfer_dtype="int8")
 
 
-def test_fp16_contribution_is_decoded_and_accepted():
-    agg = FraLoraAggregator()
-    fl_ctx = context(global_weights=site_weights(0))
-    assert agg.accept(contribution(site_weights(1), "site-1", transfer_dtype="float16"), fl_ctx)
-    assert agg.accept(contribution(site_weights(2), "site-2"), fl_ctx)
+@pytest.mark.parametrize("strategy", ["fra", "ffa"])
+def test_fp16_contribution_is_decoded_and_accepted(strategy):
+    glob = site_weights(0)
+    agg = FraLoraAggregator(strategy=strategy)
+    fl_ctx = context(global_weights=glob)
+    for i, transfer in ((1, "float16"), (2, "float32")):
+        w = site_weights(i)
+        w.update({k: v for k, v in glob.items() if ".lora_A." in k})  # frozen A, as FFA sites send it
+        assert agg.accept(contribution(w, f"site-{i}", transfer_dtype=transfer), fl_ctx)
     out = from_shareable(agg.aggregate(fl_ctx)).data
-    assert out[A_KEY].dtype == np.float32
+    assert out[A_KEY].dtype == np.float32 and out[B_KEY].dtype == np.float32
