@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import os
 import re
@@ -437,51 +438,79 @@ class ModelCard:
 
 
 def save_adapters(model, out_dir, threshold: float = 0.5, max_len: int = 1000, extra: Optional[dict] = None) -> Path:
-    """PEFT's standard layout (adapter_config.json, adapter_model.safetensors incl. the head) + a model card.
+    """Save a PEFT model's adapters + head in PEFT's standard layout with a fedesm model card."""
+    backbone: Backbone = model.fedesm_backbone
+    num_labels = getattr(model.base_model.model, CLASSIFIER_NAME).out_features
+    card = ModelCard(backbone=backbone.source, arch=asdict(backbone.arch), lora=_lora_dict(model.fedesm_lora),
+                     num_labels=num_labels, threshold=threshold, max_len=max_len, extra=extra or {})
+    return save_adapter_state(get_exchanged_state(model), model.fedesm_lora, card, out_dir)
 
-    Written to a temporary folder and renamed, so a failure never leaves a half-written model.
+
+def _lora_dict(lora: LoraSettings) -> dict:
+    return {**asdict(lora), "targets": list(lora.targets)}
+
+
+def save_adapter_state(state: dict, lora: LoraSettings, card: ModelCard, out_dir) -> Path:
+    """PEFT's layout (adapter_config.json, adapter_model.safetensors with the head inside) + fedesm_model.json.
+
+    Takes a plain state dict, so the server can save global adapters without building a model.
+    Written to a temporary folder and renamed: a failure never leaves a half-written model.
     """
+    import shutil
+
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        model.save_pretrained(str(tmp))
-        save_model_card(model, tmp, threshold=threshold, max_len=max_len, extra=extra)
+        tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        lora.to_peft().save_pretrained(str(tmp))
+        (tmp / MODEL_CARD).write_text(json.dumps(asdict(card), indent=2))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                import shutil
-
-                shutil.rmtree(old)
             out_dir.rename(old)
-            tmp.rename(out_dir)
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def save_model_card(model, out_dir, threshold=0.5, max_len=1000, extra=None) -> None:
-    backbone: Backbone = model.fedesm_backbone
-    card = ModelCard(
-        backbone=backbone.source,
-        arch=asdict(backbone.arch),
-        lora={**asdict(model.fedesm_lora), "targets": list(model.fedesm_lora.targets)},
-        num_labels=getattr(model.base_model.model, CLASSIFIER_NAME).out_features
-        if hasattr(getattr(model.base_model.model, CLASSIFIER_NAME), "out_features")
-        else 2,
-        threshold=threshold,
-        max_len=max_len,
-        extra=extra or {},
-    )
-    (Path(out_dir) / MODEL_CARD).write_text(json.dumps(asdict(card), indent=2))
+def lora_from_dict(d: dict) -> LoraSettings:
+    return LoraSettings(**{**d, "targets": tuple(d["targets"])})
+
+
+def initial_exchanged_state(arch: EsmArchitecture, lora: LoraSettings, num_labels: int = 2,
+                            seed: int = 0) -> dict[str, torch.Tensor]:
+    """The round-0 global adapters + head, without building (or allocating) the backbone.
+
+    Names and shapes come from a PEFT model on the meta device; values follow PEFT's and torch's
+    default inits (LoRA A Kaiming-uniform, B zero; head as nn.Linear), seeded.
+    """
+    esm2, alphabet = new_esm2(arch, device="meta")
+    with torch.device("meta"):
+        model = build_lora_model(Backbone(esm2, alphabet, "meta", arch), lora, num_labels)
+    shapes = {k: tuple(v.shape) for k, v in get_exchanged_state_meta(model).items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in sorted(shapes.items()):
+        fan_in = shape[1] if len(shape) == 2 else arch.embed_dim
+        bound = 1 / math.sqrt(fan_in)  # = kaiming_uniform(a=sqrt(5)) bound, as nn.Linear and PEFT use
+        if key.endswith("lora_B.weight"):
+            state[key] = torch.zeros(shape)
+        else:
+            state[key] = (torch.rand(shape, generator=g) * 2 - 1) * bound
+    return state
+
+
+def get_exchanged_state_meta(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return dict(get_peft_model_state_dict(model))
 
 
 def read_model_card(model_dir) -> ModelCard:
@@ -501,7 +530,7 @@ def load_trained_model(model_dir, backbone_source: Optional[str] = None, **backb
     model_dir = Path(model_dir)
     card = read_model_card(model_dir)
     backbone = load_backbone(backbone_source or card.backbone, **backbone_kwargs)
-    lora = LoraSettings(**{**card.lora, "targets": tuple(card.lora["targets"])})
+    lora = lora_from_dict(card.lora)
     model = build_lora_model(backbone, lora, num_labels=card.num_labels)
     weights = model_dir / "adapter_model.safetensors"
     if not weights.is_file():

@@ -1,0 +1,232 @@
+"""The site side of a round: ESM-2 + LoRA trained on the site's own data, only adapters + head sent back."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Optional
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from fedesm.errors import FedesmError
+from fedesm.flare.payload import make_weights_shareable, read_weights_shareable, to_torch_dict
+
+METRICS_KEY = "metrics"  # DXO meta key holding the site's metrics for this round
+N_SAMPLES_KEY = "n_samples"
+REPORTED = ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc")
+
+
+class EsmLoraExecutor(Executor):
+    def __init__(
+        self,
+        backbone: str = "esm2_t12_35M_UR50D",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_targets: Optional[list] = None,
+        steps_per_round: int = 100,
+        batch_size: int = 8,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: Optional[int] = None,
+        schedule: str = "cosine",
+        grad_clip: float = 1.0,
+        class_weights=None,
+        max_len: int = 1000,
+        grad_noise_std: float = 0.0,
+        freeze_lora_a: bool = False,
+        seed: int = 0,
+        transfer_dtype: str = "float32",
+        evaluate_global: bool = True,
+        analytic_sender_id: str = "analytic_sender",
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+    ):
+        """ESM-2 LoRA client executor.
+
+        Everything here is the job's; where the data and the checkpoint live is the site's own
+        business (`fedesm.site_config`): `backbone` is only the default when the site names none.
+        The model, optimizer and schedule are built on the first task and kept in memory between
+        rounds, so a site keeps its optimizer state.
+
+        Args:
+            backbone: default ESM-2 source if the site config names none (hub name, path, s3://, random:ARCH).
+            lora_r, lora_alpha, lora_dropout, lora_targets: LoRA settings (must match the server's).
+            steps_per_round: local optimizer steps N per round, each on a batch drawn at random.
+            freeze_lora_a: train only LoRA B (the `ffa` strategy).
+            grad_noise_std: the paper's DP mode, Gaussian noise on every gradient at every step.
+            transfer_dtype: "float32" or "float16" for the adapters sent back.
+            evaluate_global: also evaluate the received global model on the local validation split.
+        """
+        super().__init__()
+        from fedesm.model import DEFAULT_LORA_TARGETS, LoraSettings
+        from fedesm.train import TrainConfig
+
+        self.default_backbone = backbone
+        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                 targets=tuple(lora_targets or DEFAULT_LORA_TARGETS))
+        self.train_config = TrainConfig(
+            steps_per_round=steps_per_round, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, class_weights=class_weights,
+            max_len=max_len, grad_noise_std=grad_noise_std, freeze_lora_a=freeze_lora_a, seed=seed)
+        self.transfer_dtype = transfer_dtype
+        self.evaluate_global = evaluate_global
+        self.analytic_sender_id = analytic_sender_id
+        self.train_task_name = train_task_name
+        self.validate_task_name = validate_task_name
+        self.submit_model_task_name = submit_model_task_name
+        self.trainer = None
+        self.site = None
+        self.site_config = None
+        self.train_records = self.val_records = None
+        self.rounds_done = 0
+        self.num_rounds = None
+
+    # ------------------------------------------------------------------ set-up, once per job
+
+    def _setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
+        from dataclasses import replace
+
+        from fedesm.data.validate import load_dataset
+        from fedesm.model import build_lora_model, load_backbone
+        from fedesm.site_config import load_site_config, resolve_site_path
+        from fedesm.train import LocalTrainer
+
+        self.site = fl_ctx.get_identity_name()
+        workspace_root = fl_ctx.get_engine().get_workspace().get_root_dir()
+        cfg = load_site_config(self.site, workspace_root=workspace_root)
+        self.site_config = cfg
+        if cfg.cpu_threads:
+            import torch
+
+            torch.set_num_threads(int(cfg.cpu_threads))
+        self.train_records = load_dataset(resolve_site_path(cfg, cfg.train))
+        self.val_records = load_dataset(resolve_site_path(cfg, cfg.val))
+        backbone_source = cfg.backbone or self.default_backbone
+        backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
+                                 endpoint_url=cfg.s3_endpoint_url)
+        model = build_lora_model(backbone, self.lora, seed=self.train_config.seed)
+        tc = replace(self.train_config, device=cfg.device, rounds=num_rounds or 1)
+        self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, tc)
+        self.num_rounds = num_rounds
+        self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training and {len(self.val_records)} "
+                              f"validation sequences; backbone {backbone_source} on {self.trainer.device}; "
+                              f"site config {cfg.source}")
+
+    def _ensure_setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
+        if self.trainer is None:
+            self._setup(fl_ctx, num_rounds)
+
+    # ------------------------------------------------------------------ tasks
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        try:
+            if task_name == self.train_task_name:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == self.validate_task_name:
+                return self._validate(shareable, fl_ctx, abort_signal)
+            if task_name == self.submit_model_task_name:
+                return self._submit_model(fl_ctx)
+            self.log_error(fl_ctx, f"unknown task {task_name!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except FedesmError as e:  # the site's own problem (data, config, checkpoint): say it plainly
+            self.log_error(fl_ctx, f"{self.site or fl_ctx.get_identity_name()}: {e}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        except Exception as e:
+            self.log_error(fl_ctx, f"task {task_name} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _load_global(self, shareable: Shareable) -> None:
+        from fedesm.model import set_exchanged_state
+
+        weights, _ = read_weights_shareable(shareable)
+        set_exchanged_state(self.trainer.model, to_torch_dict(weights))
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        from fedesm.model import get_exchanged_state
+
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
+        self._ensure_setup(fl_ctx, num_rounds)
+        self.num_rounds = num_rounds or self.num_rounds
+        t0 = time.perf_counter()
+        self._load_global(shareable)
+        metrics = {}
+        rounds_before = self.rounds_done
+        if self.evaluate_global:
+            for k, v in self.trainer.evaluate(self.val_records).items():
+                if k in REPORTED:
+                    metrics[f"global_{k}"] = v
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        stats = self.trainer.train_steps(self.trainer.config.steps_per_round,
+                                         should_abort=lambda: abort_signal.triggered)
+        if stats.aborted:
+            self.log_info(fl_ctx, f"{self.site}: aborted after {stats.steps} steps of round {current_round}")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        self.rounds_done += 1
+        local = self.trainer.evaluate(self.val_records)
+        metrics.update({k: local[k] for k in REPORTED})
+        metrics.update(train_loss=stats.loss, steps=stats.steps, train_seconds=stats.seconds,
+                       residues_per_second=stats.residues_per_second, lr=stats.lr,
+                       task_seconds=time.perf_counter() - t0)
+        # global model after k aggregations -> step k; the local model after its (k+1)-th round -> step k+1
+        self._stream(fl_ctx, {k: v for k, v in metrics.items() if k.startswith("global_")}, global_step=rounds_before)
+        self._stream(fl_ctx, {k: v for k, v in metrics.items() if not k.startswith("global_")},
+                     global_step=rounds_before + 1)
+        self.log_info(fl_ctx, f"{self.site} round {current_round}: loss {stats.loss:.4f} F1 {metrics['f1']:.3f} "
+                              f"(global model F1 {metrics.get('global_f1', float('nan')):.3f}), "
+                              f"{stats.seconds:.1f}s training")
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, N_SAMPLES_KEY: len(self.train_records),
+                METRICS_KEY: metrics, "site": self.site}
+        reply = make_weights_shareable(get_exchanged_state(self.trainer.model), meta, self.transfer_dtype)
+        reply.set_header(AppConstants.CURRENT_ROUND, current_round)
+        return reply
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        """Evaluate the model in the task (e.g. the final global model) on the local validation split."""
+        from fedesm.model import get_exchanged_state, set_exchanged_state
+
+        self._ensure_setup(fl_ctx, None)
+        saved = get_exchanged_state(self.trainer.model)
+        try:
+            self._load_global(shareable)
+            result = self.trainer.evaluate(self.val_records)
+        finally:
+            set_exchanged_state(self.trainer.model, saved)  # keep the site's own model for later tasks
+        metrics = {k: result[k] for k in REPORTED}
+        model_owner = str(shareable.get_header(AppConstants.MODEL_OWNER) or "SRV_server")
+        if model_owner.startswith("SRV_"):
+            # the global model after all rounds: same column names as the per-round global rows
+            self._stream(fl_ctx, {f"global_{k}": v for k, v in metrics.items()},
+                         global_step=self.num_rounds or self.rounds_done)
+        self.log_info(fl_ctx, f"{self.site}: validated model of {model_owner}: F1 {metrics['f1']:.3f}")
+        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        from fedesm.model import get_exchanged_state
+
+        if self.trainer is None:
+            return make_reply(ReturnCode.EMPTY_RESULT)
+        return make_weights_shareable(get_exchanged_state(self.trainer.model), {"site": self.site},
+                                      self.transfer_dtype)
+
+    # ------------------------------------------------------------------ metrics streaming
+
+    def _stream(self, fl_ctx: FLContext, metrics: dict, global_step: int) -> None:
+        """Send metrics to the server through NVFLARE's analytics streaming (TensorBoard + metrics table)."""
+        from nvflare.apis.analytix import AnalyticsDataType
+
+        sender = fl_ctx.get_engine().get_component(self.analytic_sender_id) if self.analytic_sender_id else None
+        if sender is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v == v:  # skip NaN
+                sender.add(tag=k, value=float(v), data_type=AnalyticsDataType.SCALAR, global_step=int(global_step))

@@ -1,0 +1,109 @@
+"""One tidy per-round, per-site metrics table on the server, fed by NVFLARE's metrics streaming.
+
+Sites stream scalars (tag = metric name, step = round) through `AnalyticsSender` and
+`ConvertToFedEvent`; NVFLARE's `TBAnalyticsReceiver` turns them into TensorBoard events and this
+receiver gathers them into rows `(round, site, metric...)`, written as `<run dir>/fedesm/metrics.jsonl`
+and `.csv` after every update. Semantics of a row (round n, site s):
+  global_*  the global model after n aggregation rounds, evaluated on s's validation split
+  the rest  s's local model after its n-th round of local training (accuracy, f1, train_loss, ...)
+The server's own rows (site "server") hold each round's wall time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.widgets.streaming import AnalyticsReceiver
+
+from fedesm.flare.persistor import OUTPUT_DIR
+
+SERVER_ROW = "server"
+
+
+class MetricsRecorder(AnalyticsReceiver):
+    def __init__(self, file_name: str = "metrics", events: Optional[list] = None):
+        super().__init__(events=events or ["fed.analytix_log_stats"])
+        self.file_name = file_name
+        self.rows: dict[tuple[int, str], dict] = {}
+        self.out_dir: Optional[Path] = None
+        self._round_started: dict[int, float] = {}
+
+    def initialize(self, fl_ctx: FLContext):
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        self.out_dir = Path(run_dir) / OUTPUT_DIR
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == AppEventType.ROUND_STARTED:
+            self._round_started[fl_ctx.get_prop(AppConstants.CURRENT_ROUND)] = time.perf_counter()
+        elif event_type == AppEventType.ROUND_DONE:
+            r = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+            if r in self._round_started:
+                with self._save_lock:
+                    self._set(r + 1, SERVER_ROW, "round_seconds", time.perf_counter() - self._round_started.pop(r))
+                    self._write()
+        super().handle_event(event_type, fl_ctx)
+
+    def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
+        data = AnalyticsData.from_dxo(from_shareable(shareable))
+        if data is None or data.data_type != AnalyticsDataType.SCALAR or data.step is None:
+            return
+        self._set(int(data.step), record_origin, data.tag, float(data.value))
+        self._write()
+
+    def finalize(self, fl_ctx: FLContext):
+        self._write()
+        best = self.best_round("global_f1")
+        if best:
+            self.log_info(fl_ctx, f"metrics table: {self.out_dir / self.file_name}.csv; best global model after "
+                                  f"round {best[0]} (mean validation F1 {best[1]:.4f})")
+
+    # ---------------------------------------------------------------------------------
+
+    def _set(self, round_num: int, site: str, key: str, value) -> None:
+        row = self.rows.setdefault((round_num, site), {"round": round_num, "site": site})
+        row[key] = value
+
+    def table(self) -> list[dict]:
+        return [self.rows[k] for k in sorted(self.rows)]
+
+    def best_round(self, metric: str = "global_f1") -> Optional[tuple[int, float]]:
+        """(round, mean over sites) of the round whose global model scored best; None before any."""
+        by_round: dict[int, list[float]] = {}
+        for (r, site), row in self.rows.items():
+            if site != SERVER_ROW and metric in row:
+                by_round.setdefault(r, []).append(row[metric])
+        if not by_round:
+            return None
+        means = {r: sum(v) / len(v) for r, v in by_round.items()}
+        best = max(means, key=lambda r: (means[r], -r))
+        return best, means[best]
+
+    def _write(self) -> None:
+        if self.out_dir is None:
+            return
+        rows = self.table()
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        stem = self.out_dir / self.file_name
+        tmp = stem.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, stem.with_suffix(".jsonl"))
+        tmp = stem.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, stem.with_suffix(".csv"))

@@ -1,0 +1,128 @@
+"""A site's own configuration: where its private data and its ESM-2 checkpoint live.
+
+It lives at the site, never in the job, so one job bundle runs unchanged at every site. Looked up
+in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
+`<site workspace>/local/fedesm_site.yaml`. Example::
+
+    backbone: s3://acme-fl/models/esm2_t12_35M_UR50D.pt     # or a local .pt, a hub name, random:ARCH
+    data:
+      train: s3://acme-fl/binding/train.parquet              # or a local path
+      val: /data/binding/val.fa
+    allowed_prefixes: [s3://acme-fl/, /data/binding/]         # anything else is refused before reading
+    cache_dir: /workspace/cache                              # default: <workspace>/local/fedesm_cache
+    s3_endpoint_url: null                                    # default: boto3's own resolution
+    device: auto
+    cpu_threads: null                                        # torch CPU threads (default: torch's)
+
+One file may also serve several sites (handy for the simulator): values under `sites: {NAME: ...}`
+override the top-level ones, and `{site}` in any string is replaced by the site's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from fedesm.errors import FedesmError
+
+ENV_VAR = "FEDESM_SITE_CONFIG"
+DEFAULT_NAME = "fedesm_site.yaml"
+_KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "sites"}
+
+
+@dataclass
+class SiteConfig:
+    site: str
+    train: str
+    val: str
+    backbone: Optional[str] = None  # None: the job's default backbone
+    test: Optional[str] = None
+    allowed_prefixes: list = field(default_factory=list)
+    cache_dir: Optional[str] = None
+    s3_endpoint_url: Optional[str] = None
+    device: str = "auto"
+    cpu_threads: Optional[int] = None  # torch CPU threads; set it when several sites share one machine
+    source: str = ""  # the file it came from, for messages
+
+    def policy(self):
+        from fedesm.storage import AccessPolicy
+
+        return AccessPolicy(self.allowed_prefixes or None)
+
+
+def _expand(value, site: str):
+    if isinstance(value, str):
+        return value.replace("{site}", site)
+    if isinstance(value, list):
+        return [_expand(v, site) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, site) for k, v in value.items()}
+    return value
+
+
+def find_site_config(workspace_root: Optional[str] = None) -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise FedesmError(f"{ENV_VAR}={env}: no such file")
+        return path
+    if workspace_root:
+        path = Path(workspace_root) / "local" / DEFAULT_NAME
+        if path.is_file():
+            return path
+    raise FedesmError(
+        f"no fedesm site configuration: set {ENV_VAR} to a YAML file or create "
+        f"{Path(workspace_root or '<workspace>') / 'local' / DEFAULT_NAME} (see fedesm.site_config)"
+    )
+
+
+def load_site_config(site: str, path=None, workspace_root: Optional[str] = None) -> SiteConfig:
+    path = Path(path) if path else find_site_config(workspace_root)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise FedesmError(f"{path}: cannot read site configuration: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise FedesmError(f"{path}: site configuration must be a YAML mapping")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise FedesmError(f"{path}: unknown keys {sorted(unknown)} (valid: {sorted(_KEYS)})")
+    merged = {k: v for k, v in raw.items() if k != "sites"}
+    per_site = (raw.get("sites") or {}).get(site) or {}
+    for k, v in per_site.items():
+        if k == "data" and isinstance(v, dict):
+            merged["data"] = {**(merged.get("data") or {}), **v}
+        else:
+            merged[k] = v
+    merged = _expand(merged, site)
+    data = merged.get("data") or {}
+    for key in ("train", "val"):
+        if not data.get(key):
+            raise FedesmError(f"{path}: site {site!r} has no data.{key} location")
+    default_cache = str(Path(workspace_root) / "local" / "fedesm_cache") if workspace_root else None
+    return SiteConfig(
+        site=site,
+        train=str(data["train"]),
+        val=str(data["val"]),
+        test=data.get("test"),
+        backbone=merged.get("backbone"),
+        allowed_prefixes=list(merged.get("allowed_prefixes") or []),
+        cache_dir=merged.get("cache_dir") or default_cache,
+        s3_endpoint_url=merged.get("s3_endpoint_url"),
+        device=merged.get("device", "auto"),
+        cpu_threads=merged.get("cpu_threads"),
+        source=str(path),
+    )
+
+
+def resolve_site_path(config: SiteConfig, uri: str) -> Path:
+    """A local path for `uri`, checked against the site's allowed prefixes before any read."""
+    from fedesm import storage
+
+    cache = Path(config.cache_dir or Path.home() / ".cache" / "fedesm")
+    return Path(storage.fetch(uri, cache, policy=config.policy(), endpoint_url=config.s3_endpoint_url))
