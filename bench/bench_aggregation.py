@@ -113,7 +113,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['d']:>5} {r['sites']:>3} {r['rank']:>3} {r['n_matrices']:>4} | "
             f"{r['fra_ms_per_matrix']:>10.2f} {r['dense_ms_per_matrix']:>12.1f} | "
-            f"{r['fra_s_model']:>11.3f} {r['dense_s_model']:>13.1f} | {r['speedup']:>7.0f}x | "
+            f"{r['fra_s_model']:>11.3f} {r['dense_s_model']:>13.1f} | {r['speedup']:>7.1f}x | "
             f"{r['max_abs_diff']:>9.1e} {r['rel_max_diff']:>8.1e}"
         )
     lines.append("model totals = per-matrix time x adapted matrices (q,k,v x layers); float64 math, float32 factors")
