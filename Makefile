@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: help install test test-fast demo jobs bench poc helm-check clean
+.PHONY: help install test test-fast demo jobs bench poc helm-check chart-tools clean
 
 help:
 	@echo "make demo      run the FRA-LoRA federated demo (tiny ESM-2, synthetic data, 2 sites, CPU)"
@@ -16,6 +16,7 @@ help:
 	@echo "make jobs      export self-contained job bundles (fedesm inside app/custom) to jobs_export/"
 	@echo "make bench     run the benchmarks, write bench/results.json"
 	@echo "make poc       bring up a local provisioned network (server + 2 sites)"
+	@echo "make helm-check lint, render, validate (k8s 1.30) and checkov-scan the Helm charts"
 	@echo "make install   create $(VENV) with fedesm and its dependencies"
 
 install: $(VENV)/.installed
@@ -28,8 +29,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+test: install chart-tools
 	$(PY) -m pytest -q
+
+chart-tools:
+	bash scripts/install_helm_tools.sh
+
+helm-check: install chart-tools
+	$(PY) -m pytest -q tests/integration/test_helm_charts.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -6,7 +6,9 @@ receiver gathers them into rows `(round, site, metric...)`, written as `<run dir
 and `.csv` after every update. Semantics of a row (round n, site s):
   global_*  the global model after n aggregation rounds, evaluated on s's validation split
   the rest  s's local model after its n-th round of local training (accuracy, f1, train_loss, ...)
-The server's own rows (site "server") hold each round's wall time.
+  sent_*    what the site sent the server that round (tensors, parameters, serialized bytes)
+The server's own rows (site "server") hold each round's wall time. `payload_manifest.json` lists
+the names of the tensors each site sent: adapters and head only.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MetricsRecorder(AnalyticsReceiver):
         self.rows: dict[tuple[int, str], dict] = {}
         self.out_dir: Optional[Path] = None
         self._round_started: dict[int, float] = {}
+        self.manifest: dict[str, dict] = {}  # site -> names and count of the tensors it sent (first round)
 
     def initialize(self, fl_ctx: FLContext):
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
@@ -45,7 +48,9 @@ class MetricsRecorder(AnalyticsReceiver):
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == AppEventType.ROUND_STARTED:
+        if event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._record_payload(fl_ctx)
+        elif event_type == AppEventType.ROUND_STARTED:
             self._round_started[fl_ctx.get_prop(AppConstants.CURRENT_ROUND)] = time.perf_counter()
         elif event_type == AppEventType.ROUND_DONE:
             r = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
@@ -68,6 +73,29 @@ class MetricsRecorder(AnalyticsReceiver):
         if best:
             self.log_info(fl_ctx, f"metrics table: {self.out_dir / self.file_name}.csv; best global model after "
                                   f"round {best[0]} (mean validation F1 {best[1]:.4f})")
+
+    def _record_payload(self, fl_ctx: FLContext) -> None:
+        """What a site sent this round: tensor names, parameter count and serialized bytes."""
+        from nvflare.apis.fl_constant import ReservedKey
+
+        from fedesm.flare.payload import read_weights_shareable, shareable_nbytes
+
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        r = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if result is None or r is None:
+            return
+        site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or "unknown"
+        try:
+            weights, _ = read_weights_shareable(result)
+        except Exception:
+            return
+        n_params = int(sum(v.size for v in weights.values()))
+        with self._save_lock:
+            self._set(r + 1, site, "sent_tensors", len(weights))
+            self._set(r + 1, site, "sent_parameters", n_params)
+            self._set(r + 1, site, "sent_bytes", shareable_nbytes(result))
+            self.manifest.setdefault(site, {"tensors": sorted(weights), "parameters": n_params})
+            self._write()
 
     # ---------------------------------------------------------------------------------
 
@@ -107,3 +135,5 @@ class MetricsRecorder(AnalyticsReceiver):
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, stem.with_suffix(".csv"))
+        if self.manifest:
+            (self.out_dir / "payload_manifest.json").write_text(json.dumps(self.manifest, indent=1))

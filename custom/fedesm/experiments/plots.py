@@ -1,0 +1,120 @@
+"""Figures like the paper's: a metric per site per round against centralized, and precision vs recall.
+
+Input rows are the tidy metrics table (`round`, `site`, metrics...): a federated run's rows (local
+metrics per site, `global_*` for the global model) and optionally a centralized run's rows
+(`site == "centralized"`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CENTRAL = "centralized"
+
+
+def _series(rows, site: str, metric: str):
+    pts = sorted((r["round"], r[metric]) for r in rows if r.get("site") == site and r.get(metric) is not None)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _global_mean(rows, metric: str):
+    by_round: dict[int, list] = {}
+    for r in rows:
+        v = r.get(f"global_{metric}")
+        if v is not None and r.get("site") not in ("server", CENTRAL):
+            by_round.setdefault(r["round"], []).append(v)
+    xs = sorted(by_round)
+    return xs, [sum(by_round[x]) / len(by_round[x]) for x in xs]
+
+
+def sites_of(rows) -> list[str]:
+    return sorted({r["site"] for r in rows if r.get("site") not in ("server", CENTRAL)})
+
+
+def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
+                central_rows: Optional[Sequence[dict]] = None) -> Path:
+    """One line per site (its local model), the global model (mean over sites) and centralized."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for site in sites_of(rows):
+        xs, ys = _series(rows, site, metric)
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{site} (local model)")
+    xs, ys = _global_mean(rows, metric)
+    if xs:
+        ax.plot(xs, ys, color="black", lw=2, marker="s", ms=3, label="global model (mean over sites)")
+    if central_rows:
+        xs, ys = _series(central_rows, CENTRAL, metric)
+        ax.plot(xs, ys, color="tab:red", ls="--", marker="^", ms=3, label="centralized")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_path)
+
+
+def plot_precision_recall(rows: Sequence[dict], out_path, title: str,
+                          central_rows: Optional[Sequence[dict]] = None) -> Path:
+    """Precision against recall as a trajectory over rounds (first and last round marked)."""
+    fig, ax = plt.subplots(figsize=(5.6, 5.0), dpi=110)
+    lines = [(site, rows, site) for site in sites_of(rows)]
+    if central_rows:
+        lines.append((CENTRAL, central_rows, CENTRAL))
+    for site, source, label in lines:
+        _, rec = _series(source, site, "recall")
+        _, prec = _series(source, site, "precision")
+        if not rec:
+            continue
+        style = dict(ls="--", color="tab:red") if site == CENTRAL else {}
+        (line,) = ax.plot(rec, prec, marker="o", ms=3, label=label, **style)
+        ax.annotate("start", (rec[0], prec[0]), fontsize=7, color=line.get_color())
+        ax.plot(rec[-1], prec[-1], marker="*", ms=12, color=line.get_color())
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="* = last round", title_fontsize=7)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path
+
+
+def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Sequence[dict]] = None) -> list[Path]:
+    """The standard set for one run: accuracy, F1, precision-recall."""
+    out_dir = Path(out_dir)
+    return [
+        plot_metric(rows, "accuracy", out_dir / f"{name}_accuracy.png", f"{name}: accuracy per round", central_rows),
+        plot_metric(rows, "f1", out_dir / f"{name}_f1.png", f"{name}: F1 per round", central_rows),
+        plot_precision_recall(rows, out_dir / f"{name}_precision_recall.png", f"{name}: precision vs recall",
+                              central_rows),
+    ]
+
+
+def format_round_table(rows: Sequence[dict]) -> str:
+    """Per-round, per-site table: local acc/prec/rec/F1 and the global model's F1."""
+    head = f"{'round':>5}  {'site':<12} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6}   {'global F1':>9}"
+    lines = [head, "-" * len(head)]
+    fmt = lambda v: f"{v:6.3f}" if isinstance(v, (int, float)) else f"{'-':>6}"
+    for r in sorted(rows, key=lambda r: (r["round"], r["site"])):
+        if r.get("site") == "server":
+            continue
+        g = r.get("global_f1")
+        lines.append(f"{r['round']:>5}  {r['site']:<12} {fmt(r.get('accuracy'))} {fmt(r.get('precision'))} "
+                     f"{fmt(r.get('recall'))} {fmt(r.get('f1'))}   {fmt(g):>9}")
+    return "\n".join(lines)

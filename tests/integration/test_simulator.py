@@ -1,0 +1,128 @@
+"""Real `nvflare simulator` runs of the job bundles on a tiny random-init ESM-2 and synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fedesm.cli import main
+from fedesm.metrics_log import read_rows
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fra_run(tmp_path_factory):
+    """The demo pipeline (what `make demo` runs) with 2 sites x 2 rounds."""
+    from fedesm.experiments.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    summary = run_demo(out, rounds=2, steps_per_round=60, sites=2, n_sequences=400, echo=lambda *a: None)
+    return out, summary
+
+
+def test_global_f1_improves_and_every_site_reports_each_round(fra_run):
+    out, summary = fra_run
+    rows = read_rows(out / "workspace/server/simulate_job/fedesm/metrics.jsonl")
+    sites = {"site-1", "site-2"}
+    for rnd in (1, 2):
+        reported = {r["site"] for r in rows if r["round"] == rnd and r.get("f1") is not None}
+        assert reported == sites, f"round {rnd}: {reported}"
+        for r in rows:
+            if r["round"] == rnd and r["site"] in sites:
+                for k in ("accuracy", "precision", "recall", "f1", "train_loss", "global_f1"):
+                    assert r.get(k) is not None, (rnd, r["site"], k)
+    assert {r["site"] for r in rows if r["round"] == 0 and "global_f1" in r} == sites
+    assert summary["global_f1_final"] > summary["global_f1_round0"] + 0.1
+
+
+def test_global_adapters_saved_in_peft_layout(fra_run):
+    out, _ = fra_run
+    res = out / "workspace/server/simulate_job/fedesm"
+    for sub in ("rounds/round_000", "rounds/round_001", "rounds/round_002", "last", "best"):
+        assert (res / sub / "adapter_config.json").is_file(), sub
+        assert (res / sub / "adapter_model.safetensors").is_file(), sub
+    card = json.loads((res / "best" / "fedesm_model.json").read_text())
+    assert card["extra"]["best_round"] in (1, 2)
+    assert (out / "workspace/server/simulate_job/tb_events").is_dir()  # streamed metrics as TensorBoard events
+
+
+def test_sites_send_only_adapters_and_head(fra_run):
+    from fedesm.model import LoraSettings, build_lora_model, count_parameters, load_backbone
+
+    out, _ = fra_run
+    res = out / "workspace/server/simulate_job/fedesm"
+    manifest = json.loads((res / "payload_manifest.json").read_text())
+    model = build_lora_model(load_backbone(str(out / "esm2_t2_tiny.pt")), LoraSettings(r=8))
+    _, trainable = count_parameters(model)
+    assert set(manifest) == {"site-1", "site-2"}
+    for site, info in manifest.items():
+        assert info["parameters"] == trainable
+        assert all((".lora_A." in n) or (".lora_B." in n) or ".classifier." in n for n in info["tensors"]), site
+    rows = read_rows(res / "metrics.jsonl")
+    sent = [r["sent_parameters"] for r in rows if "sent_parameters" in r]
+    assert len(sent) == 4 and set(sent) == {trainable}
+
+
+def test_predict_uses_downloaded_job_result(fra_run, tmp_path):
+    out, _ = fra_run
+    seqs = tmp_path / "q.fa"
+    seqs.write_text(">q1\nMKTAYIAKQRQISFVKSHFSRQGAVLIKGKSTAAG\n>q2\nCPECGKSFSQSSNLQKHQRTH\n")
+    preds = tmp_path / "preds.csv"
+    assert main(["predict", "--model", str(out / "workspace/server/simulate_job"), "--input", str(seqs),
+                 "--out", str(preds), "--backbone", str(out / "esm2_t2_tiny.pt")]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == 35 + 21
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+
+
+def test_demo_plots_written(fra_run):
+    out, summary = fra_run
+    for p in summary["plots"]:
+        assert (out / "plots").exists() and p.endswith(".png")
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cyclic_job_runs(tmp_path):
+    from fedesm.data.split import split_records, write_split
+    from fedesm.data.synth import synth_records
+    from fedesm.experiments.demo import write_site_config
+    from fedesm.experiments.simulate import run_simulator
+    from fedesm.jobs import export_job
+    from fedesm.model import make_random_checkpoint
+
+    records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=1)
+    write_split(split_records(records, "iid", 2, seed=1, site_val_frac=0.15), tmp_path / "data")
+    ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt")
+    cfg = write_site_config(tmp_path / "site.yaml", ckpt, tmp_path / "data")
+    job = export_job("esm2_cyclic", tmp_path / "jobs", {"arch": "esm2_t2_tiny", "backbone": str(ckpt),
+                                                         "num_rounds": 2, "steps_per_round": 20, "lora_r": 4,
+                                                         "max_len": 200})
+    result = run_simulator(job, tmp_path / "ws", n_clients=2, site_config=cfg, timeout=600)
+    rows = read_rows(result / "fedesm" / "metrics.jsonl")
+    # each of the 2 rounds relays through both sites, one after the other
+    assert {(r["round"], r["site"]) for r in rows if r.get("f1") is not None} == {
+        (1, "site-1"), (1, "site-2"), (2, "site-1"), (2, "site-2")}
+    assert (result / "fedesm" / "rounds" / "round_002" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_site_data_fails_that_site_clearly(tmp_path):
+    from fedesm.errors import FedesmError
+    from fedesm.experiments.simulate import run_simulator
+    from fedesm.jobs import export_job
+
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("backbone: random:esm2_t2_tiny\ndata:\n  train: /nonexistent/{site}/train.fa\n"
+                   "  val: /nonexistent/{site}/val.fa\n")
+    job = export_job("esm2_fra_lora", tmp_path / "jobs", {"arch": "esm2_t2_tiny", "num_rounds": 1,
+                                                           "steps_per_round": 5, "lora_r": 4})
+    with pytest.raises(FedesmError, match="simulator failed|no such file"):
+        run_simulator(job, tmp_path / "ws", n_clients=2, site_config=cfg, timeout=300)
+    import re
+
+    log = (tmp_path / "ws.log").read_text()
+    assert re.search(r"ERROR - site-\d: /nonexistent/site-\d/train.fa: no such file or directory", log)
+    assert "Cannot reach min_responses" in log  # the job stops: fewer good sites than min_clients
