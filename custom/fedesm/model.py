@@ -540,7 +540,7 @@ def load_trained_model(model_dir, backbone_source: Optional[str] = None, **backb
     return model, card
 
 
-def export_merged(model, out_path) -> Path:
+def export_merged(model, out_path, threshold: float = 0.5, max_len: int = 1000) -> Path:
     """Merge LoRA into the backbone and write a plain fair-esm checkpoint with the head inside.
 
     The result loads with fair-esm (extra keys are ignored) and with `fedesm predict --model FILE`.
@@ -551,13 +551,13 @@ def export_merged(model, out_path) -> Path:
     head = getattr(merged, CLASSIFIER_NAME)
     extra = {
         "fedesm_classifier": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-        "fedesm_card": {"num_labels": head.out_features},
+        "fedesm_card": {"num_labels": head.out_features, "threshold": threshold, "max_len": max_len},
     }
     return save_esm2_checkpoint(merged.esm, out_path, extra=extra)
 
 
 def load_exported(path):
-    """A merged checkpoint written by `export_merged`, as a plain (non-PEFT) EsmTokenClassifier."""
+    """A merged checkpoint written by `export_merged`: (plain EsmTokenClassifier, alphabet, card dict)."""
     data = _torch_load_checkpoint(path)
     if "fedesm_classifier" not in data:
         raise FedesmError(f"{path}: not a fedesm export (no classifier weights inside)")
@@ -565,4 +565,4 @@ def load_exported(path):
     model = EsmTokenClassifier(esm2, num_labels=data["fedesm_card"]["num_labels"])
     getattr(model, CLASSIFIER_NAME).load_state_dict(data["fedesm_classifier"])
     model.eval()
-    return model, alphabet
+    return model, alphabet, {"threshold": 0.5, "max_len": 1000, **data["fedesm_card"]}

@@ -48,6 +48,9 @@ class TrainConfig:
     eval_batch_tokens: int = 16384
     threshold: float = 0.5
     freeze_lora_a: bool = False  # FFA-LoRA: only B trains
+    dp_noise_multiplier: float = 0.0  # > 0: formal DP-SGD (fedesm.dp): Poisson batches, per-sample clipping, noise
+    dp_max_grad_norm: float = 1.0  # DP-SGD per-sample clipping bound C
+    dp_delta: float = 1e-5  # delta for the epsilon reported each round
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -129,8 +132,12 @@ class LocalTrainer:
         self.loss_weight = self._class_weights(train_records)
         self.privacy = privacy if privacy is not None else (
             GradientNoise(config.grad_noise_std, seed=config.seed) if config.grad_noise_std > 0 else None)
+        if config.dp_noise_multiplier > 0:  # DP-SGD replaces the sampler and computes its own gradients
+            from fedesm.dp import DPSGD
+
+            self.privacy = DPSGD.attach(self, train_records)
         self.global_step = 0
-        self._torch_gen = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # dropout masks: same seed, same run
 
     def _class_weights(self, records) -> Optional[torch.Tensor]:
         cw = self.config.class_weights
@@ -166,11 +173,14 @@ class LocalTrainer:
             tokens, labels = self.sampler.next_batch()
             tokens = tokens.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            loss = self.loss(tokens, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            if getattr(self.privacy, "per_sample", False):  # DP-SGD: clipped per-sample grads + noise
+                loss = self.privacy.backward(self, tokens, labels)
+            else:
+                loss = self.loss(tokens, labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
             if self.privacy is not None:
                 self.privacy.apply(self.params)
             self.optimizer.step()
@@ -186,9 +196,10 @@ class LocalTrainer:
         if bar is not None:
             bar.close()
         return RoundStats(steps=done, samples=samples, residues=residues,
-                          loss=float(np.mean(losses)) if losses else float("nan"),
+                          loss=float(np.nanmean(losses)) if losses else float("nan"),
                           seconds=time.perf_counter() - t0, aborted=aborted,
-                          lr=self.scheduler.get_last_lr()[0])
+                          lr=self.scheduler.get_last_lr()[0],
+                          extra=self.privacy.spent() if hasattr(self.privacy, "spent") else {})
 
     def predict_proba(self, sequences: Sequence[str]) -> list[np.ndarray]:
         return predict_proba(self.model, self.tokenizer, sequences, self.config.max_len, self.device,

@@ -154,7 +154,8 @@ def test_save_adapters_replaces_atomically(tiny_checkpoint, tmp_path):
 def test_export_merged_matches_peft_model(tiny_checkpoint, tmp_path):
     model = _perturbed_model(tiny_checkpoint)
     path = export_merged(model, tmp_path / "esm2_merged.pt")
-    plain, alphabet = load_exported(path)
+    plain, alphabet, card = load_exported(path)
+    assert card["max_len"] == 1000
     tokens = _tokens(alphabet, ["MKTAYIAKQRQISFVKSHFSRQ", "GAVLIKCCH"])
     with torch.no_grad():
         np.testing.assert_allclose(model(tokens).numpy(), plain(tokens).numpy(), atol=1e-5)

@@ -66,7 +66,7 @@ def _params(args) -> int:
 def _export(args) -> int:
     from fedesm.model import export_merged, load_trained_model
 
-    model, _ = load_trained_model(args.model, backbone_source=args.backbone)
-    path = export_merged(model, args.out)
+    model, card = load_trained_model(args.model, backbone_source=args.backbone)
+    path = export_merged(model, args.out, threshold=card.threshold, max_len=card.max_len)
     print(f"wrote merged checkpoint {path}")
     return 0

@@ -111,8 +111,8 @@ def _predict(args) -> int:
     if model_path.is_file():
         from fedesm.model import load_exported
 
-        model, alphabet = load_exported(model_path)
-        threshold, max_len = 0.5, 1000
+        model, alphabet, card = load_exported(model_path)
+        threshold, max_len = card["threshold"], card["max_len"]
     else:
         from fedesm.model import load_trained_model
 

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CENTRAL = "centralized"
 
@@ -51,6 +52,7 @@ def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
         xs, ys = _series(central_rows, CENTRAL, metric)
         ax.plot(xs, ys, color="tab:red", ls="--", marker="^", ms=3, label="centralized")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title)
     ax.grid(alpha=0.3)
