@@ -1,0 +1,104 @@
+"""A site's own configuration, and a site reading its data and checkpoint from S3 (moto server on loopback)."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+import torch
+
+from fedesm.errors import FedesmError
+from fedesm.model import load_backbone
+from fedesm.site_config import load_site_config, resolve_site_path
+from tests.s3_server import s3, s3_server  # noqa: F401 (fixtures)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_shared_file_with_per_site_overrides_and_placeholders(tmp_path):
+    cfg = _write(tmp_path / "site.yaml", """
+backbone: /models/esm2_t2_tiny.pt
+data:
+  train: /data/{site}/train.fa
+  val: /data/{site}/val.fa
+cpu_threads: 1
+sites:
+  site-2:
+    backbone: s3://bucket-2/esm2.pt
+    data:
+      val: s3://bucket-2/{site}/val.parquet
+    allowed_prefixes: [s3://bucket-2/, /data/site-2]
+""")
+    one = load_site_config("site-1", cfg)
+    two = load_site_config("site-2", cfg)
+    assert (one.train, one.val, one.backbone, one.cpu_threads) == (
+        "/data/site-1/train.fa", "/data/site-1/val.fa", "/models/esm2_t2_tiny.pt", 1)
+    assert (two.train, two.val, two.backbone) == ("/data/site-2/train.fa", "s3://bucket-2/site-2/val.parquet",
+                                                 "s3://bucket-2/esm2.pt")
+    assert two.allowed_prefixes == ["s3://bucket-2/", "/data/site-2"] and one.allowed_prefixes == []
+
+
+def test_lookup_order_env_then_workspace(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    (ws / "local").mkdir(parents=True)
+    _write(ws / "local" / "fedesm_site.yaml", "data: {train: /a/train.fa, val: /a/val.fa}\n")
+    monkeypatch.delenv("FEDESM_SITE_CONFIG", raising=False)
+    cfg = load_site_config("site-1", workspace_root=str(ws))
+    assert cfg.train == "/a/train.fa" and cfg.cache_dir == str(ws / "local" / "fedesm_cache")
+    env_cfg = _write(tmp_path / "env.yaml", "data: {train: /b/train.fa, val: /b/val.fa}\n")
+    monkeypatch.setenv("FEDESM_SITE_CONFIG", str(env_cfg))
+    assert load_site_config("site-1", workspace_root=str(ws)).train == "/b/train.fa"
+    monkeypatch.setenv("FEDESM_SITE_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(FedesmError, match="no such file"):
+        load_site_config("site-1", workspace_root=str(ws))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("data: {train: /a.fa}\n", "no data.val"),
+    ("dataa: {train: /a.fa, val: /b.fa}\n", "unknown keys"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+    ("data: {train: [unclosed\n", "cannot read"),
+])
+def test_bad_site_configs(tmp_path, text, needle):
+    with pytest.raises(FedesmError, match=needle):
+        load_site_config("site-1", _write(tmp_path / "s.yaml", text))
+
+
+def test_no_config_anywhere_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDESM_SITE_CONFIG", raising=False)
+    with pytest.raises(FedesmError, match="no fedesm site configuration"):
+        load_site_config("site-1", workspace_root=str(tmp_path))
+
+
+def test_site_reads_data_and_checkpoint_from_s3(s3, tmp_path, tiny_checkpoint, synth_data):  # noqa: F811
+    from fedesm.data.readers import write_records
+    from fedesm.data.validate import load_dataset
+
+    train, val = synth_data
+    write_records(train, tmp_path / "train.parquet")
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    client.create_bucket(Bucket="site-1-data")
+    client.create_bucket(Bucket="other-org")
+    client.upload_file(str(tmp_path / "train.parquet"), "site-1-data", "binding/train.parquet")
+    client.upload_file(str(tiny_checkpoint), "site-1-data", "models/esm2_t2_tiny.pt")
+    client.upload_file(str(tmp_path / "train.parquet"), "other-org", "binding/train.parquet")
+    cfg = load_site_config("site-1", _write(tmp_path / "site.yaml", f"""
+backbone: s3://site-1-data/models/esm2_t2_tiny.pt
+data:
+  train: s3://site-1-data/binding/train.parquet
+  val: s3://other-org/binding/train.parquet
+allowed_prefixes: [s3://site-1-data/]
+cache_dir: {tmp_path / 'cache'}
+"""))
+    records = load_dataset(resolve_site_path(cfg, cfg.train))
+    assert len(records) == len(train) and records[0].sequence == train[0].sequence
+    assert str(resolve_site_path(cfg, cfg.train)).startswith(str(tmp_path / "cache"))
+    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir, policy=cfg.policy())
+    local = load_backbone(str(tiny_checkpoint))
+    assert torch.equal(backbone.model.embed_tokens.weight, local.model.embed_tokens.weight)
+    with pytest.raises(FedesmError, match="outside this site's allowed prefixes"):
+        resolve_site_path(cfg, cfg.val)
+    with pytest.raises(FedesmError, match="no such object"):
+        load_backbone("s3://site-1-data/models/esm2_missing.pt", cache_dir=cfg.cache_dir, policy=cfg.policy())
