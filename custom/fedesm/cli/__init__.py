@@ -11,7 +11,7 @@ from fedesm import __version__
 from fedesm.errors import FedesmError
 
 # Sub-modules of fedesm.cli, each exposing register(subparsers).
-_COMMAND_MODULES = ["model", "data", "train", "job", "demo", "experiment"]
+_COMMAND_MODULES = ["model", "data", "train", "job", "demo", "experiment", "poc"]
 
 
 def build_parser() -> argparse.ArgumentParser:
