@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CENTRAL = "centralized"
+HELDOUT = "held-out"  # rows of the global model evaluated on the global held-out val split (experiments)
 
 
 def _series(rows, site: str, metric: str):
@@ -39,8 +40,11 @@ def sites_of(rows) -> list[str]:
 
 
 def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
-                central_rows: Optional[Sequence[dict]] = None) -> Path:
-    """One line per site (its local model), the global model (mean over sites) and centralized."""
+                central_rows: Optional[Sequence[dict]] = None, heldout_rows: Optional[Sequence[dict]] = None) -> Path:
+    """One line per site (its local model), the global model (mean over sites) and centralized.
+
+    `heldout_rows` (site == "held-out"): the global model on the held-out val split, the data the
+    centralized model is evaluated on."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for site in sites_of(rows):
         xs, ys = _series(rows, site, metric)
@@ -48,9 +52,13 @@ def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
     xs, ys = _global_mean(rows, metric)
     if xs:
         ax.plot(xs, ys, color="black", lw=2, marker="s", ms=3, label="global model (mean over sites)")
+    if heldout_rows:
+        xs, ys = _series(heldout_rows, HELDOUT, metric)
+        ax.plot(xs, ys, color="tab:purple", lw=2, marker="D", ms=3, label="global model (held-out val)")
     if central_rows:
         xs, ys = _series(central_rows, CENTRAL, metric)
-        ax.plot(xs, ys, color="tab:red", ls="--", marker="^", ms=3, label="centralized")
+        ax.plot(xs, ys, color="tab:red", ls="--", marker="^", ms=3,
+                label="centralized (held-out val)" if heldout_rows else "centralized")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric.replace("_", " "))
@@ -61,10 +69,13 @@ def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
 
 
 def plot_precision_recall(rows: Sequence[dict], out_path, title: str,
-                          central_rows: Optional[Sequence[dict]] = None) -> Path:
+                          central_rows: Optional[Sequence[dict]] = None,
+                          heldout_rows: Optional[Sequence[dict]] = None) -> Path:
     """Precision against recall as a trajectory over rounds (first and last round marked)."""
     fig, ax = plt.subplots(figsize=(5.6, 5.0), dpi=110)
     lines = [(site, rows, site) for site in sites_of(rows)]
+    if heldout_rows:
+        lines.append((HELDOUT, heldout_rows, "global model (held-out val)"))
     if central_rows:
         lines.append((CENTRAL, central_rows, CENTRAL))
     for site, source, label in lines:
@@ -97,15 +108,35 @@ def _save(fig, out_path) -> Path:
     return out_path
 
 
-def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Sequence[dict]] = None) -> list[Path]:
+def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Sequence[dict]] = None,
+             heldout_rows: Optional[Sequence[dict]] = None) -> list[Path]:
     """The standard set for one run: accuracy, F1, precision-recall."""
     out_dir = Path(out_dir)
     return [
-        plot_metric(rows, "accuracy", out_dir / f"{name}_accuracy.png", f"{name}: accuracy per round", central_rows),
-        plot_metric(rows, "f1", out_dir / f"{name}_f1.png", f"{name}: F1 per round", central_rows),
+        plot_metric(rows, "accuracy", out_dir / f"{name}_accuracy.png", f"{name}: accuracy per round", central_rows,
+                    heldout_rows),
+        plot_metric(rows, "f1", out_dir / f"{name}_f1.png", f"{name}: F1 per round", central_rows, heldout_rows),
         plot_precision_recall(rows, out_dir / f"{name}_precision_recall.png", f"{name}: precision vs recall",
-                              central_rows),
+                              central_rows, heldout_rows),
     ]
+
+
+def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_path, title: str) -> Path:
+    """One line per arm of an experiment: `series` maps an arm's label to (round, value) points."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for label, points in series.items():
+        if not points:
+            continue
+        xs, ys = zip(*sorted(points))
+        style = dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL) else dict(marker="o")
+        ax.plot(xs, ys, ms=3, label=label, **style)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_path)
 
 
 def format_round_table(rows: Sequence[dict]) -> str:

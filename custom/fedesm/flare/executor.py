@@ -41,6 +41,9 @@ class EsmLoraExecutor(Executor):
         max_len: int = 1000,
         grad_noise_std: float = 0.0,
         freeze_lora_a: bool = False,
+        dp_noise_multiplier: float = 0.0,
+        dp_max_grad_norm: float = 1.0,
+        dp_delta: float = 1e-5,
         seed: int = 0,
         transfer_dtype: str = "float32",
         evaluate_global: bool = True,
@@ -62,6 +65,8 @@ class EsmLoraExecutor(Executor):
             steps_per_round: local optimizer steps N per round, each on a batch drawn at random.
             freeze_lora_a: train only LoRA B (the `ffa` strategy).
             grad_noise_std: the paper's DP mode, Gaussian noise on every gradient at every step.
+            dp_noise_multiplier, dp_max_grad_norm, dp_delta: formal DP-SGD (`fedesm.dp`) when the
+                multiplier is > 0; the site's epsilon so far is streamed each round as `epsilon`.
             transfer_dtype: "float32" or "float16" for the adapters sent back.
             evaluate_global: also evaluate the received global model on the local validation split.
         """
@@ -75,7 +80,8 @@ class EsmLoraExecutor(Executor):
         self.train_config = TrainConfig(
             steps_per_round=steps_per_round, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, class_weights=class_weights,
-            max_len=max_len, grad_noise_std=grad_noise_std, freeze_lora_a=freeze_lora_a, seed=seed)
+            max_len=max_len, grad_noise_std=grad_noise_std, freeze_lora_a=freeze_lora_a, seed=seed,
+            dp_noise_multiplier=dp_noise_multiplier, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta)
         self.transfer_dtype = transfer_dtype
         self.evaluate_global = evaluate_global
         self.analytic_sender_id = analytic_sender_id
@@ -177,6 +183,7 @@ class EsmLoraExecutor(Executor):
         metrics.update(train_loss=stats.loss, steps=stats.steps, train_seconds=stats.seconds,
                        residues_per_second=stats.residues_per_second, lr=stats.lr,
                        task_seconds=time.perf_counter() - t0)
+        metrics.update(stats.extra)  # DP-SGD: epsilon, dp_delta, dp_steps
         # global model after k aggregations -> step k; the local model after its (k+1)-th round -> step k+1
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if k.startswith("global_")}, global_step=rounds_before)
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if not k.startswith("global_")},
