@@ -185,6 +185,7 @@ def test_job_runs_to_completion_and_result_downloads(both_sites, tmp_path, job_n
     assert result == tmp_path / "result" / job_id
     assert json.loads((result / "meta.json").read_text())["status"] == "FINISHED:COMPLETED"
     assert list((net.admin_kit / "transfer").iterdir()) == []  # moved out of the admin's download dir
+    assert (net.kit("localhost") / "store" / "jobs-storage" / job_id).is_dir()  # not /tmp/nvflare
     check(result)
     assert job_id not in [j.job_id for j in net.session().get_system_info().job_info]
 
@@ -209,14 +210,22 @@ def _kill_site_2_mid_round_1(net, job_id):
 
 
 def test_site_killed_mid_round_with_min_clients_1_finishes_with_the_other_site(both_sites, tmp_path):
+    """The server drops the dead site while the job runs; the workflow goes on with site-1 alone.
+
+    (NVFLARE 2.9: had the server noticed the death only after the workflow ended, it would mark
+    the job FINISHED:ABNORMAL for want of site-2's outcome; hence 12 rounds, longer than the
+    heart_beat_timeout, and the check that the job is still RUNNING when site-2 is dropped.)
+    """
     net = both_sites
-    job_id = net.submit(write_numpy_job(tmp_path, "kill-min1", num_rounds=3, min_clients=1, sleep_time=3))
+    job_id = net.submit(write_numpy_job(tmp_path, "kill-min1", num_rounds=12, min_clients=1, sleep_time=2))
     _kill_site_2_mid_round_1(net, job_id)
+    net.wait_for_dropped(["site-2"], timeout=HEART_BEAT_TIMEOUT + 20)
+    assert net.job_status(job_id) == "RUNNING"
     meta = net.follow(job_id, timeout=180, poll_interval=1.0)
     assert meta["status"] == "FINISHED:COMPLETED"
     result = net.download(job_id, tmp_path / "result")
-    assert aggregations(result) == {0: 2, 1: 1, 2: 1}  # site-1 alone from round 1 on
-    np.testing.assert_array_equal(server_model(result), INITIAL + 3)
+    assert aggregations(result) == {0: 2, **{r: 1 for r in range(1, 12)}}  # site-1 alone from round 1 on
+    np.testing.assert_array_equal(server_model(result), INITIAL + 12)
 
 
 def test_site_killed_mid_round_with_min_clients_2_fails_cleanly(both_sites, tmp_path):
@@ -237,12 +246,27 @@ def test_site_killed_mid_round_with_min_clients_2_fails_cleanly(both_sites, tmp_
     net.start_client("site-2")
 
 
+def test_job_process_killed_fails_the_job_even_with_min_clients_1(both_sites, tmp_path):
+    """The site stays up and reports its dead job process: NVFLARE fails the whole job."""
+    net = both_sites
+    job_id = net.submit(write_numpy_job(tmp_path, "kill-job-process", num_rounds=4, min_clients=1, sleep_time=2))
+    wait_for_text(net.job_log("site-2", job_id), "invoking task executor", count=2)
+    assert net.kill_job_process("site-2", job_id) == 1
+    meta = net.follow(job_id, timeout=120, poll_interval=1.0)
+    assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION"
+    assert net.state.procs["site-2"].alive()
+    result = net.download(job_id, tmp_path / "result")
+    assert aggregations(result) == {0: 2}
+    np.testing.assert_array_equal(server_model(result), INITIAL + 1)
+
+
 def test_stop_kills_every_process_even_when_the_body_fails(tmp_path):
     net = LocalNetwork(tmp_path / "net2", heart_beat_timeout=HEART_BEAT_TIMEOUT)
     with pytest.raises(RuntimeError, match="boom"):
         with net:
             pids = [p.pid for p in net.state.procs.values()]
             assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)
+            assert net.session().list_jobs() == []  # its own job store, not another network's
             raise RuntimeError("boom")
     marker = str(tmp_path / "net2")
     leftovers = [

@@ -1,5 +1,6 @@
 """provisioning/project.yml gives every participant a complete, mutually-trusted startup kit."""
 
+import argparse
 import datetime
 import json
 
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 from cryptography.x509.oid import NameOID
 
+from fedesm.cli import poc
 from fedesm.flare.network import DEFAULT_PROJECT_FILE, NetworkError, provision, render_project
 
 SERVER_NAME = "fl.fedesm.example"
@@ -79,6 +81,22 @@ def test_render_project_rejects_a_file_without_one_server(tmp_path):
     with pytest.raises(NetworkError, match="exactly one participant of type 'server'"):
         render_project(bad, tmp_path / "out.yml", server_name="localhost")
     assert not (tmp_path / "out.yml").exists()
+
+
+def test_render_project_rejects_a_server_name_that_is_not_a_host_name(tmp_path):
+    with pytest.raises(NetworkError, match="invalid server name 'fl server'"):
+        render_project(DEFAULT_PROJECT_FILE, tmp_path / "out.yml", server_name="fl server")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_poc_provision_command_writes_kits_for_the_given_server(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    poc.register(parser.add_subparsers())
+    args = parser.parse_args(["poc", "provision", "--server-name", "fl.test.example", "--workspace", str(tmp_path)])
+    assert args.func(args) == 0
+    kit = tmp_path / "fedesm" / "prod_00" / "fl.test.example"
+    assert _attr(_cert(kit / "startup" / "server.crt"), NameOID.COMMON_NAME) == "fl.test.example"
+    assert str(tmp_path / "fedesm" / "prod_00") in capsys.readouterr().out
 
 
 def test_every_participant_has_a_kit_with_its_certificate_key_and_root_ca(kits):

@@ -7,13 +7,15 @@ admin's kit. Used by the integration tests and by ``fedesm poc``.
 
 Every process is started in its own session (process group). ``stop()`` kills each process
 tree (including NVFLARE's job processes, which NVFLARE starts in sessions of their own) and
-sweeps any process whose command line names this network's workspace. A context manager and
+sweeps any process of ours whose command line names one of this network's kit folders. A context manager and
 an ``atexit`` hook make sure this also happens when a test fails.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import logging
 import math
@@ -36,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "network.json"
 DEFAULT_PROJECT_FILE = Path(__file__).resolve().parents[3] / "provisioning" / "project.yml"
-TERMINAL_PREFIXES = ("FINISHED",)
 
 
 class NetworkError(FedesmError):
@@ -88,6 +89,10 @@ def render_project(
     project = load_project(src)
     server = next(p for p in project["participants"] if p.get("type") == "server")
     if server_name:
+        from nvflare.apis.utils.format_check import name_check
+
+        if name_check(server_name, "server")[0]:
+            raise NetworkError(f"invalid server name {server_name!r}: expected a DNS host name like fl.example.org")
         server["name"] = server_name
     if fl_port:
         server["fed_learn_port"] = int(fl_port)
@@ -113,6 +118,30 @@ def provision(project_file: str | os.PathLike, workspace: str | os.PathLike) -> 
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         raise NetworkError(f"nvflare provision failed (exit {proc.returncode}): {' | '.join(tail)}")
     return prod_dirs[-1]
+
+
+def use_private_server_storage(server_kit: Path) -> Path:
+    """Keep the server's job store and snapshots inside its kit (writes local/resources.json).
+
+    NVFLARE's default is /tmp/nvflare/{jobs,snapshot}-storage, shared by every server on the
+    machine: two local networks would list, and may even schedule, each other's jobs.
+    """
+    local = Path(server_kit) / "local"
+    cfg = json.loads((local / "resources.json.default").read_text())
+    store = Path(server_kit).resolve() / "store"
+    found = 0
+    for comp in cfg.get("components", []):
+        if comp.get("id") == "job_manager":
+            comp.setdefault("args", {})["uri_root"] = str(store / "jobs-storage")
+            found += 1
+    snapshot = cfg.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    if snapshot is not None:
+        snapshot["root_dir"] = str(store / "snapshot-storage")
+        found += 1
+    if found != 2:
+        raise NetworkError(f"{local}/resources.json.default: no job_manager or snapshot storage to relocate")
+    _write_atomic(local / "resources.json", json.dumps(cfg, indent=2))
+    return store
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,9 +188,15 @@ def _processes_mentioning(marker: str) -> list[psutil.Process]:
 
 
 def kill_tree(proc: Proc, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-    """Signal the participant's whole tree (its process groups first), SIGKILL what outlives `grace`."""
+    """Signal the participant's whole tree (its process groups first), SIGKILL what outlives `grace`.
+
+    The participant's own process is signalled before its job processes: were a job process
+    to die first, the participant would report the job as failed to the server (a different
+    fault from "the site crashed").
+    """
+    own_group = os.getpgrp()
     for _ in range(3):  # a job process may be spawned while we collect: go round until nothing is left
-        procs: dict[int, psutil.Process] = {}
+        procs: dict[int, psutil.Process] = {}  # insertion order = signal order, root first
         root = proc.process()
         if root is not None:
             procs[root.pid] = root
@@ -174,15 +209,14 @@ def kill_tree(proc: Proc, sig: int = signal.SIGTERM, grace: float = 5.0) -> None
             procs.setdefault(p.pid, p)
         if not procs:
             return
-        own_group = os.getpgrp()
-        groups = set()
+        groups = []
         for p in procs.values():
             try:
                 pgid = os.getpgid(p.pid)
             except OSError:
                 continue
-            if pgid in procs and pgid != own_group:  # only groups led by a process of this tree
-                groups.add(pgid)
+            if pgid in procs and pgid != own_group and pgid not in groups:  # only groups led by this tree
+                groups.append(pgid)
         for pgid in groups:
             try:
                 os.killpg(pgid, sig)
@@ -308,6 +342,7 @@ class LocalNetwork:
         admin = self.admin or next((p["name"] for p in admins if p.get("role") == "project_admin"), None)
         if not admin or admin not in {p["name"] for p in admins}:
             raise NetworkError(f"{self.project_file}: no admin user {admin or '(project_admin)'} in the project")
+        use_private_server_storage(kits / server)
         if self.heart_beat_timeout:
             cfg_path = kits / server / "startup" / "fed_server.json"
             cfg = json.loads(cfg_path.read_text())
@@ -427,6 +462,30 @@ class LocalNetwork:
         kill_tree(proc, signal.SIGKILL)
         self._reap(name)
 
+    def kill_job_process(self, name: str, job_id: str) -> int:
+        """Crash only a site's job process (as an out-of-memory kill would); the site stays up.
+
+        Returns the number of processes killed (0 when the job does not run there).
+        """
+        proc = self._require_state().procs.get(name)
+        root = proc.process() if proc is not None else None
+        if root is None:
+            raise NetworkError(f"{name} is not running")
+        victims = []
+        for p in root.children(recursive=True):
+            try:
+                if any(job_id in arg for arg in p.cmdline()):
+                    victims.append(p)
+            except psutil.Error:
+                continue
+        for p in victims:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(victims, timeout=5.0)
+        return len(victims)
+
     def _reap(self, name: str) -> None:
         popen = self._popens.pop(name, None)
         if popen is not None:
@@ -493,7 +552,8 @@ class LocalNetwork:
             if server is not None and not server.alive():
                 raise NetworkError(f"server process exited; see {server.log}")
             try:
-                self._session = new_secure_session(state.admin, str(self.admin_kit), timeout=5.0)
+                with contextlib.redirect_stdout(io.StringIO()):  # NVFLARE prints "Connecting to FLARE ..."
+                    self._session = new_secure_session(state.admin, str(self.admin_kit), timeout=5.0)
                 return self._session
             except Exception as e:  # noqa: BLE001 - NoConnection etc. while the server boots
                 last_error = e
@@ -522,6 +582,17 @@ class LocalNetwork:
             time.sleep(1.0)
         missing = [n for n in names if seen.get(n, 0.0) < since]
         raise NetworkError(f"sites not connected after {timeout:.0f}s: {', '.join(missing)}")
+
+    def wait_for_dropped(self, names: Iterable[str], timeout: float = 120.0) -> None:
+        """Wait until the server no longer lists any site in `names` (after heart_beat_timeout)."""
+        names = set(names)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            listed = names & set(self.connected_clients())
+            if not listed:
+                return
+            time.sleep(1.0)
+        raise NetworkError(f"server still lists {', '.join(sorted(listed))} after {timeout:.0f}s")
 
     # ---- jobs --------------------------------------------------------------------------------
 
