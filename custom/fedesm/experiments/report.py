@@ -1,0 +1,485 @@
+"""`fedesm experiment report DIR`: report.md, plots and summary.json from a run folder.
+
+Reads only files (layout in `fedesm.experiments.experiment`), so a report can be rebuilt at any
+time, with another `--target-f1`, or into another folder (e.g. `docs/results/cpu`).
+
+Two yardsticks, kept apart in every table:
+  held-out val  the global val split: the same sequences for every arm, shared with no site. A
+                federated arm's row is its global model after each round; a centralized arm's row
+                its own model after each round.
+  site val      each site's own val split, from the job's metrics table: the global model the site
+                received (`global_*`) and the site's local model after its round of training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from fedesm.errors import FedesmError
+
+HELDOUT = "held-out"
+CENTRAL = "centralized"
+SERVER = "server"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class ArmResult:
+    """One arm's files, and the numbers the report shows."""
+
+    info: dict
+    site_rows: list[dict]  # the job's table (federated) or the centralized run's rows
+    heldout_rows: list[dict]  # split val per round (+ test for the final model)
+
+    @property
+    def id(self) -> str:
+        return self.info["id"]
+
+    @property
+    def label(self) -> str:
+        return self.info.get("label") or self.id
+
+    @property
+    def federated(self) -> bool:
+        return self.info.get("kind", "federated") == "federated"
+
+    @property
+    def done(self) -> bool:
+        return self.info.get("status") == "done"
+
+    def heldout_series(self, split: str = "val") -> list[dict]:
+        return sorted((r for r in self.heldout_rows if r.get("split", "val") == split), key=lambda r: r["round"])
+
+    def sites(self) -> list[str]:
+        return sorted({r["site"] for r in self.site_rows if r.get("site") not in (SERVER, CENTRAL, HELDOUT)}
+                      - ({self.id} if not self.federated else set()))
+
+    def site_series(self, site: str) -> list[dict]:
+        return sorted((r for r in self.site_rows if r.get("site") == site), key=lambda r: r["round"])
+
+
+def load_arm(arm_dir: Path) -> ArmResult:
+    info = json.loads((arm_dir / "arm.json").read_text())
+    return ArmResult(info, read_jsonl(arm_dir / "metrics.jsonl"), read_jsonl(arm_dir / "heldout.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def final_row(rows: list[dict], key: str = "f1") -> Optional[dict]:
+    """The row of the last round that has `key`."""
+    rows = [r for r in rows if r.get(key) is not None]
+    return max(rows, key=lambda r: r["round"]) if rows else None
+
+
+def best_row(rows: list[dict], key: str = "f1") -> Optional[dict]:
+    """The row with the highest `key`; the earliest round on ties."""
+    rows = [r for r in rows if r.get(key) is not None]
+    return max(rows, key=lambda r: (r[key], -r["round"])) if rows else None
+
+
+def rounds_to_target(rows: list[dict], target: float, key: str = "f1") -> Optional[int]:
+    """The first round whose `key` is >= target (None: never reached)."""
+    hits = [r["round"] for r in rows if r.get(key) is not None and r[key] >= target]
+    return min(hits) if hits else None
+
+
+def mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(values) / len(values) if values else None
+
+
+def sent_per_round(arm: ArmResult, site: Optional[str] = None, key: str = "sent_bytes") -> Optional[float]:
+    """Mean over rounds of what one site (or each site, on average) sent the server per round."""
+    sites = [site] if site else arm.sites()
+    return mean(r.get(key) for s in sites for r in arm.site_series(s))
+
+
+def final_epsilon(arm: ArmResult, site: Optional[str] = None) -> Optional[float]:
+    """A site's epsilon after the last round (the largest over sites when `site` is None)."""
+    if not arm.federated:
+        row = final_row(arm.heldout_series(), "epsilon")
+        return row["epsilon"] if row else None
+    values = []
+    for s in [site] if site else arm.sites():
+        row = final_row(arm.site_series(s), "epsilon")
+        if row:
+            values.append(row["epsilon"])
+    return max(values) if values else None
+
+
+def train_seconds_per_round(arm: ArmResult) -> Optional[float]:
+    """Local training time per round: the slowest site's (sites train at the same time)."""
+    if not arm.federated:
+        return mean(r.get("train_seconds") for r in arm.site_rows)
+    by_round: dict[int, list] = {}
+    for s in arm.sites():
+        for r in arm.site_series(s):
+            if r.get("train_seconds") is not None:
+                by_round.setdefault(r["round"], []).append(r["train_seconds"])
+    return mean(max(v) for v in by_round.values())
+
+
+def round_seconds(arm: ArmResult) -> Optional[float]:
+    return mean(r.get("round_seconds") for r in arm.site_rows if r.get("site") == SERVER)
+
+
+def arm_summary(arm: ArmResult, target: float) -> dict:
+    """The numbers of one arm (what summary.json holds)."""
+    val = arm.heldout_series("val")
+    fin, best = final_row(val), best_row(val)
+    test = final_row(arm.heldout_series("test"))
+    out = {
+        "id": arm.id, "label": arm.label, "kind": arm.info.get("kind"), "strategy": arm.info.get("strategy"),
+        "status": arm.info.get("status"), "wall_seconds": arm.info.get("wall_seconds"),
+        "heldout_val_final": {k: fin.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auprc")}
+        if fin else None,
+        "heldout_val_best": {"round": best["round"], "f1": best["f1"]} if best else None,
+        "heldout_rounds_to_target_f1": rounds_to_target(val, target),
+        "test_final": {k: test.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auprc")}
+        if test else None,
+        "train_seconds_per_round": train_seconds_per_round(arm),
+        "round_seconds": round_seconds(arm),
+        "epsilon": final_epsilon(arm),
+        "dp_delta": arm.info.get("training", {}).get("dp_delta") if arm.info.get("training", {}).get(
+            "dp_noise_multiplier") else None,
+    }
+    if arm.federated:
+        out["sites"] = {}
+        for s in arm.sites():
+            rows = arm.site_series(s)
+            g, lf = final_row(rows, "global_f1"), final_row(rows, "f1")
+            gb = best_row(rows, "global_f1")
+            out["sites"][s] = {
+                "global_final": {k: g.get(f"global_{k}") for k in ("f1", "precision", "recall", "accuracy", "auprc")}
+                | {"round": g["round"]} if g else None,
+                "global_best": {"round": gb["round"], "f1": gb["global_f1"]} if gb else None,
+                "global_rounds_to_target_f1": rounds_to_target(rows, target, "global_f1"),
+                "local_final_f1": lf.get("f1") if lf else None,
+                "sent_bytes_per_round": sent_per_round(arm, s),
+                "sent_parameters_per_round": sent_per_round(arm, s, "sent_parameters"),
+                "epsilon": final_epsilon(arm, s),
+            }
+        out["sent_bytes_per_site_per_round"] = sent_per_round(arm)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def f3(v) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "–"
+
+
+def human_bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def seconds(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.0f} s" if v < 600 else f"{v / 60:.1f} min"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _eps(arm_sum: dict) -> str:
+    if arm_sum["epsilon"] is None:
+        return "–"
+    return f"{arm_sum['epsilon']:.2f} (δ={arm_sum['dp_delta']:g})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExperimentResult:
+    info: dict
+    arms: list[ArmResult] = field(default_factory=list)
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise FedesmError(f"{run_dir}: not an experiment run folder (no run.json)")
+    run = json.loads((run_dir / "run.json").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    order = [e["id"] for e in cfg.get("experiments", [])]
+    exp_dirs = [run_dir / e for e in order if (run_dir / e / "experiment.json").is_file()]
+    exp_dirs += sorted(p.parent for p in run_dir.glob("*/experiment.json") if p.parent not in exp_dirs)
+    experiments = []
+    for d in exp_dirs:
+        info = json.loads((d / "experiment.json").read_text())
+        exp = ExperimentResult(info)
+        arm_order = info.get("arms") or []
+        arm_dirs = [d / a for a in arm_order if (d / a / "arm.json").is_file()]
+        arm_dirs += sorted(p.parent for p in d.glob("*/arm.json") if p.parent not in arm_dirs)
+        exp.arms = [load_arm(a) for a in arm_dirs]
+        experiments.append(exp)
+    return run, cfg, experiments
+
+
+def _central_rows(exp: ExperimentResult) -> Optional[list[dict]]:
+    """The (first) centralized arm's held-out rows, as plots.py expects them (site 'centralized')."""
+    for arm in exp.arms:
+        if not arm.federated and arm.done:
+            return [{**r, "site": CENTRAL} for r in arm.heldout_series("val")]
+    return None
+
+
+def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
+    """Per experiment: held-out F1 and accuracy per arm; per federated arm: accuracy, F1, precision-recall."""
+    from fedesm.experiments.plots import plot_arms, plot_run
+
+    eid = exp.info["id"]
+    out: dict[str, list[Path]] = {}
+    done = [a for a in exp.arms if a.done]
+    if not done:
+        return out
+    compare = []
+    for metric in ("f1", "accuracy"):
+        series = {(a.label if a.federated else f"{CENTRAL}" + ("" if a.label == CENTRAL else f" ({a.label})")):
+                  [(r["round"], r[metric]) for r in a.heldout_series() if r.get(metric) is not None] for a in done}
+        compare.append(plot_arms(series, metric, plots_dir / f"{eid}_arms_{metric}.png",
+                                 f"{eid}: {metric.upper() if metric == 'f1' else metric} on the held-out val split"))
+    out["_compare"] = compare
+    central = _central_rows(exp)
+    for arm in done:
+        if arm.federated:
+            heldout = [{**r, "site": HELDOUT} for r in arm.heldout_series()]
+            out[arm.id] = plot_run(arm.site_rows, plots_dir, f"{eid}_{arm.id}", central_rows=central,
+                                   heldout_rows=heldout)
+    return out
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
+    lines = ["## Setup", ""]
+    if run.get("description"):
+        lines += [run["description"], ""]
+    lines += ["```"] + run.get("plan", []) + ["```", ""]
+    splits = []
+    for mode_dir in sorted((run_dir / "data").glob("*/split.json")):
+        s = json.loads(mode_dir.read_text())
+        parts = [f"held-out val {s['val']['sequences']} seqs ({s['val']['positive_fraction']:.1%} positive), "
+                 f"test {s['test']['sequences']} seqs"]
+        for name, v in s["sites"].items():
+            parts.append(f"{name} {v['train']['sequences']} train ({v['train']['positive_fraction']:.1%} positive) "
+                         f"/ {v['val']['sequences']} val")
+        splits.append([s["mode"], "; ".join(parts)])
+    if splits:
+        lines += [md_table(["split", "sequences per part (token positive rate)"], splits), ""]
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except Exception:  # pragma: no cover - torch is a dependency
+        torch_version = "?"
+    lines += [f"Run {run.get('started', '?')} – {run.get('finished', '?')}, total wall time "
+              f"{seconds(run.get('wall_seconds'))} on {platform.machine()} with {os.cpu_count()} CPU cores "
+              f"(torch {torch_version}); reproduce with `fedesm experiment run {cfg.get('name', run.get('name'))} "
+              f"--out DIR`.", ""]
+    return lines
+
+
+def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
+    """Write `report.md` (+ `plots/`, `summary.json`) for a run folder; returns the report's path."""
+    run_dir = Path(run_dir)
+    run, cfg, experiments = load_run(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plots_dir = out / "plots"
+    title = run.get("title") or run.get("name") or "fedesm experiments"
+    lines = [f"# {title}", ""]
+    if run.get("caption"):
+        lines += [f"> **{run['caption'].strip()}**", ""]
+    lines += [f"Config `{cfg.get('name', run.get('name'))}`; status **{run.get('status', '?')}**"
+              + (f" ({'; '.join(run['failures'])})" if run.get("failures") else "") + ".", ""]
+    summary = {"name": run.get("name"), "target_f1": target_f1, "wall_seconds": run.get("wall_seconds"),
+               "experiments": {}}
+    key_lines = []
+    body = []
+    for exp in experiments:
+        eid = exp.info["id"]
+        sums = {a.id: arm_summary(a, target_f1) for a in exp.arms}
+        summary["experiments"][eid] = {"title": exp.info.get("title"), "arms": sums}
+        plots = make_plots(exp, plots_dir)
+        body += [f"## {exp.info.get('title', eid)}", ""]
+        if exp.info.get("description"):
+            body += [exp.info["description"].strip(), ""]
+        body += _heldout_table(exp, sums, target_f1)
+        body += _site_table(exp, sums, target_f1)
+        body += _round_table(exp)
+        if plots.get("_compare"):
+            body += ["Held-out val per round, all arms:", ""]
+            body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots["_compare"]), ""]
+        for arm in exp.arms:
+            if arm.id in plots:
+                body += [f"**{arm.label}** (`{eid}/{arm.id}`): per site = the site's local model on its own val "
+                         "split; black = global model, mean over the sites' val splits; purple = global model on "
+                         "the held-out val split; red dashed = centralized on the held-out val split.", ""]
+                body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots[arm.id]), ""]
+        key_lines += _key_results(exp, sums, target_f1)
+    lines += ["## Key results", "", "All F1/precision/recall/accuracy below are per residue, threshold 0.5. "
+              "\"Held-out val\" = the global val split, the same sequences for every arm and shared with no site: "
+              "the federated arms' global model vs the centralized model.", ""] + key_lines + [""]
+    lines += body
+    lines += _notes(experiments)
+    lines += _setup_section(run, cfg, run_dir)
+    report = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines).rstrip() + "\n")
+    os.replace(tmp, report)
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    return report
+
+
+def _heldout_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
+    rows = []
+    for arm in exp.arms:
+        s = sums[arm.id]
+        if not arm.done:
+            rows.append([arm.label, f"**{arm.info.get('status')}**: {arm.info.get('error', '')[:120]}"]
+                        + ["–"] * 10)
+            continue
+        fin, best, test = s["heldout_val_final"] or {}, s["heldout_val_best"] or {}, s["test_final"] or {}
+        rt = s["heldout_rounds_to_target_f1"]
+        rows.append([
+            f"{arm.label}" + (f" ({arm.info['strategy']})" if arm.federated and arm.info.get("strategy") != arm.label
+                              else ""),
+            f"**{f3(fin.get('f1'))}**", f"{f3(best.get('f1'))} (r{best.get('round', '–')})",
+            f3(fin.get("precision")), f3(fin.get("recall")), f3(fin.get("accuracy")), f3(fin.get("auprc")),
+            str(rt) if rt is not None else "not reached", f3(test.get("f1")),
+            seconds(s["wall_seconds"]),
+            human_bytes(s.get("sent_bytes_per_site_per_round")) if arm.federated else "–",
+            _eps(s),
+        ])
+    header = ["arm", "final F1", "best F1 (round)", "precision", "recall", "accuracy", "AUPRC",
+              f"rounds to F1 ≥ {target:g}", "test F1", "wall time", "sent / site / round", "ε spent (worst site)"]
+    return ["**Held-out val** (the global val split, same sequences for every arm; federated = global model after "
+            "each round, centralized = its model after each round; final = after the last round; test F1 = final "
+            "model on the global test split):", "", md_table(header, rows), ""]
+
+
+def _site_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
+    rows = []
+    for arm in exp.arms:
+        if not arm.federated or not arm.done:
+            continue
+        for site, s in sums[arm.id]["sites"].items():
+            g, gb = s["global_final"] or {}, s["global_best"] or {}
+            rt = s["global_rounds_to_target_f1"]
+            rows.append([arm.label, site, f"**{f3(g.get('f1'))}**", f"{f3(gb.get('f1'))} (r{gb.get('round', '–')})",
+                         f3(g.get("precision")), f3(g.get("recall")), f3(g.get("accuracy")), f3(g.get("auprc")),
+                         str(rt) if rt is not None else "not reached", f3(s["local_final_f1"]),
+                         human_bytes(s["sent_bytes_per_round"]),
+                         f"{s['sent_parameters_per_round']:,.0f}" if s["sent_parameters_per_round"] else "–",
+                         f"{s['epsilon']:.2f}" if s["epsilon"] is not None else "–"])
+    if not rows:
+        return []
+    header = ["arm", "site", "global F1 final", "best (round)", "precision", "recall", "accuracy", "AUPRC",
+              f"rounds to F1 ≥ {target:g}", "local model F1 final", "sent / round", "parameters sent", "ε spent"]
+    return ["**Site val** (each site's own val split; global = the aggregated model, local = the site's model "
+            "after its local steps in the last round; sent = serialized adapters + head per round, mean over "
+            "rounds):", "", md_table(header, rows), ""]
+
+
+def _round_table(exp: ExperimentResult) -> list[str]:
+    arms = [a for a in exp.arms if a.done]
+    if not arms:
+        return []
+    series = {a.id: {r["round"]: r.get("f1") for r in a.heldout_series()} for a in arms}
+    rounds = sorted({r for s in series.values() for r in s})
+    rows = [[str(r)] + [f3(series[a.id].get(r)) for a in arms] for r in rounds]
+    extra = []
+    tsec = lambda v: f"{v:.1f} s" if v is not None else "–"  # noqa: E731
+    secs = [[a.label, tsec(train_seconds_per_round(a)), seconds(round_seconds(a))
+             if a.federated else "–", seconds(a.info.get("wall_seconds"))] for a in arms]
+    extra = ["", "Time per arm (training seconds per round: the slowest site's local steps, or the centralized "
+             "steps; round = server-side round wall time incl. evaluation and aggregation):", "",
+             md_table(["arm", "training s / round", "round wall time", "arm wall time (incl. start-up)"], secs)]
+    return ["F1 on the held-out val split per round (round 0 = before training):", "",
+            md_table(["round"] + [a.label for a in arms], rows)] + extra + [""]
+
+
+def _key_results(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
+    eid = exp.info["id"]
+    lines = [f"- **{exp.info.get('title', eid)}**"]
+    central = next((sums[a.id] for a in exp.arms if not a.federated and a.done), None)
+    c_f1 = (central or {}).get("heldout_val_final", {}) or {}
+    for arm in exp.arms:
+        s = sums[arm.id]
+        if not arm.done:
+            lines.append(f"  - {arm.label}: {arm.info.get('status')}")
+            continue
+        fin = s["heldout_val_final"] or {}
+        text = f"  - {arm.label}: held-out val F1 **{f3(fin.get('f1'))}** after {fin.get('round')} rounds"
+        if arm.federated and c_f1.get("f1") is not None and fin.get("f1") is not None:
+            text += f" ({fin['f1'] - c_f1['f1']:+.3f} vs centralized)"
+        if arm.federated:
+            g = [v["global_final"]["f1"] for v in s["sites"].values() if v.get("global_final")]
+            if g:
+                text += f"; global model on the sites' val splits {', '.join(f3(x) for x in g)}"
+        text += f"; wall time {seconds(s['wall_seconds'])}"
+        if s["epsilon"] is not None:
+            per_site = ", ".join(f"{k} {v['epsilon']:.2f}" for k, v in s.get("sites", {}).items()
+                                 if v.get("epsilon") is not None)
+            text += f"; ε = {per_site or f3(s['epsilon'])} at δ={s['dp_delta']:g}"
+        lines.append(text)
+    return lines
+
+
+def _notes(experiments: list[ExperimentResult]) -> list[str]:
+    noise = any(a.info.get("training", {}).get("grad_noise_std") for e in experiments for a in e.arms)
+    dp = [a for e in experiments for a in e.arms if a.info.get("training", {}).get("dp_noise_multiplier")]
+    lines = ["## Notes", "",
+             "- Same steps per round: each site runs N local steps per round (the sites at the same time), the "
+             "centralized arm N steps per round on the pooled site training data, with the same model, LoRA rank, "
+             "learning-rate schedule, batch size and seed.",
+             "- Wall times include each run's start-up (the NVFLARE simulator takes tens of seconds) and the "
+             "per-round evaluations; the machine may have been shared, so they are indicative."]
+    if noise:
+        lines.append("- Gradient noise (the paper's DP mode, `grad_noise_std`) adds N(0, std²) to the batch "
+                     "gradient; without per-sample clipping it has no (ε, δ) guarantee, so no ε is shown for it.")
+    if dp:
+        t = dp[0].info["training"]
+        lines.append(f"- DP-SGD (`fedesm.dp`): Poisson sampling with q = batch size / site training sequences, "
+                     f"per-sample clipping of the LoRA + head gradient to C = {t['dp_max_grad_norm']:g}, Gaussian "
+                     f"noise σ·C with σ = {t['dp_noise_multiplier']:g}; ε per site from an RDP accountant (checked "
+                     f"against Opacus') at δ = {t['dp_delta']:g}, counting every local step so far. Each site's "
+                     "guarantee covers its own sequences; the backbone is public and frozen.")
+    return lines + [""]

@@ -1,0 +1,119 @@
+"""`fedesm experiment`: presets validate (dry run), and one small config with every kind of arm runs
+end to end through `nvflare simulator` (1 round x 5 steps; 3 simulator runs, a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from fedesm.cli import main
+from fedesm.dp import compute_epsilon
+from fedesm.errors import FedesmError
+from fedesm.experiments.experiment import load_config, parse_config
+
+SMALL = {
+    "name": "small",
+    "title": "small end-to-end",
+    "caption": "SYNTHETIC",
+    "seed": 0,
+    "sites": 2,
+    "data": {"synthetic": {"n": 120, "families": 12, "pos_rate": 0.1, "min_len": 60, "max_len": 120},
+             "val_frac": 0.15, "test_frac": 0.1, "site_val_frac": 0.2},
+    "backbone": {"arch": "esm2_t2_tiny", "source": "random"},
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
+    "training": {"rounds": 1, "steps_per_round": 5, "batch_size": 4, "lr": 0.003, "max_len": 128},
+    "runtime": {"device": "cpu", "cpu_threads": 1, "simulator_timeout": 300},
+    "experiments": [
+        {"id": "exp1", "title": "IID", "split": "iid", "job": "esm2_fra_lora",
+         "arms": [{"id": "fra", "strategy": "fra"}, {"id": "centralized", "kind": "centralized"}]},
+        {"id": "exp2", "title": "skew + noise", "split": "skew", "job": "esm2_fra_lora_skew_dp",
+         "training": {"grad_noise_std": 1.0e-4},
+         "arms": [{"id": "ffa", "strategy": "ffa", "training": {"freeze_lora_a": True}},
+                  {"id": "centralized", "kind": "centralized"},
+                  {"id": "dpsgd", "strategy": "fra",
+                   "training": {"grad_noise_std": 0.0, "dp_noise_multiplier": 1.2, "dp_max_grad_norm": 0.5,
+                                "dp_delta": 1.0e-4}}]},
+    ],
+}
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_presets_dry_run(preset, capsys):
+    assert main(["experiment", "run", preset, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 simulator run(s), 2 centralized run(s)" in out
+    assert "job export(s) accept their settings" in out
+    for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "fra-dpsgd"):
+        assert f"- {arm} " in out
+    if preset == "paper":
+        assert "30 rounds x 5000 steps" in out and "r=16" in out and "max_len 1000" in out
+        assert "347 labelled sequences + 79 test sequences" in out
+
+
+def test_config_errors_are_one_line(tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(SMALL))
+    bad["experiments"][1]["arms"][0]["training"] = {}
+    with pytest.raises(FedesmError, match="ffa trains only LoRA B"):
+        parse_config(bad)
+    bad = yaml.safe_load(yaml.safe_dump(SMALL))
+    bad["training"]["rounds_x"] = 1
+    with pytest.raises(FedesmError, match=r"unknown key\(s\) \['rounds_x'\]"):
+        parse_config(bad)
+    cfg = load_config("cpu", ["training.rounds=2", "experiments.exp2_skew.training.grad_noise_std=0.001"])
+    assert cfg.training["rounds"] == 2 and cfg.experiments[1].training["grad_noise_std"] == 0.001
+    with pytest.raises(FedesmError, match="no entry with id 'nope'"):
+        load_config("cpu", ["experiments.nope.training.rounds=2"])
+
+
+@pytest.mark.slow
+def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    assert main(["experiment", "run", str(config), "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "[exp1/fra] round 1/1" in log and "[exp2/centralized] round 1/1" in log
+
+    split = json.loads((out / "data" / "skew" / "split.json").read_text())
+    for exp, arm in (("exp1", "fra"), ("exp1", "centralized"), ("exp2", "ffa"), ("exp2", "centralized"),
+                     ("exp2", "dpsgd")):
+        info = json.loads((out / exp / arm / "arm.json").read_text())
+        assert info["status"] == "done" and info["wall_seconds"] > 0
+        held = _rows(out / exp / arm / "heldout.jsonl")
+        assert [r["round"] for r in held if r["split"] == "val"] == [0, 1]
+        assert [r["round"] for r in held if r["split"] == "test"] == [1]
+        assert all(0 <= r["f1"] <= 1 for r in held)
+    # federated metrics: both sites, local + global metrics, bytes sent, and epsilon only under DP-SGD
+    for arm in ("fra", "ffa", "dpsgd"):
+        exp = "exp1" if arm == "fra" else "exp2"
+        rows = [r for r in _rows(out / exp / arm / "metrics.jsonl") if r["round"] == 1 and r["site"] != "server"]
+        assert sorted(r["site"] for r in rows) == ["site-1", "site-2"]
+        for r in rows:
+            assert r["sent_bytes"] > 0 and r["steps"] == 5 and r.get("global_f1") is not None
+            assert ("epsilon" in r) == (arm == "dpsgd")
+    dp_rows = {r["site"]: r for r in _rows(out / "exp2" / "dpsgd" / "metrics.jsonl") if r.get("epsilon")}
+    for site, r in dp_rows.items():
+        q = 4 / split["sites"][site]["train"]["sequences"]
+        assert r["epsilon"] == pytest.approx(compute_epsilon(1.2, q, 5, 1e-4), rel=1e-9)
+
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC" in report and "ε spent" in report
+    summary = json.loads((out / "summary.json").read_text())
+    eps = summary["experiments"]["exp2"]["arms"]["dpsgd"]["epsilon"]
+    assert eps == pytest.approx(max(r["epsilon"] for r in dp_rows.values()))
+    assert f"{eps:.2f} (δ=0.0001)" in report
+    for png in (out / "plots").glob("*.png"):
+        assert f"(plots/{png.name})" in report and png.stat().st_size < 200_000
+    assert (out / "plots" / "exp2_dpsgd_f1.png").is_file() and (out / "plots" / "exp1_arms_f1.png").is_file()
+
+    # --resume skips finished arms; a second run without it refuses to overwrite
+    assert main(["experiment", "run", str(config), "--out", str(out), "--resume", "--only", "exp1"]) == 0
+    assert "already done; skipped" in capsys.readouterr().out
+    assert main(["experiment", "run", str(config), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
