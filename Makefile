@@ -51,4 +51,8 @@ bench: install
 	$(PY) bench/run_bench.py --out bench/results.json
 
 clean:
-	rm -rf $(DEMO_DIR) jobs_export .pytest_cache
+	rm -rf $(DEMO_DIR) jobs_export .pytest_cache $(POC_DIR)
+
+POC_DIR ?= poc_workspace
+poc: install
+	$(VENV)/bin/fedesm poc up --workspace $(POC_DIR)

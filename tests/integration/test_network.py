@@ -118,7 +118,7 @@ def wait_for_text(path: Path, text: str, count: int = 1, timeout: float = 60.0) 
 # ---- jobs for the happy path: (make job folder, check downloaded result) --------------------
 
 
-def _numpy_job(tmp: Path) -> Path:
+def _numpy_job(tmp: Path, net: LocalNetwork) -> Path:
     return write_numpy_job(tmp, "hello-numpy-sag", num_rounds=2)
 
 
@@ -127,15 +127,48 @@ def _check_numpy_result(result: Path) -> None:
     assert aggregations(result) == {0: 2, 1: 2}
 
 
-def _fedesm_job(tmp: Path) -> Path:
-    job = REPO / "jobs_export" / "esm2_fra_lora"  # written by `fedesm job export` (make jobs)
-    if not (job / "meta.json").is_file():
-        pytest.skip(f"{job} not exported yet (run `make jobs`)")
-    return job
+FEDESM_ROUNDS = 2
+
+
+def prepare_fedesm_sites(tmp: Path, net: LocalNetwork) -> Path:
+    """Synthetic data + a tiny checkpoint per site, named in each site's own kit (local/fedesm_site.yaml)."""
+    from fedesm.data.split import split_records, write_split
+    from fedesm.data.synth import synth_records
+    from fedesm.experiments.demo import write_site_config
+    from fedesm.model import make_random_checkpoint
+
+    records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=2)
+    write_split(split_records(records, "iid", 2, seed=2, site_val_frac=0.15), tmp / "data", overwrite=True)
+    ckpt = make_random_checkpoint("esm2_t2_tiny", tmp / "models" / "esm2_t2_tiny.pt")
+    for site in ("site-1", "site-2"):
+        write_site_config(net.kit(site) / "local" / "fedesm_site.yaml", ckpt, tmp / "data")
+    return ckpt
+
+
+def _fedesm_job(tmp: Path, net: LocalNetwork, **overrides) -> Path:
+    """The real esm2_fra_lora bundle, exported self-contained (fedesm in app/custom) with small settings."""
+    from fedesm.jobs import export_job
+
+    ckpt = prepare_fedesm_sites(tmp, net)
+    settings = {"arch": "esm2_t2_tiny", "backbone": "random:esm2_t2_tiny", "backbone_hint": str(ckpt),
+                "num_rounds": FEDESM_ROUNDS, "steps_per_round": 20, "lora_r": 4, "max_len": 200}
+    settings.update(overrides)
+    return export_job("esm2_fra_lora", tmp / "jobs", settings)
 
 
 def _check_fedesm_result(result: Path) -> None:
-    assert (result / "workspace" / "log.txt").is_file()
+    from fedesm.metrics_log import read_rows
+
+    out = result / "workspace" / "fedesm"
+    rows = read_rows(out / "metrics.jsonl")
+    for rnd in range(1, FEDESM_ROUNDS + 1):
+        assert {r["site"] for r in rows if r["round"] == rnd and r.get("f1") is not None} == {"site-1", "site-2"}
+    assert {r["site"] for r in rows if r["round"] == FEDESM_ROUNDS and r.get("global_f1") is not None} == {
+        "site-1", "site-2"}  # the final global model was scored at every site
+    for sub in ("last", f"rounds/round_{FEDESM_ROUNDS:03d}", "best"):
+        assert (out / sub / "adapter_model.safetensors").is_file(), sub
+    manifest = json.loads((out / "payload_manifest.json").read_text())
+    assert all(all(".lora_" in n or ".classifier." in n for n in m["tensors"]) for m in manifest.values())
 
 
 JOBS = {
@@ -174,7 +207,7 @@ def both_sites(network):
 def test_job_runs_to_completion_and_result_downloads(both_sites, tmp_path, job_name):
     net = both_sites
     make_job, check = JOBS[job_name]
-    job = make_job(tmp_path)
+    job = make_job(tmp_path, net)
     statuses = []
     job_id = net.submit(job)
     meta = net.follow(job_id, timeout=600, poll_interval=1.0, on_update=lambda m: statuses.append(m["status"]))
@@ -200,6 +233,21 @@ def test_admin_abort_ends_job_aborted(both_sites, tmp_path):
     assert meta["status"] == "FINISHED:ABORTED"
     result = net.download(job_id, tmp_path / "result")
     assert len(aggregations(result)) < 5  # stopped before the last round
+
+
+def test_admin_abort_of_fedesm_job_stops_sites_between_steps(both_sites, tmp_path):
+    net = both_sites
+    job = _fedesm_job(tmp_path, net, num_rounds=3, steps_per_round=100_000)  # would run for hours
+    job_id = net.submit(job)
+    wait_for_text(net.job_log("site-1", job_id), "validation sequences; backbone", timeout=120)
+    time.sleep(2)  # inside the local steps of round 0
+    net.abort(job_id)
+    meta = net.follow(job_id, timeout=120, poll_interval=1.0)
+    assert meta["status"] == "FINISHED:ABORTED"
+    result = net.download(job_id, tmp_path / "result")
+    assert not (result / "workspace" / "fedesm" / "rounds" / "round_001").exists()  # nothing aggregated
+    for site in ("site-1", "site-2"):  # the executor saw the abort signal between two optimizer steps
+        wait_for_text(net.job_log(site, job_id), "aborted after", timeout=30)
 
 
 def _kill_site_2_mid_round_1(net, job_id):
