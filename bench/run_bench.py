@@ -1,0 +1,459 @@
+"""`make bench`: what a federated round costs, measured in one run and written as ratios.
+
+  throughput   residues/s of the client executor's training loop vs a plain PyTorch + PEFT loop
+  aggregation  FRA-LoRA (QR + small SVD) vs a dense SVD of the averaged update (bench_aggregation)
+  comm         bytes per site per round: LoRA adapters + head vs the full model, fp32 and fp16
+  fp16         global F1 of a simulated federated run with float32 vs float16 transfer
+  overhead     a simulator round's wall time: local training vs everything else
+
+Writes `--out` (JSON: machine, versions, threads, load average, every measurement) and a Markdown
+table beside it (`results.md`), both atomically, and prints the tables. `--quick` is a ~2-3 minute
+version with smaller sizes; `--only` / `--skip` pick sections.
+
+    python bench/run_bench.py --out bench/results.json [--quick] [--only throughput comm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the sibling bench modules, when run as a script or imported by tests
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+import bench_aggregation  # noqa: E402
+import bench_comm  # noqa: E402
+import bench_overhead  # noqa: E402
+import bench_throughput  # noqa: E402
+
+SECTIONS = ("throughput", "aggregation", "comm", "fp16", "overhead")
+
+# Sizes of the full run (<= ~20 min on 2 shared cores) and of --quick (~2-3 min).
+FULL = {
+    "throughput": {"archs": ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"],
+                   "cuda_archs": ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D", "esm2_t30_150M_UR50D",
+                                  "esm2_t33_650M_UR50D"],
+                   "per_arch": {"esm2_t6_8M_UR50D": {"steps": 1, "reps": 40},
+                                "esm2_t12_35M_UR50D": {"steps": 1, "reps": 24}},
+                   "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 2},
+                   "cuda_settings": {"batch_size": 8, "min_len": 800, "max_len": 1000, "steps": 5, "reps": 10,
+                                     "warmup": 3}},
+    "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32)},
+    "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 2e8},
+    "fp16": {"arch": "esm2_t2_tiny", "rounds": 4, "steps_per_round": 40, "noise_seed": 1},
+    "overhead": {"archs": ["esm2_t2_tiny", "esm2_t6_8M_UR50D"], "rounds": 4,
+                 "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40},
+                              "esm2_t6_8M_UR50D": {"steps_per_round": 8, "batch_size": 4, "n_sequences": 160,
+                                                   "min_len": 100, "max_len": 220}}},
+}
+QUICK = {
+    "throughput": {"archs": ["esm2_t6_8M_UR50D"], "cuda_archs": ["esm2_t6_8M_UR50D"],
+                   "per_arch": {"esm2_t6_8M_UR50D": {"steps": 1, "reps": 6}},
+                   "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 1},
+                   "cuda_settings": {"batch_size": 8, "min_len": 400, "max_len": 500, "steps": 3, "reps": 4,
+                                     "warmup": 2}},
+    "aggregation": {"sizes": (480, 1280), "sites": (2, 8)},
+    "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 4e7},
+    "fp16": {"arch": "esm2_t2_tiny", "rounds": 2, "steps_per_round": 40, "noise_seed": None},
+    "overhead": {"archs": ["esm2_t2_tiny"], "rounds": 2, "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40}}},
+}
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict:
+    import esm
+    import nvflare
+    import peft
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "nvflare": nvflare.__version__,
+        "peft": peft.__version__,
+        "fair_esm": getattr(esm, "__version__", "2.0.0"),
+        "git_commit": commit,
+        "load_average_start": load_average(),
+    }
+
+
+class Bench:
+    """Runs the chosen sections, keeping each one's result, timing and the load average around it."""
+
+    def __init__(self, sizes: dict, work_dir: Path, echo=print):
+        self.sizes = sizes
+        self.work_dir = work_dir
+        self.echo = echo
+        self.results: dict = {}
+        self.sims: dict = {}  # simulator runs shared between fp16 and overhead
+
+    def section(self, name: str, fn) -> None:
+        self.echo(f"\n== {name} (load average {load_average()})")
+        t0 = time.perf_counter()
+        load_before = load_average()
+        data = fn()
+        self.results[name] = {"seconds": round(time.perf_counter() - t0, 1), "load_average_before": load_before,
+                              "load_average_after": load_average(), **data}
+
+    def simulation(self, **kw) -> dict:
+        """A simulator run, reused when fp16 and overhead ask for the same settings."""
+        s = bench_overhead.SimSettings(**kw)
+        key = json.dumps(vars(s), sort_keys=True)
+        if key not in self.sims:
+            self.echo(f"   simulating {s.arch}: {s.sites} sites x {s.rounds} rounds x {s.steps_per_round} steps, "
+                      f"{s.transfer_dtype} transfer, seed {s.seed} ...")
+            res = bench_overhead.simulate(self.work_dir / "sim" / s.label(), s)
+            self.echo(f"   done in {res['wall_seconds']:.0f}s: global F1 {res['global_f1_round0']:.3f} -> "
+                      f"{res['global_f1_final']:.3f}")
+            self.sims[key] = res
+        return self.sims[key]
+
+    # ------------------------------------------------------------------ sections
+
+    def throughput(self) -> dict:
+        cfg = self.sizes["throughput"]
+        rows = []
+        for arch in cfg["archs"]:
+            settings = {**cfg["settings"], **cfg["per_arch"].get(arch, {})}
+            rows += bench_throughput.run([arch], "cpu", settings=settings, echo=self.echo)
+        rows += bench_throughput.run([], cuda_archs=cfg["cuda_archs"], cuda_settings=cfg["cuda_settings"],
+                                     echo=self.echo)
+        return {"rows": rows, "table": bench_throughput.format_table(rows),
+                "min_ratio": bench_throughput.MIN_RATIO,
+                "all_ok": all(r.get("ok", True) for r in rows)}
+
+    def aggregation(self) -> dict:
+        cfg = self.sizes["aggregation"]
+        rows = bench_aggregation.run(sizes=cfg["sizes"], sites=cfg["sites"], rank=16)
+        self.echo(bench_aggregation.format_table(rows))
+        return {"rows": rows, "table": bench_aggregation.format_table(rows)}
+
+    def comm(self) -> dict:
+        cfg = self.sizes["comm"]
+        rows = bench_comm.run(cfg["archs"], 16, cfg["measure_full_max_params"])
+        table = bench_comm.format_table(rows)
+        self.echo(table)
+        return {"rows": rows, "table": table, "measure_full_max_params": cfg["measure_full_max_params"]}
+
+    def fp16(self) -> dict:
+        cfg = self.sizes["fp16"]
+        common = {"arch": cfg["arch"], "rounds": cfg["rounds"], "steps_per_round": cfg["steps_per_round"]}
+        fp32 = self.simulation(**common, transfer_dtype="float32")
+        fp16 = self.simulation(**common, transfer_dtype="float16")
+        noise = None
+        if cfg.get("noise_seed") is not None:
+            noise = self.simulation(**common, transfer_dtype="float32", seed=cfg["noise_seed"])
+        comparison = bench_comm.fp16_comparison(fp32, fp16, noise)
+        text = bench_comm.format_fp16(comparison)
+        self.echo(text)
+        return {"comparison": comparison, "text": text,
+                "runs": {k: _brief(v) for k, v in (("fp32", fp32), ("fp16", fp16), ("fp32_other_seed", noise)) if v}}
+
+    def overhead(self) -> dict:
+        cfg = self.sizes["overhead"]
+        results = []
+        for arch in cfg["archs"]:
+            # same settings as the fp16 check's float32 run: that run is reused, not repeated
+            kw = {"arch": arch, "rounds": cfg["rounds"], **cfg["per_arch"].get(arch, {})}
+            results.append(self.simulation(**kw))
+        table = bench_overhead.format_table(results)
+        self.echo(table)
+        return {"runs": [_brief(r) for r in results], "table": table}
+
+
+def _brief(run: dict) -> dict:
+    """A simulator run without its raw metrics rows (kept short in results.json)."""
+    return {k: v for k, v in run.items() if k != "metrics_rows"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def to_markdown(doc: dict) -> str:
+    m = doc["machine"]
+    out = [
+        "# fedesm benchmark results",
+        "",
+        f"Written by `bench/run_bench.py{' --quick' if doc['quick'] else ''}` on {m['date']} "
+        f"(commit {m['git_commit'] or '?'}), {doc['total_seconds']:.0f} s in all.",
+        "",
+        f"Machine: {m['host_cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB; {m['platform']}; "
+        f"GPU: {m['cuda'] or 'none'}. Python {m['python']}, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"NVFLARE {m['nvflare']}, PEFT {m['peft']}, fair-esm {m['fair_esm']}.",
+        f"Load average (1, 5, 15 min) at start {m['load_average_start']}, at end {doc['load_average_end']}: "
+        "the machine was shared with other jobs, so absolute times are pessimistic; ratios are what to read.",
+        "",
+    ]
+    r = doc["results"]
+    if "throughput" in r:
+        t = r["throughput"]
+        out += ["## 1. Local training throughput (residues/s): client executor loop vs plain PyTorch + PEFT", "",
+                "`LocalTrainer.train_steps` (what every site runs) against a hand-written loop on the same random-init "
+                "ESM-2 weights, batches (same crops and lengths), LoRA r=16 on q,k,v, AdamW and loss. "
+                "The plain loop uses "
+                "fair-esm's `ESM2.forward(repr_layers=[last])` and gets its batches ready-made; ours samples, clips "
+                "gradients and steps the schedule inside the timed region. Repetitions interleaved (ours, plain, ...), "
+                "warm-up excluded; ratio = median ours / median plain (`pairs` = median of per-pair ratios; "
+                f"spread = (max-min)/median). Requirement: ratio >= {t['min_ratio']}.", "",
+                _md_table(["arch", "device", "precision", "threads", "batch", "reps x steps", "ours res/s",
+                           "plain res/s", "ratio", "pairs", "spread ours/plain", "peak MiB ours/plain", "load"],
+                          [_throughput_cells(row, t) for row in t["rows"]]), ""]
+    if "aggregation" in r:
+        a = r["aggregation"]
+        out += ["## 2. FRA-LoRA aggregation vs dense SVD (server, per round)", "",
+                "From `bench/bench_aggregation.py`: time to merge K sites' rank-16 factors per adapted matrix, and for "
+                "all adapted matrices of a model (per-matrix time x matrices), float64 math; max difference of the "
+                "merged update B·A against the dense reference. Best of repetitions.", "",
+                _md_table(["d", "sites", "matrices", "FRA ms/matrix", "dense ms/matrix", "FRA s/model",
+                           "dense s/model", "speed-up", "max abs diff", "rel diff"],
+                          [[x["d"], x["sites"], x["n_matrices"], f"{x['fra_ms_per_matrix']:.2f}",
+                            f"{x['dense_ms_per_matrix']:.1f}", f"{x['fra_s_model']:.3f}", f"{x['dense_s_model']:.1f}",
+                            f"{x['speedup']:.1f}x", f"{x['max_abs_diff']:.1e}", f"{x['rel_max_diff']:.1e}"]
+                           for x in a["rows"]]), ""]
+    if "comm" in r:
+        c = r["comm"]
+        out += ["## 3. Communication per site per round", "",
+                "Serialized size as NVFLARE sends it (`shareable_nbytes(make_weights_shareable(...))`, fobs). "
+                "Sent = the "
+                "site's LoRA adapters + head with the executor's metrics meta; received = the global adapters + head "
+                "(float32, as ScatterAndGather's train task). Full = the whole fair-esm state dict + head in float32, "
+                "both ways (what full-model FedAvg exchanges). Full sizes are serialized for real up to "
+                f"{c['measure_full_max_params'] / 1e6:.0f}M parameters (on zero arrays of the right shapes: values "
+                "do not change the size) and computed above that (parameters x 4 bytes + the per-tensor framing "
+                "measured on a skeleton of the same tensors); on the measured models the computation is off by "
+                f"{_max_pred_error(c['rows'])} (relative). MB = 10^6 bytes.", "",
+                _md_table(["arch", "LoRA + head params", "full params", "sent fp32 MB", "sent fp16 MB", "received MB",
+                           "full MB (each way)", "full size", "sent fp32 / full", "sent fp16 / full",
+                           "round (sent+recv) / full"],
+                          [[x["arch"], f"{x['lora_parameters']:,}", f"{x['full_parameters']:,}",
+                            f"{x['lora_sent_fp32'] / 1e6:.3f}", f"{x['lora_sent_fp16'] / 1e6:.3f}",
+                            f"{x['lora_received'] / 1e6:.3f}", f"{x['full_sent_fp32'] / 1e6:.1f}",
+                            x["full_how"].split(" (")[0], f"{100 * x['ratio_sent_fp32']:.2f}%",
+                            f"{100 * x['ratio_sent_fp16']:.2f}%", f"{100 * x['ratio_round_fp32']:.2f}%"]
+                           for x in c["rows"]]), ""]
+        out += _comm_cross_check(c, r.get("overhead"))
+    if "fp16" in r:
+        f = r["fp16"]["comparison"]
+        rows = [["float32", f"{f['f1_fp32']:.4f}", "", f"{f['auprc_fp32']:.4f}", "", f"{f['sent_bytes_fp32']:,}"],
+                ["float16", f"{f['f1_fp16']:.4f}", f"{f['f1_difference']:+.4f}", f"{f['auprc_fp16']:.4f}",
+                 f"{f['auprc_difference']:+.4f}", f"{f['sent_bytes_fp16']:,}"]]
+        if "seed_noise" in f:
+            rows.append(["float32, another seed (noise)", f"{f['f1_fp32_other_seed']:.4f}",
+                         f"{f['seed_noise']:+.4f}", f"{f['auprc_fp32_other_seed']:.4f}",
+                         f"{f['auprc_seed_noise']:+.4f}", f"{f['sent_bytes_fp32']:,}"])
+        out += ["## 3b. float16 transfer and F1", "",
+                f"`transfer_dtype` in the job's client config; a demo-style simulator run ({f['arch']}, "
+                f"{f['sites']} sites, {f['rounds']} rounds x {f['steps_per_round']} steps, synthetic data, FRA-LoRA), "
+                "once per setting, same seed. F1 = the global model after the last round on each site's validation "
+                f"split, mean over sites (round 0: {f['global_f1_round0']:.3f}). Bytes = `sent_bytes` per site per "
+                "round from the run's own metrics table.", "",
+                _md_table(["transfer", "global F1", "difference vs float32", "global AUPRC",
+                           "difference vs float32", "bytes sent per site per round"], rows), ""]
+        if "within_noise" in f:
+            out += [f"float16 difference within run-to-run noise: **{f['within_noise']}**.", ""]
+    if "overhead" in r:
+        o = r["overhead"]
+        out += ["## 4. Orchestration overhead per round (nvflare simulator)", "",
+                "From the run's metrics table: `round_seconds` (server row: ROUND_STARTED to ROUND_DONE) and, per "
+                "site, `task_seconds` (the whole train task) and `train_seconds` (optimizer steps only); sites run "
+                "concurrently, so a round's training/task time is the slowest site's. Orchestration = round - task: "
+                "task dispatch, serialization, transport, aggregation, persistence. Site evaluation (global and local "
+                "model on the validation split, every round) is shown on its own. 2 sites on 2 cores, "
+                "`cpu_threads: 1` each. Medians over rounds 2+; round 1 also holds each site's one-time set-up.", ""]
+        rows = []
+        for run in o["runs"]:
+            s, x = run["settings"], run["split"]
+            rows.append([s["arch"], f"{s['steps_per_round']} x batch {s['batch_size']}",
+                         f"{x['round_seconds']:.2f}", f"{x['train_seconds']:.2f}", f"{x['site_eval_seconds']:.2f}",
+                         f"{x['orchestration_seconds']:.2f}", f"{100 * x['train_fraction']:.1f}%",
+                         f"{100 * x['orchestration_fraction']:.1f}%", f"{x['first_round_seconds']:.1f}",
+                         f"{x['first_round_orchestration_seconds']:.1f}"])
+        out += [_md_table(["arch", "steps/round", "round s", "training s", "site eval s", "orchestration s",
+                           "training %", "orchestration %", "round 1 s", "round 1 orchestration s"], rows), ""]
+        per_round = []
+        for run in o["runs"]:
+            for x in run["rounds"]:
+                per_round.append([run["settings"]["arch"], x["round"], f"{x['round_seconds']:.2f}",
+                                  f"{x['train_seconds']:.2f}", f"{x['site_eval_seconds']:.2f}",
+                                  f"{x['orchestration_seconds']:.2f}"])
+        out += ["Per round:", "", _md_table(["arch", "round", "round s", "training s", "site eval s",
+                                             "orchestration s"], per_round), ""]
+    return "\n".join(out)
+
+
+def _comm_cross_check(comm: dict, overhead: dict | None) -> list[str]:
+    """The simulator runs' own `sent_bytes` beside this table's value for the same architecture."""
+    lines = []
+    by_arch = {x["arch"]: x for x in comm["rows"]}
+    for run in (overhead or {}).get("runs", []):
+        arch, sent = run["settings"]["arch"], run["sent_bytes"]
+        if arch in by_arch and sent and run["settings"]["lora_r"] == by_arch[arch]["lora_r"]:
+            measured = max(sent.values())
+            ours = by_arch[arch]["lora_sent_fp32"]
+            lines += [f"Cross-check: in the {arch} simulator run (section 4) each site sent {measured:,} bytes "
+                      "per round "
+                      f"(the server's `sent_bytes`, with NVFLARE's own headers); this table says {ours:,} "
+                      f"({100 * (measured - ours) / ours:+.2f}%).", ""]
+    return lines
+
+
+def _throughput_cells(row: dict, t: dict) -> list:
+    if "skipped" in row:
+        return [row["arch"], row["device"], "skipped: " + row["skipped"]] + [""] * 10
+    mem = row.get("memory")
+    return [row["arch"], row["device"], row["precision"], row["threads"],
+            f"{row['batch_size']} x {row['residues_per_batch_mean'] / row['batch_size']:.0f}",
+            f"{row['reps']} x {row['steps_per_rep']}", f"{row['ours_median']:.1f}", f"{row['plain_median']:.1f}",
+            f"**{row['ratio']:.3f}**", f"{row['median_pair_ratio']:.3f}",
+            f"{row['ours_spread']:.2f} / {row['plain_spread']:.2f}",
+            f"{mem['ours']['peak_mib']:.0f} / {mem['plain']['peak_mib']:.0f}" if mem else "-",
+            str(row.get("load_average", t.get("load_average_before", "")))]
+
+
+def _max_pred_error(rows: list[dict]) -> str:
+    errs = [abs(e["predicted_error"]) for x in rows for e in x["full"].values() if "predicted_error" in e]
+    return f"{max(errs):.1e}" if errs else "n/a"
+
+
+def _md_table(head: list, rows: list[list]) -> str:
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_all(sections=SECTIONS, quick: bool = False, work_dir=None, sizes: dict | None = None, echo=print) -> dict:
+    """Run `sections` (in the canonical order) and return the results document."""
+    sizes = sizes or (QUICK if quick else FULL)
+    t0 = time.perf_counter()
+    doc = {"quick": quick, "sections": [s for s in SECTIONS if s in sections], "machine": machine_info()}
+    own_dir = work_dir is None
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="fedesm_bench_"))
+    try:
+        bench = Bench(sizes, work, echo)
+        for name in doc["sections"]:
+            bench.section(name, getattr(bench, name))
+    finally:
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    doc["results"] = bench.results
+    doc["load_average_end"] = load_average()
+    doc["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return doc
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The headline numbers, one line each."""
+    r, lines = doc["results"], []
+    for row in r.get("throughput", {}).get("rows", []):
+        if "skipped" not in row:
+            lines.append(f"throughput {row['arch']} ({row['device']}): ours/plain = {row['ratio']:.3f} "
+                         f"({'ok' if row['ok'] else 'BELOW ' + str(row['min_ratio'])})")
+    for row in r.get("aggregation", {}).get("rows", []):
+        lines.append(f"aggregation d={row['d']} K={row['sites']}: FRA vs dense SVD speed-up {row['speedup']:.1f}x "
+                     f"({row['fra_s_model']:.3f}s vs {row['dense_s_model']:.1f}s per model), "
+                     f"max |diff| {row['max_abs_diff']:.1e}")
+    for row in r.get("comm", {}).get("rows", []):
+        lines.append(f"comm {row['arch']}: sends {row['lora_sent_fp32'] / 1e6:.3f} MB fp32 / "
+                     f"{row['lora_sent_fp16'] / 1e6:.3f} MB fp16 vs {row['full_sent_fp32'] / 1e6:.1f} MB full "
+                     f"= {100 * row['ratio_sent_fp32']:.2f}% / {100 * row['ratio_sent_fp16']:.2f}%")
+    if "fp16" in r:
+        c = r["fp16"]["comparison"]
+        lines.append(f"fp16 transfer: F1 {c['f1_fp16']:.4f} vs fp32 {c['f1_fp32']:.4f} ({c['f1_difference']:+.4f}"
+                     + (f"; seed noise {c['seed_noise']:+.4f}" if "seed_noise" in c else "")
+                     + f"), AUPRC {c['auprc_difference']:+.4f}; sent bytes x{c['sent_bytes_ratio']:.3f}")
+    for run in r.get("overhead", {}).get("runs", []):
+        x = run["split"]
+        lines.append(f"overhead {run['settings']['arch']}: round {x['round_seconds']:.2f}s = training "
+                     f"{x['train_seconds']:.2f}s + site eval {x['site_eval_seconds']:.2f}s + orchestration "
+                     f"{x['orchestration_seconds']:.2f}s ({100 * x['orchestration_fraction']:.1f}%)")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="fedesm benchmarks: training throughput, aggregation cost, "
+                                            "communication volume and orchestration overhead, as ratios.")
+    p.add_argument("--out", default=str(HERE / "results.json"), help="results JSON (a .md table is written beside)")
+    p.add_argument("--md", help="Markdown tables path (default: --out with .md)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, ~2-3 minutes")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="leave these sections out")
+    p.add_argument("--work-dir", help="keep simulator runs here (default: a temporary folder, removed after)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the in-process sections (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [s for s in (args.only or SECTIONS) if s not in args.skip]
+    if not sections:
+        p.error("no section left to run")
+    doc = run_all(sections, quick=args.quick, work_dir=args.work_dir)
+    out = Path(args.out)
+    md_path = Path(args.md) if args.md else out.with_suffix(".md")
+    _write_atomic(out, json.dumps(doc, indent=1) + "\n")
+    _write_atomic(md_path, to_markdown(doc) + "\n")
+    print("\n== summary")
+    print("\n".join(summary_lines(doc)))
+    print(f"\nwrote {out} and {md_path} ({doc['total_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""Plumbing of `make bench` on the smallest sizes: the numbers are not timed, only the wiring is checked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_comm  # noqa: E402
+import bench_overhead  # noqa: E402
+import bench_throughput  # noqa: E402
+import run_bench  # noqa: E402
+
+TINY = dict(batch_size=2, min_len=40, max_len=50, n_records=8, steps=1, reps=2, warmup=1)
+
+
+def test_throughput_loops_train_the_same_parameters_on_the_same_batches():
+    row = bench_throughput.compare(bench_throughput.ThroughputSettings(arch="esm2_t2_tiny", **TINY))
+    assert row["trainable_ours"] == row["trainable_plain"] > 0
+    assert len(row["ours_residues_per_s"]) == len(row["plain_residues_per_s"]) == 2
+    assert row["ratio"] == pytest.approx(row["ours_median"] / row["plain_median"])
+    assert row["ok"] == (row["ratio"] >= bench_throughput.MIN_RATIO)
+    assert 40 <= row["residues_per_batch_mean"] / row["batch_size"] <= 50
+    assert "memory" not in row  # CPU: no peak-memory figures
+
+
+def test_plain_loop_only_trains_lora_and_head():
+    from fedesm.model import LoraSettings, load_backbone
+
+    loop = bench_throughput.PlainLoop(load_backbone("random:esm2_t2_tiny").model, LoraSettings(r=4), 1e-3, 0.0,
+                                      torch.device("cpu"))
+    names = [n for n, p in loop.model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n or ".classifier." in n for n in names)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_cuda_rows_are_skipped_without_a_gpu():
+    rows = bench_throughput.run([], cuda_archs=["esm2_t2_tiny"])
+    assert rows == [{"arch": "esm2_t2_tiny", "device": "cuda", "skipped": "no CUDA device"}]
+    assert "skipped" in bench_throughput.format_table(rows)
+
+
+def test_payload_sizes_computed_match_serialized():
+    from fedesm.model import LoraSettings, parameter_report
+
+    row = bench_comm.payload_row("esm2_t2_tiny", lora_r=4, measure_full_max_params=1e9)
+    for dtype in ("float32", "float16"):
+        full = row["full"][dtype]
+        assert full["how"] == "measured" and full["predicted"] == full["measured"]
+    assert row["lora_parameters"] == parameter_report("esm2_t2_tiny", LoraSettings(r=4))["trainable"]
+    assert row["lora_sent_fp32"] > 4 * row["lora_parameters"]
+    assert 0.5 < row["lora_sent_fp16"] / (row["lora_sent_fp32"] / 2) < 1.5
+    assert row["full_sent_fp32"] > 4 * row["full_parameters"]
+    assert row["ratio_sent_fp32"] == pytest.approx(row["lora_sent_fp32"] / row["full_sent_fp32"])
+    computed = bench_comm.payload_row("esm2_t2_tiny", lora_r=4, measure_full_max_params=0)
+    assert computed["full"]["float32"]["how"].startswith("computed")
+    assert computed["full_sent_fp32"] == row["full_sent_fp32"]
+
+
+def _rows():
+    return [
+        {"round": 0, "site": "site-1", "global_f1": 0.1}, {"round": 0, "site": "site-2", "global_f1": 0.2},
+        {"round": 1, "site": "server", "round_seconds": 10.0},
+        {"round": 1, "site": "site-1", "train_seconds": 4.0, "task_seconds": 5.0, "sent_bytes": 100},
+        {"round": 1, "site": "site-2", "train_seconds": 3.0, "task_seconds": 6.0, "sent_bytes": 100},
+        {"round": 2, "site": "server", "round_seconds": 5.0},
+        {"round": 2, "site": "site-1", "train_seconds": 3.0, "task_seconds": 4.0, "global_f1": 0.5},
+        {"round": 2, "site": "site-2", "train_seconds": 2.0, "task_seconds": 3.5, "global_f1": 0.7},
+    ]
+
+
+def test_round_split_uses_slowest_site_and_leaves_out_round_one():
+    rounds = bench_overhead.split_rounds(_rows())
+    assert [r["round"] for r in rounds] == [1, 2]
+    r1, r2 = rounds
+    assert (r1["train_seconds"], r1["site_eval_seconds"], r1["orchestration_seconds"]) == (4.0, 2.0, 4.0)
+    assert (r2["train_seconds"], r2["site_eval_seconds"], r2["orchestration_seconds"]) == (3.0, 1.0, 1.0)
+    s = bench_overhead.overhead_summary(rounds)
+    assert s["rounds_used"] == [2] and s["orchestration_seconds"] == 1.0 and s["train_fraction"] == 0.6
+    assert s["first_round_orchestration_seconds"] == 4.0
+
+
+def test_fp16_comparison_reports_difference_and_noise():
+    def fake(f1, sent):
+        return {"settings": {"arch": "a", "rounds": 2, "steps_per_round": 3, "sites": 2}, "global_f1_round0": 0.1,
+                "global_f1_final": f1, "global_auprc_final": f1 + 0.05, "sent_bytes": {"site-1": sent, "site-2": sent}}
+
+    c = bench_comm.fp16_comparison(fake(0.70, 1000), fake(0.69, 600), fake(0.72, 1000))
+    assert c["f1_difference"] == pytest.approx(-0.01) and c["seed_noise"] == pytest.approx(0.02)
+    assert c["within_noise"] is True and c["sent_bytes_ratio"] == 0.6
+    assert c["auprc_difference"] == pytest.approx(-0.01)
+    assert bench_comm.fp16_comparison(fake(0.70, 1000), fake(0.60, 600), fake(0.71, 1000))["within_noise"] is False
+    assert "difference -0.0100" in bench_comm.format_fp16(c)
+
+
+def test_run_all_writes_a_document_with_tables(tmp_path):
+    sizes = {
+        "throughput": {"archs": ["esm2_t2_tiny"], "cuda_archs": ["esm2_t2_tiny"], "per_arch": {},
+                       "settings": {k: v for k, v in TINY.items()}, "cuda_settings": {}},
+        "aggregation": {"sizes": (480,), "sites": (2,)},
+        "comm": {"archs": ["esm2_t2_tiny"], "measure_full_max_params": 1e9},
+    }
+    doc = run_bench.run_all(["comm", "throughput", "aggregation"], sizes=sizes, work_dir=tmp_path,
+                            echo=lambda *a: None)
+    assert doc["sections"] == ["throughput", "aggregation", "comm"]
+    assert set(doc["results"]) == {"throughput", "aggregation", "comm"}
+    assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["cpu_count"] >= 1
+    assert doc["results"]["aggregation"]["rows"][0]["speedup"] > 0
+    json.dumps(doc)  # serializable as written to results.json
+    md = run_bench.to_markdown(doc)
+    for title in ("## 1. Local training throughput", "## 2. FRA-LoRA aggregation", "## 3. Communication"):
+        assert title in md
+    assert "| esm2_t2_tiny |" in md
+    lines = run_bench.summary_lines(doc)
+    assert any(line.startswith("throughput esm2_t2_tiny (cpu): ours/plain =") for line in lines)
+    assert any(line.startswith("comm esm2_t2_tiny:") for line in lines)
+
+
+def test_markdown_of_simulator_sections():
+    from dataclasses import asdict
+
+    rounds = bench_overhead.split_rounds(_rows())
+    sim = {"settings": asdict(bench_overhead.SimSettings(arch="esm2_t2_tiny", lora_r=4)), "global_f1_round0": 0.1,
+           "global_f1_final": 0.6, "global_auprc_final": 0.65, "sent_bytes": {"site-1": 100, "site-2": 100},
+           "rounds": rounds, "split": bench_overhead.overhead_summary(rounds)}
+    fp16 = {**sim, "global_f1_final": 0.61, "sent_bytes": {"site-1": 60, "site-2": 60}}
+    comm_row = bench_comm.payload_row("esm2_t2_tiny", lora_r=4, measure_full_max_params=1e9)
+    doc = {"quick": True, "machine": run_bench.machine_info(), "load_average_end": [], "total_seconds": 1.0,
+           "results": {"comm": {"rows": [comm_row], "measure_full_max_params": 1e9},
+                       "fp16": {"comparison": bench_comm.fp16_comparison(sim, fp16)},
+                       "overhead": {"runs": [sim]}}}
+    md = run_bench.to_markdown(doc)
+    assert "## 3b. float16 transfer" in md and "| float16 | 0.6100 | +0.0100 |" in md
+    assert "## 4. Orchestration overhead" in md and "| esm2_t2_tiny | 2 | 5.00 | 3.00 | 1.00 | 1.00 |" in md
+    assert "each site sent 100 bytes per round" in md  # cross-check against the run's own sent_bytes
+    lines = run_bench.summary_lines(doc)
+    assert any("orchestration 1.00s (20.0%)" in line for line in lines)
+
+
+def test_results_are_written_atomically(tmp_path):
+    target = tmp_path / "r.json"
+    run_bench._write_atomic(target, "{}\n")
+    assert target.read_text() == "{}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
