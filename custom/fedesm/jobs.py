@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_dir
 
 CONFIG_FILES = ("config_fed_server.json", "config_fed_client.json")
 
@@ -78,8 +78,7 @@ def export_job(name_or_path: str, out_dir, overrides: Optional[dict] = None, job
     out_dir = Path(out_dir)
     dest = out_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         used = set()
         for cfg in CONFIG_FILES:
@@ -106,10 +105,4 @@ def export_job(name_or_path: str, out_dir, overrides: Optional[dict] = None, job
             package = Path(__file__).resolve().parent
             shutil.copytree(package, tmp / "app" / "custom" / "fedesm",
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from fedesm.fileio import atomic_path
+
 
 class MetricsLog:
     """Appends rows (dicts) to `<stem>.jsonl` and rewrites `<stem>.csv` with the union of columns."""
@@ -28,12 +30,10 @@ class MetricsLog:
         columns: list[str] = []
         for row in self.rows:
             columns += [k for k in row if k not in columns]
-        tmp = self.csv.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        with atomic_path(self.csv) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.csv)
 
 
 def _clean(v):

@@ -19,7 +19,6 @@ import math
 import logging
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +166,8 @@ def save_esm2_checkpoint(esm2, out_path, extra: Optional[dict] = None) -> Path:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_random_checkpoint(arch_name: str, out_path, seed: int = 0) -> Path:
@@ -456,28 +450,14 @@ def save_adapter_state(state: dict, lora: LoraSettings, card: ModelCard, out_dir
     Takes a plain state dict, so the server can save global adapters without building a model.
     Written to a temporary folder and renamed: a failure never leaves a half-written model.
     """
-    import shutil
-
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         lora.to_peft().save_pretrained(str(tmp))
         (tmp / MODEL_CARD).write_text(json.dumps(asdict(card), indent=2))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def lora_from_dict(d: dict) -> LoraSettings:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_write_text
 
 S3_SCHEME = "s3://"
 ENDPOINT_ENV = "FEDESM_S3_ENDPOINT_URL"
@@ -266,14 +267,7 @@ def _is_fresh(target: Path, meta_path: Path, info: dict) -> bool:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def _download(client, uri: str, bucket: str, key: str, target: Path, meta_path: Path, info: dict) -> None:

@@ -65,7 +65,7 @@ def test_checkpoint_loads_with_fair_esm_local_loader(tiny_checkpoint):
 
 
 def test_random_source_matches_checkpoint_of_same_seed(tiny_checkpoint):
-    a = load_backbone(f"random:esm2_t2_tiny").model.state_dict()
+    a = load_backbone("random:esm2_t2_tiny").model.state_dict()
     b = load_backbone(str(tiny_checkpoint)).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("contact_head"))
 

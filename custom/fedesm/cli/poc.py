@@ -98,7 +98,7 @@ def _up(args) -> int:
     print(f"  admin console: bash {q(str(admin_kit / 'startup' / 'fl_admin.sh'))}   (user name: {state.admin})")
     print(f"  CLI:           nvflare job submit -j JOB_FOLDER --startup-kit {q(str(admin_kit))}")
     print(f"                 nvflare job list --startup-kit {q(str(admin_kit))}")
-    print(f"  Python:        from nvflare.fuel.flare_api.flare_api import new_secure_session")
+    print("  Python:        from nvflare.fuel.flare_api.flare_api import new_secure_session")
     print(f"                 s = new_secure_session({state.admin!r}, {str(admin_kit)!r})")
     print(f"stop: fedesm poc down --workspace {q(args.workspace)}")
     return 0

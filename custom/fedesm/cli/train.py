@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 from fedesm.cli._common import add_lora_args, add_train_args, load_data, lora_from_args, train_config_from_args
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_path
 
 
 def register(sub) -> None:
@@ -102,7 +101,6 @@ def _read_sequences(path: str) -> list[tuple[str, str]]:
 
 
 def _predict(args) -> int:
-    import numpy as np
 
     from fedesm.data.batching import Tokenizer
     from fedesm.train import predict_proba, resolve_device
@@ -127,9 +125,8 @@ def _predict(args) -> int:
     probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     n_pos = 0
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(out) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "position", "residue", "probability", "binding"])
         for (rid, seq), p in zip(seqs, probs):
@@ -137,7 +134,6 @@ def _predict(args) -> int:
             n_pos += int(calls.sum())
             for i, (aa, pi, c) in enumerate(zip(seq, p, calls), 1):
                 w.writerow([rid, i, aa, f"{pi:.4f}", c])
-    os.replace(tmp, out)
     total = sum(len(s) for _, s in seqs)
     print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f})")
     return 0

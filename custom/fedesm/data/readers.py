@@ -31,13 +31,13 @@ import gzip
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from fedesm.data.records import Record
+from fedesm import fileio
 from fedesm.errors import DataError
 
 PathLike = Union[str, os.PathLike]
@@ -356,14 +356,7 @@ def atomic_write_bytes(path: PathLike, payload: bytes) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise DataError("output directory does not exist", path=path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fileio.atomic_write_bytes(path, payload)
 
 
 def _labels_str(r: Record) -> str:

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedesm.fileio import atomic_path  # noqa: E402
+
 CENTRAL = "centralized"
 HELDOUT = "held-out"  # rows of the global model evaluated on the global held-out val split (experiments)
 
@@ -101,10 +103,9 @@ def _save(fig, out_path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out_path)
     return out_path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +27,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 
+from fedesm.fileio import atomic_path, atomic_write_text
 from fedesm.flare.persistor import OUTPUT_DIR
 
 SERVER_ROW = "server"
@@ -126,14 +126,10 @@ class MetricsRecorder(AnalyticsReceiver):
         for row in rows:
             columns += [k for k in row if k not in columns]
         stem = self.out_dir / self.file_name
-        tmp = stem.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, stem.with_suffix(".jsonl"))
-        tmp = stem.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
+        atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        with atomic_path(stem.with_suffix(".csv")) as tmp, tmp.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, stem.with_suffix(".csv"))
         if self.manifest:
-            (self.out_dir / "payload_manifest.json").write_text(json.dumps(self.manifest, indent=1))
+            atomic_write_text(self.out_dir / "payload_manifest.json", json.dumps(self.manifest, indent=1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey,
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 
+from fedesm.fileio import atomic_dir
 from fedesm.flare.payload import to_numpy_dict
 
 OUTPUT_DIR = "fedesm"  # under the server's run folder, so it comes with a downloaded job result
@@ -126,14 +126,11 @@ class LoraPersistor(ModelPersistor):
         src = self.output_dir / "rounds" / f"round_{best_round:03d}"
         if best_round == self.best_round or not src.is_dir():
             return
-        tmp = self.output_dir / ".best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        card_path = tmp / "fedesm_model.json"
-        card = json.loads(card_path.read_text())
-        card["extra"].update(best_round=best_round, mean_global_val_f1=f1)
-        card_path.write_text(json.dumps(card, indent=2))
-        shutil.rmtree(self.output_dir / "best", ignore_errors=True)
-        os.replace(tmp, self.output_dir / "best")
+        with atomic_dir(self.output_dir / "best") as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            card_path = tmp / "fedesm_model.json"
+            card = json.loads(card_path.read_text())
+            card["extra"].update(best_round=best_round, mean_global_val_f1=f1)
+            card_path.write_text(json.dumps(card, indent=2))
         self.best_round = best_round
         self.log_info(fl_ctx, f"best global model so far: after {best_round} rounds (mean validation F1 {f1:.4f})")
