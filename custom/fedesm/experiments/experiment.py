@@ -113,7 +113,7 @@ class ExperimentConfig:
     seed: int = 0
     caption: str = ""
     description: str = ""
-    runtime: dict = field(default_factory=dict)  # device, cpu_threads (per simulated site), simulator_timeout
+    runtime: dict = field(default_factory=dict)  # device, cpu_threads (per site and centralized run), simulator_timeout
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -350,17 +350,26 @@ def _describe_training(t: dict, base: Optional[dict] = None) -> str:
     return ", ".join(f"{k}={v}" for k, v in diff.items())
 
 
+def _show_path(path: str) -> str:
+    """A path relative to the repository when inside it (presets), else as given."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def plan_lines(cfg: ExperimentConfig) -> list[str]:
     t = cfg.training
     lines = [f"experiment config {cfg.name}: {cfg.title}".rstrip(": "),
-             f"  source:   {cfg.source}",
+             f"  source:   {_show_path(cfg.source)}",
              f"  data:     {_describe_data(cfg)}",
              f"  sites:    {cfg.sites} ({', '.join(f'site-{i}' for i in range(1, cfg.sites + 1))})",
              f"  backbone: {_describe_backbone(cfg)}",
              f"  LoRA:     r={cfg.lora['r']}, alpha={cfg.lora['alpha']}, dropout {cfg.lora['dropout']} on q,k,v "
              f"(+ linear head)",
              f"  training: {_describe_training(t)}",
-             f"  runtime:  device {cfg.runtime['device']}, torch threads per simulated site "
+             f"  runtime:  device {cfg.runtime['device']}, torch threads per simulated site and centralized run "
              f"{cfg.runtime['cpu_threads'] or 'default'}"]
     n_fed = n_central = 0
     steps = 0
@@ -587,6 +596,33 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """The same rows as a CSV (union of columns), for spreadsheets."""
+    import csv
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: _clean(v) for k, v in r.items()} for r in rows)
+    os.replace(tmp, path)
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -648,6 +684,7 @@ def run_federated(cfg, exp, arm, arm_dir: Path, data_dir: Path, backbone: str, h
                            on_round=on_round)
     rows = [{"arm": arm.id, **r} for r in read_rows(result / "fedesm" / "metrics.jsonl")]
     _write_jsonl(arm_dir / "metrics.jsonl", rows)
+    _write_csv(arm_dir / "metrics.csv", rows)
     sim_seconds = time.perf_counter() - start
     held = []
     rounds = sorted((result / "fedesm" / "rounds").glob("round_*"))
@@ -658,6 +695,7 @@ def run_federated(cfg, exp, arm, arm_dir: Path, data_dir: Path, backbone: str, h
         held.append(_metric_row(arm.id, int(rounds[-1].name.split("_")[1]), "test",
                                 evaluator.evaluate(rounds[-1], heldout["test"], t["max_len"])))
     _write_jsonl(arm_dir / "heldout.jsonl", held)
+    _write_csv(arm_dir / "heldout.csv", held)
     final = [r for r in held if r["split"] == "val"][-1] if held else {}
     echo(f"{prefix} done in {time.perf_counter() - start:.0f}s: global model on held-out val after "
          f"{final.get('round')} rounds: F1 {_fmt(final.get('f1'))}, precision {_fmt(final.get('precision'))}, "
@@ -691,6 +729,7 @@ def run_central(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, he
         last = evaluator.evaluate(arm_dir / "last", heldout["test"], t["max_len"])
         held.append(_metric_row(arm.id, t["rounds"], "test", last))
     _write_jsonl(arm_dir / "heldout.jsonl", held)
+    _write_csv(arm_dir / "heldout.csv", held)
     final = held[-2] if heldout.get("test") else held[-1]
     echo(f"{prefix} done in {time.perf_counter() - start:.0f}s: held-out val F1 {_fmt(final.get('f1'))}, "
          f"precision {_fmt(final.get('precision'))}, recall {_fmt(final.get('recall'))}")
@@ -739,8 +778,12 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run_info = {"name": cfg.name, "title": cfg.title, "caption": cfg.caption, "description": cfg.description,
                 "source": cfg.source, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                "plan": plan_lines(cfg), "status": "running"}
+                "plan": plan_lines(cfg), "status": "running", "machine": _machine()}
     _write_json(out / "run.json", run_info)
+    if cfg.runtime["cpu_threads"]:  # the centralized arms and evaluation here, like each simulated site
+        import torch
+
+        torch.set_num_threads(int(cfg.runtime["cpu_threads"]))
     data_dirs = prepare_data(cfg, out, echo)
     backbone = prepare_backbone(cfg, out)
     from fedesm.data.validate import load_dataset

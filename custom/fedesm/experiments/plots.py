@@ -125,11 +125,13 @@ def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Se
 def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_path, title: str) -> Path:
     """One line per arm of an experiment: `series` maps an arm's label to (round, value) points."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    colors = iter([f"C{i}" for i in range(10) if i != 3] * 3)  # C3 (red) is the centralized arm's
     for label, points in series.items():
         if not points:
             continue
         xs, ys = zip(*sorted(points))
-        style = dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL) else dict(marker="o")
+        style = (dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL)
+                 else dict(marker="o", color=next(colors)))
         ax.plot(xs, ys, ms=3, label=label, **style)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

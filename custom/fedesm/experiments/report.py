@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -301,16 +300,11 @@ def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
         splits.append([s["mode"], "; ".join(parts)])
     if splits:
         lines += [md_table(["split", "sequences per part (token positive rate)"], splits), ""]
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except Exception:  # pragma: no cover - torch is a dependency
-        torch_version = "?"
-    lines += [f"Run {run.get('started', '?')} – {run.get('finished', '?')}, total wall time "
-              f"{seconds(run.get('wall_seconds'))} on {platform.machine()} with {os.cpu_count()} CPU cores "
-              f"(torch {torch_version}); reproduce with `fedesm experiment run {cfg.get('name', run.get('name'))} "
-              f"--out DIR`.", ""]
+    m = run.get("machine") or {}
+    where = (f"{m.get('machine', '?')} with {m.get('cpus', '?')} CPU cores" + (f" and a {m['gpu']}" if m.get("gpu")
+             else "") + f" (torch {m.get('torch', '?')})") if m else "an unrecorded machine"
+    lines += [f"Run {run.get('started', '?')} – {run.get('finished', '?')}, wall time {seconds(run.get('wall_seconds'))} "
+              f"on {where}; reproduce with `fedesm experiment run {cfg.get('name', run.get('name'))} --out DIR`.", ""]
     return lines
 
 
