@@ -26,6 +26,7 @@ def test_throughput_loops_train_the_same_parameters_on_the_same_batches():
     assert len(row["ours_residues_per_s"]) == len(row["plain_residues_per_s"]) == 2
     assert row["ratio"] == pytest.approx(row["ours_median"] / row["plain_median"])
     assert row["ok"] == (row["ratio"] >= bench_throughput.MIN_RATIO)
+    assert len(row["ours_cpu_residues_per_s"]) == 2 and row["cpu_time_ratio"] > 0
     assert 40 <= row["residues_per_batch_mean"] / row["batch_size"] <= 50
     assert "memory" not in row  # CPU: no peak-memory figures
 
@@ -101,13 +102,15 @@ def test_fp16_comparison_reports_difference_and_noise():
 
 def test_run_all_writes_a_document_with_tables(tmp_path):
     sizes = {
-        "throughput": {"archs": ["esm2_t2_tiny"], "cuda_archs": ["esm2_t2_tiny"], "per_arch": {},
-                       "settings": {k: v for k, v in TINY.items()}, "cuda_settings": {}},
+        "throughput": {"cpu_rows": [{"arch": "esm2_t2_tiny", "threads": 1}], "cuda_archs": ["esm2_t2_tiny"],
+                       "settings": dict(TINY), "cuda_settings": {}},
         "aggregation": {"sizes": (480,), "sites": (2,)},
         "comm": {"archs": ["esm2_t2_tiny"], "measure_full_max_params": 1e9},
     }
+    threads = torch.get_num_threads()
     doc = run_bench.run_all(["comm", "throughput", "aggregation"], sizes=sizes, work_dir=tmp_path,
                             echo=lambda *a: None)
+    assert torch.get_num_threads() == threads  # a row's own thread count does not leak
     assert doc["sections"] == ["throughput", "aggregation", "comm"]
     assert set(doc["results"]) == {"throughput", "aggregation", "comm"}
     assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["cpu_count"] >= 1
@@ -118,7 +121,8 @@ def test_run_all_writes_a_document_with_tables(tmp_path):
         assert title in md
     assert "| esm2_t2_tiny |" in md
     lines = run_bench.summary_lines(doc)
-    assert any(line.startswith("throughput esm2_t2_tiny (cpu): ours/plain =") for line in lines)
+    assert any(line.startswith("throughput esm2_t2_tiny (cpu, 1 thread(s)): ours/plain =") for line in lines)
+    assert doc["results"]["throughput"]["rows"][0]["threads"] == 1
     assert any(line.startswith("comm esm2_t2_tiny:") for line in lines)
 
 
