@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedesm.dp import (DPSGD, PerSampleGradients, PoissonBatchSampler, RDPAccountant, clip_and_sum,
+from fedesm.dp import (PerSampleGradients, PoissonBatchSampler, RDPAccountant, clip_and_sum,
                        compute_epsilon, noise_multiplier_for)
 from fedesm.errors import FedesmError
 from fedesm.model import LoraSettings, build_lora_model, load_backbone

@@ -47,6 +47,7 @@ from typing import Callable, Optional
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -591,9 +592,7 @@ def _clean(v):
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n" for r in rows))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -603,12 +602,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: _clean(v) for k, v in r.items()} for r in rows)
-    os.replace(tmp, path)
 
 
 def _machine() -> dict:
@@ -624,9 +621,7 @@ def _machine() -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager
@@ -775,7 +770,7 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
     t0 = time.perf_counter()
     for line in plan_lines(cfg):
         echo(line)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run_info = {"name": cfg.name, "title": cfg.title, "caption": cfg.caption, "description": cfg.description,
                 "source": cfg.source, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                 "plan": plan_lines(cfg), "status": "running", "machine": _machine()}

@@ -23,6 +23,7 @@ from typing import Optional
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_write_text
 
 HELDOUT = "held-out"
 CENTRAL = "centralized"
@@ -353,12 +354,8 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     lines += _notes(experiments)
     lines += _setup_section(run, cfg, run_dir)
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, report)
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return report
 
 
@@ -420,7 +417,7 @@ def _round_table(exp: ExperimentResult) -> list[str]:
     rounds = sorted({r for s in series.values() for r in s})
     rows = [[str(r)] + [f3(series[a.id].get(r)) for a in arms] for r in rounds]
     extra = []
-    tsec = lambda v: f"{v:.1f} s" if v is not None else "–"  # noqa: E731
+    tsec = lambda v: f"{v:.1f} s" if v is not None else "–"  # noqa: E731 (a one-line formatter)
     secs = [[a.label, tsec(train_seconds_per_round(a)), seconds(round_seconds(a))
              if a.federated else "–", seconds(a.info.get("wall_seconds"))] for a in arms]
     extra = ["", "Time per arm (training seconds per round: the slowest site's local steps, or the centralized "
