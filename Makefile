@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: help install test test-fast demo jobs bench poc helm-check chart-tools clean
+.PHONY: help install test test-fast demo experiments-cpu jobs bench poc helm-check chart-tools clean
 
 help:
 	@echo "make demo      run the FRA-LoRA federated demo (tiny ESM-2, synthetic data, 2 sites, CPU)"
 	@echo "make test      install everything into $(VENV) and run the whole test suite"
 	@echo "make test-fast unit tests only (no simulator / network runs)"
+	@echo "make experiments-cpu  the paper's experiments at CPU scale (~11 min), report in experiments_out/cpu"
 	@echo "make jobs      export self-contained job bundles (fedesm inside app/custom) to jobs_export/"
 	@echo "make bench     run the benchmarks, write bench/results.json"
 	@echo "make poc       bring up a local provisioned network (server + 2 sites)"
@@ -43,6 +44,9 @@ test-fast: install
 
 demo: install
 	$(VENV)/bin/fedesm demo --out $(DEMO_DIR)
+
+experiments-cpu: install
+	$(VENV)/bin/fedesm experiment run cpu --out experiments_out/cpu
 
 jobs: install
 	$(VENV)/bin/fedesm job export --out jobs_export
