@@ -7,7 +7,7 @@ cross-entropy with `ignore_index`. It draws nothing at run time: its batches are
 sampler identical to the trainer's (same seed, so the same crops and lengths), which favours the plain
 loop. Ours samples, clips gradients and steps its schedule inside the timed region.
 
-Repetitions are interleaved (ours, plain, ours, plain, ...) after warm-up steps, and the ratio is the
+Repetitions are interleaved (ours, plain, plain, ours, ...) after warm-up steps, and the ratio is the
 ratio of the medians of residues/s (wall clock). On CPU the same ratio is also given on process CPU time,
 which does not count time spent waiting for a core: on a shared machine it is the steadier figure,
 above all single-threaded. On CUDA both run under bf16 autocast, with peak memory.
@@ -53,6 +53,7 @@ class ThroughputSettings:
     lr: float = 1e-3
     seed: int = 0
     threads: int | None = None  # torch CPU threads for this comparison (default: leave torch's setting)
+    alternate: bool = True  # swap the order in every other repetition (ABBA), so order effects cancel
 
 
 class PlainTagger(nn.Module):
@@ -168,14 +169,18 @@ def _compare(s: ThroughputSettings) -> dict:
         lo = s.warmup + rep * s.steps
         chunk = plain_batches[lo : lo + s.steps]
         n = sum(residues[lo : lo + s.steps])
-        wall, cpu, stats = _timed(device, lambda: ours.train_steps(s.steps))
-        if stats.residues != n:
-            raise AssertionError("the two loops did not see the same batches")
-        ours_rps.append(n / wall)
-        ours_cpu.append(n / cpu)
-        wall, cpu, _ = _timed(device, lambda: plain.run(chunk))
-        plain_rps.append(n / wall)
-        plain_cpu.append(n / cpu)
+        # ours, plain, plain, ours, ...: neither loop always runs right after the other
+        for which in (("ours", "plain") if rep % 2 == 0 or not s.alternate else ("plain", "ours")):
+            if which == "ours":
+                wall, cpu, stats = _timed(device, lambda: ours.train_steps(s.steps))
+                if stats.residues != n:
+                    raise AssertionError("the two loops did not see the same batches")
+                ours_rps.append(n / wall)
+                ours_cpu.append(n / cpu)
+            else:
+                wall, cpu, _ = _timed(device, lambda: plain.run(chunk))
+                plain_rps.append(n / wall)
+                plain_cpu.append(n / cpu)
 
     ours_med, plain_med = statistics.median(ours_rps), statistics.median(plain_rps)
     pair_ratios = [a / b for a, b in zip(ours_rps, plain_rps)]

@@ -237,10 +237,9 @@ def to_markdown(doc: dict) -> str:
         out += ["## 1. Local training throughput (residues/s): client executor loop vs plain PyTorch + PEFT", "",
                 "`LocalTrainer.train_steps` (what every site runs) against a hand-written loop on the same random-init "
                 "ESM-2 weights, batches (same crops and lengths), LoRA r=16 on q,k,v, AdamW and loss. "
-                "The plain loop uses "
-                "fair-esm's `ESM2.forward(repr_layers=[last])` and gets its batches ready-made; ours samples, clips "
-                "gradients and steps the schedule inside the timed region. Repetitions interleaved (ours, plain, ...), "
-                "warm-up excluded; ratio = median ours / median plain residues/s, wall clock (`pairs` = median of "
+                "The plain loop uses fair-esm's `ESM2.forward(repr_layers=[last])` and gets its batches ready-made; "
+                "ours samples, clips gradients and steps the schedule inside the timed region. Repetitions "
+                "interleaved (ours, plain, plain, ours, ...), warm-up excluded; ratio = median ours / median plain residues/s, wall clock (`pairs` = median of "
                 "per-pair ratios; CPU-time ratio = the same on process CPU time, which leaves out time spent waiting "
                 "for a core; spread = (max-min)/median of the wall-clock repetitions). Single-threaded rows are the "
                 "steady ones on a shared machine. Requirement: ratio >= "
