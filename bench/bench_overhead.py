@@ -12,7 +12,9 @@ Sites run concurrently, so a round's training and task times are the slowest sit
   training | site evaluation (task - training) | orchestration (round - task): dispatch,
   serialization, transport, aggregation, persistence, metrics.
 Round 1 also holds each site's one-time set-up (reading data, loading the backbone, building the model),
-which falls into orchestration; the steady-state figures leave it out.
+which falls into orchestration; the steady-state figures leave it out. The server's log further splits
+orchestration into aggregation, persistence, the wait between the last site's result and the start of
+aggregation, and the rest (task dispatch and pick-up by the sites, transport of the payloads).
 
     python bench/bench_overhead.py [--archs esm2_t2_tiny esm2_t6_8M_UR50D] [--rounds 3] [--steps 20]
 """
@@ -20,7 +22,9 @@ which falls into orchestration; the steady-state figures leave it out.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -80,6 +84,7 @@ def simulate(work_dir, s: SimSettings) -> dict:
     wall = time.perf_counter() - t0
     rows = read_rows(result / "fedesm" / "metrics.jsonl")
     summary = summarize(rows, s.rounds)
+    rounds = split_rounds(rows, log_phases(out / "simulator.log"))
     return {
         "settings": asdict(s),
         "wall_seconds": wall,
@@ -88,8 +93,8 @@ def simulate(work_dir, s: SimSettings) -> dict:
         "global_auprc_final": _mean_global(rows, "global_auprc", s.rounds),
         "sent_bytes": _per_site(rows, "sent_bytes"),
         "sent_parameters": _per_site(rows, "sent_parameters"),
-        "rounds": split_rounds(rows),
-        "split": overhead_summary(split_rounds(rows)),
+        "rounds": rounds,
+        "split": overhead_summary(rounds),
         "metrics_rows": rows,
     }
 
@@ -109,8 +114,53 @@ def _per_site(rows: list[dict], key: str) -> dict:
     return out
 
 
-def split_rounds(rows: list[dict]) -> list[dict]:
-    """Per round: wall time, slowest site's training and task time, and the rest (orchestration)."""
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_PHASES = {"Start aggregation.": "agg_start", "End aggregation.": "agg_end",
+           "Start persist model on server.": "persist_start", "End persist model on server.": "persist_end"}
+
+
+def log_phases(log_path) -> dict[int, dict]:
+    """Server-side phases per round from the simulator log (ScatterAndGather's own messages).
+
+    Keyed like the metrics table (the log's 0-based "Round k" is row k+1): aggregation and persistence
+    seconds, and the wait from the last accepted contribution to the start of aggregation. Best effort:
+    a round whose messages are not all found is left out.
+    """
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    marks: dict[int, dict] = {}
+    current = None
+    for line in lines:
+        m = _STAMP.match(line)
+        if not m:
+            continue
+        t = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        started = re.search(r" - Round (\d+) started\.", line)
+        if started:
+            current = int(started.group(1))
+            marks[current] = {}
+        elif current is not None:
+            if "ACCEPTED by the aggregator" in line:
+                marks[current]["last_result"] = t
+            for text, key in _PHASES.items():
+                if line.endswith(" - " + text):
+                    marks[current][key] = t
+    out = {}
+    for k, m in marks.items():
+        if {"last_result", *(_PHASES.values())} <= set(m):
+            out[k + 1] = {"aggregation_seconds": m["agg_end"] - m["agg_start"],
+                          "persist_seconds": m["persist_end"] - m["persist_start"],
+                          "result_wait_seconds": m["agg_start"] - m["last_result"]}
+    return out
+
+
+def split_rounds(rows: list[dict], phases: dict | None = None) -> list[dict]:
+    """Per round: wall time, slowest site's training and task time, and the rest (orchestration).
+
+    `phases` (from `log_phases`) splits orchestration further when given.
+    """
     by_round: dict[int, dict] = {}
     for r in rows:
         n = r.get("round")
@@ -140,6 +190,11 @@ def split_rounds(rows: list[dict]) -> list[dict]:
             "train_fraction": train / total,
             "orchestration_fraction": (total - task) / total,
         })
+        ph = (phases or {}).get(n)
+        if ph:
+            out[-1].update(ph)
+            out[-1]["dispatch_transport_seconds"] = (total - task - ph["aggregation_seconds"]
+                                                     - ph["persist_seconds"] - ph["result_wait_seconds"])
     return out
 
 
@@ -148,7 +203,12 @@ def overhead_summary(rounds: list[dict]) -> dict:
     steady = [r for r in rounds if r["round"] > 1] or rounds
     med = lambda key: statistics.median(r[key] for r in steady) if steady else float("nan")  # noqa: E731
     first = rounds[0] if rounds else {}
+    phases = {}
+    if steady and all("aggregation_seconds" in r for r in steady):
+        phases = {k: med(k) for k in ("aggregation_seconds", "persist_seconds", "result_wait_seconds",
+                                      "dispatch_transport_seconds")}
     return {
+        **phases,
         "rounds_used": [r["round"] for r in steady],
         "round_seconds": med("round_seconds"),
         "train_seconds": med("train_seconds"),

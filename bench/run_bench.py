@@ -235,15 +235,15 @@ def to_markdown(doc: dict) -> str:
     if "throughput" in r:
         t = r["throughput"]
         out += ["## 1. Local training throughput (residues/s): client executor loop vs plain PyTorch + PEFT", "",
-                "`LocalTrainer.train_steps` (what every site runs) against a hand-written loop on the same random-init "
-                "ESM-2 weights, batches (same crops and lengths), LoRA r=16 on q,k,v, AdamW and loss. "
+                "`LocalTrainer.train_steps` (what every site runs) against a hand-written loop on the same "
+                "random-init ESM-2 weights, batches (same crops and lengths), LoRA r=16 on q,k,v, AdamW and loss. "
                 "The plain loop uses fair-esm's `ESM2.forward(repr_layers=[last])` and gets its batches ready-made; "
                 "ours samples, clips gradients and steps the schedule inside the timed region. Repetitions "
-                "interleaved (ours, plain, plain, ours, ...), warm-up excluded; ratio = median ours / median plain residues/s, wall clock (`pairs` = median of "
-                "per-pair ratios; CPU-time ratio = the same on process CPU time, which leaves out time spent waiting "
-                "for a core; spread = (max-min)/median of the wall-clock repetitions). Single-threaded rows are the "
-                "steady ones on a shared machine. Requirement: ratio >= "
-                f"{t['min_ratio']}.", "",
+                "interleaved (ours, plain, plain, ours, ...), warm-up excluded; ratio = median ours / median plain "
+                "residues/s, wall clock (`pairs` = median of per-pair ratios; CPU-time ratio = the same on "
+                "process CPU time, which leaves out time spent waiting for a core; spread = (max-min)/median of "
+                "the wall-clock repetitions). Single-threaded rows are the steady ones on a shared machine. "
+                f"Requirement: ratio >= {t['min_ratio']}.", "",
                 _md_table(["arch", "device", "precision", "threads", "batch", "reps x steps", "ours res/s",
                            "plain res/s", "ratio", "pairs", "CPU-time ratio", "spread ours/plain",
                            "peak MiB ours/plain", "load"],
@@ -270,8 +270,8 @@ def to_markdown(doc: dict) -> str:
                 "both ways (what full-model FedAvg exchanges). Full sizes are serialized for real up to "
                 f"{c['measure_full_max_params'] / 1e6:.0f}M parameters (on zero arrays of the right shapes: values "
                 "do not change the size) and computed above that (parameters x 4 bytes + the per-tensor framing "
-                "measured on a skeleton of the same tensors); on the measured models the computation is off by "
-                f"{_max_pred_error(c['rows'])} (relative). MB = 10^6 bytes.", "",
+                "measured on a skeleton of the same tensors); on the measured models the computation is "
+                f"{_max_pred_error(c['rows'])}. MB = 10^6 bytes.", "",
                 _md_table(["arch", "LoRA + head params", "full params", "sent fp32 MB", "sent fp16 MB", "received MB",
                            "full MB (each way)", "full size", "sent fp32 / full", "sent fp16 / full",
                            "round (sent+recv) / full"],
@@ -320,15 +320,34 @@ def to_markdown(doc: dict) -> str:
                          f"{x['first_round_orchestration_seconds']:.1f}"])
         out += [_md_table(["arch", "steps/round", "round s", "training s", "site eval s", "orchestration s",
                            "training %", "orchestration %", "round 1 s", "round 1 orchestration s"], rows), ""]
+        phases = [[run["settings"]["arch"], f"{run['split']['orchestration_seconds']:.3f}",
+                   f"{run['split']['aggregation_seconds']:.3f}", f"{run['split']['persist_seconds']:.3f}",
+                   f"{run['split']['result_wait_seconds']:.3f}", f"{run['split']['dispatch_transport_seconds']:.3f}"]
+                  for run in o["runs"] if "aggregation_seconds" in run["split"]]
+        if phases:
+            out += ["Orchestration split with the server's log (ScatterAndGather's own messages; medians over "
+                    "rounds 2+): aggregation (FRA-LoRA) and persistence (PEFT-layout save, best model), the wait "
+                    "from the last site's result to the start of aggregation (the workflow's polling), and the "
+                    "rest: task dispatch, the sites' task pick-up and payload transport. In the simulator a site "
+                    "asks for its next task only after the fetch interval the server sent with the last one "
+                    "(the log's `interval: 2`), so the rest is mostly that wait, the same for every model size.", "",
+                    _md_table(["arch", "orchestration s", "aggregation s", "persistence s", "result wait s",
+                               "dispatch, pick-up, transport s"], phases), ""]
         per_round = []
         for run in o["runs"]:
             for x in run["rounds"]:
                 per_round.append([run["settings"]["arch"], x["round"], f"{x['round_seconds']:.2f}",
                                   f"{x['train_seconds']:.2f}", f"{x['site_eval_seconds']:.2f}",
-                                  f"{x['orchestration_seconds']:.2f}"])
+                                  f"{x['orchestration_seconds']:.2f}", _fmt(x.get("aggregation_seconds"), 3),
+                                  _fmt(x.get("dispatch_transport_seconds"), 2)])
         out += ["Per round:", "", _md_table(["arch", "round", "round s", "training s", "site eval s",
-                                             "orchestration s"], per_round), ""]
+                                             "orchestration s", "aggregation s", "dispatch, pick-up, transport s"],
+                                            per_round), ""]
     return "\n".join(out)
+
+
+def _fmt(v, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def _comm_cross_check(comm: dict, overhead: dict | None) -> list[str]:
@@ -362,7 +381,9 @@ def _throughput_cells(row: dict, t: dict) -> list:
 
 def _max_pred_error(rows: list[dict]) -> str:
     errs = [abs(e["predicted_error"]) for x in rows for e in x["full"].values() if "predicted_error" in e]
-    return f"{max(errs):.1e}" if errs else "n/a"
+    if not errs:
+        return "not checked (no model measured)"
+    return "exact, to the byte" if max(errs) == 0 else f"off by at most {max(errs):.1e} (relative)"
 
 
 def _md_table(head: list, rows: list[list]) -> str:
@@ -377,6 +398,9 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -429,9 +453,14 @@ def summary_lines(doc: dict) -> list[str]:
                      + f"), AUPRC {c['auprc_difference']:+.4f}; sent bytes x{c['sent_bytes_ratio']:.3f}")
     for run in r.get("overhead", {}).get("runs", []):
         x = run["split"]
+        detail = ""
+        if "aggregation_seconds" in x:
+            detail = (f": aggregation {x['aggregation_seconds']:.3f}s, persistence {x['persist_seconds']:.3f}s, "
+                      f"result wait {x['result_wait_seconds']:.2f}s, dispatch/pick-up/transport "
+                      f"{x['dispatch_transport_seconds']:.2f}s")
         lines.append(f"overhead {run['settings']['arch']}: round {x['round_seconds']:.2f}s = training "
                      f"{x['train_seconds']:.2f}s + site eval {x['site_eval_seconds']:.2f}s + orchestration "
-                     f"{x['orchestration_seconds']:.2f}s ({100 * x['orchestration_fraction']:.1f}%)")
+                     f"{x['orchestration_seconds']:.2f}s ({100 * x['orchestration_fraction']:.1f}%){detail}")
     return lines
 
 

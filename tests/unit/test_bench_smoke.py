@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,34 @@ def test_round_split_uses_slowest_site_and_leaves_out_round_one():
     assert s["first_round_orchestration_seconds"] == 4.0
 
 
+LOG = """\
+2026-11-25 13:19:27,116 - INFO - Round 1 started.
+2026-11-25 13:19:32,173 - INFO - Contribution from site-2 ACCEPTED by the aggregator at round 1.
+2026-11-25 13:19:32,870 - INFO - Contribution from site-1 ACCEPTED by the aggregator at round 1.
+2026-11-25 13:19:33,122 - INFO - Start aggregation.
+2026-11-25 13:19:33,130 - INFO - End aggregation.
+2026-11-25 13:19:33,130 - INFO - Start persist model on server.
+2026-11-25 13:19:33,140 - INFO - End persist model on server.
+2026-11-25 13:19:33,142 - INFO - Round 1 finished.
+2026-11-25 13:19:33,385 - INFO - Round 2 started.
+2026-11-25 13:19:34,000 - INFO - Start aggregation.
+"""
+
+
+def test_log_phases_split_orchestration(tmp_path):
+    log = tmp_path / "simulator.log"
+    log.write_text(LOG)
+    phases = bench_overhead.log_phases(log)
+    assert list(phases) == [2]  # log round 1 is the table's round 2; the unfinished round 2 is left out
+    assert phases[2]["aggregation_seconds"] == pytest.approx(0.008, abs=1e-6)
+    assert phases[2]["persist_seconds"] == pytest.approx(0.010, abs=1e-6)
+    assert phases[2]["result_wait_seconds"] == pytest.approx(0.252, abs=1e-6)
+    rounds = bench_overhead.split_rounds(_rows(), phases)
+    assert rounds[1]["dispatch_transport_seconds"] == pytest.approx(1.0 - 0.008 - 0.010 - 0.252)
+    assert "aggregation_seconds" not in rounds[0]
+    assert bench_overhead.log_phases(tmp_path / "missing.log") == {}
+
+
 def test_fp16_comparison_reports_difference_and_noise():
     def fake(f1, sent):
         return {"settings": {"arch": "a", "rounds": 2, "steps_per_round": 3, "sites": 2}, "global_f1_round0": 0.1,
@@ -152,3 +181,6 @@ def test_results_are_written_atomically(tmp_path):
     run_bench._write_atomic(target, "{}\n")
     assert target.read_text() == "{}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
