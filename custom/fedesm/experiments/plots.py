@@ -61,13 +61,7 @@ def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
         xs, ys = _series(central_rows, CENTRAL, metric)
         ax.plot(xs, ys, color="tab:red", ls="--", marker="^", ms=3,
                 label="centralized (held-out val)" if heldout_rows else "centralized")
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return _save_round_plot(fig, ax, metric, title, out_path)
 
 
 def plot_precision_recall(rows: Sequence[dict], out_path, title: str,
@@ -96,6 +90,17 @@ def plot_precision_recall(rows: Sequence[dict], out_path, title: str,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="* = last round", title_fontsize=7)
+    return _save(fig, out_path)
+
+
+def _save_round_plot(fig, ax, metric: str, title: str, out_path) -> Path:
+    """Shared finish of every metric-per-round figure: integer rounds, labels, grid, legend."""
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, out_path)
 
 
@@ -133,13 +138,7 @@ def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_p
         style = (dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL)
                  else dict(marker="o", color=next(colors)))
         ax.plot(xs, ys, ms=3, label=label, **style)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    return _save_round_plot(fig, ax, metric, title, out_path)
 
 
 def format_round_table(rows: Sequence[dict]) -> str:
