@@ -69,7 +69,10 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    targets: tuple = DEFAULT_LORA_TARGETS
+    targets: Optional[tuple] = DEFAULT_LORA_TARGETS  # any sequence of module names; None = the default
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets) if self.targets else DEFAULT_LORA_TARGETS
 
     def to_peft(self):
         from peft import LoraConfig
@@ -461,7 +464,7 @@ def save_adapter_state(state: dict, lora: LoraSettings, card: ModelCard, out_dir
 
 
 def lora_from_dict(d: dict) -> LoraSettings:
-    return LoraSettings(**{**d, "targets": tuple(d["targets"])})
+    return LoraSettings(**d)
 
 
 def initial_exchanged_state(arch: EsmArchitecture, lora: LoraSettings, num_labels: int = 2,

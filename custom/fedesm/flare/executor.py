@@ -71,12 +71,11 @@ class EsmLoraExecutor(Executor):
             evaluate_global: also evaluate the received global model on the local validation split.
         """
         super().__init__()
-        from fedesm.model import DEFAULT_LORA_TARGETS, LoraSettings
+        from fedesm.model import LoraSettings
         from fedesm.train import TrainConfig
 
         self.default_backbone = backbone
-        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                                 targets=tuple(lora_targets or DEFAULT_LORA_TARGETS))
+        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
         self.train_config = TrainConfig(
             steps_per_round=steps_per_round, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, class_weights=class_weights,

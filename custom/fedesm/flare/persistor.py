@@ -48,13 +48,12 @@ class LoraPersistor(ModelPersistor):
                 predictions with); defaults to `arch`.
         """
         super().__init__()
-        from fedesm.model import DEFAULT_LORA_TARGETS, LoraSettings, get_architecture
+        from fedesm.model import LoraSettings, get_architecture
 
         self.arch_name = arch
         self.arch = get_architecture(arch)
         self.backbone_hint = backbone_hint or arch
-        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                                 targets=tuple(lora_targets or DEFAULT_LORA_TARGETS))
+        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
         self.num_labels = num_labels
         self.seed = seed
         self.max_len = max_len
