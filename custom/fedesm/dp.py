@@ -29,7 +29,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fedesm.errors import FedesmError
 
@@ -367,14 +366,10 @@ class DPSGD:
         with torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype,
                             enabled=trainer.autocast_dtype is not None):
             logits = trainer.model(tokens)
-        ce = F.cross_entropy(logits.float().transpose(1, 2), labels, weight=trainer.loss_weight,
-                             ignore_index=-100, reduction="none")  # (B, T), already class-weighted
-        valid = labels != -100
-        if trainer.loss_weight is not None:
-            w = trainer.loss_weight[labels.clamp(min=0)] * valid
-        else:
-            w = valid.float()
-        return ce.sum(1) / w.sum(1).clamp(min=1e-12)
+        from fedesm.train import token_losses
+
+        losses, w = token_losses(logits, labels, trainer.loss_weight, trainer.config.focal_gamma)
+        return losses.sum(1) / w.sum(1).clamp(min=1e-12)
 
     def backward(self, trainer, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Set each trainable parameter's .grad to (sum of clipped per-sample grads + noise) / (q n)."""

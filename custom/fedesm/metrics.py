@@ -7,13 +7,15 @@ import math
 import numpy as np
 
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc")
+TUNED_NAMES = ("precision", "recall", "f1", "mcc")  # reported again at the threshold chosen on validation data
 
 
-def binary_metrics(labels: np.ndarray, prob_positive: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+def binary_metrics(labels: np.ndarray, prob_positive: np.ndarray, threshold: float = 0.5,
+                   ranking: bool = True) -> dict[str, float]:
     """Accuracy, precision, recall, F1, MCC at `threshold`, plus threshold-free AUROC and AUPRC.
 
     Undefined ratios (e.g. precision with no predicted positive) are 0.0; AUROC/AUPRC are NaN when
-    only one class is present.
+    only one class is present (or when `ranking` is False: they do not depend on the threshold).
     """
     y = np.asarray(labels).astype(bool).ravel()
     p = np.asarray(prob_positive, dtype=np.float64).ravel()
@@ -31,7 +33,7 @@ def binary_metrics(labels: np.ndarray, prob_positive: np.ndarray, threshold: flo
     denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     mcc = (tp * tn - fp * fn) / denom if denom else 0.0
     auroc = auprc = float("nan")
-    if 0 < y.sum() < y.size:
+    if ranking and 0 < y.sum() < y.size:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
         auroc = float(roc_auc_score(y, p))
@@ -60,3 +62,22 @@ def best_f1_threshold(labels: np.ndarray, prob_positive: np.ndarray) -> float:
     prec, rec, thr = precision_recall_curve(y, np.asarray(prob_positive).ravel())
     f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)[:-1]
     return float(thr[int(np.argmax(f1))])
+
+
+def metrics_with_val_threshold(val_labels, val_probs, labels=None, probs=None, threshold: float = 0.5) -> dict:
+    """The field's report for one model: metrics at `threshold` (0.5) and at a threshold tuned on validation.
+
+    The tuned threshold maximises F1 on (`val_labels`, `val_probs`), data held out from training. For
+    the validation data itself: metrics at `threshold` plus `threshold_tuned`. With (`labels`,
+    `probs`) (a test split): `test_*` metrics at `threshold`, and `test_{precision,recall,f1,mcc}_tuned`
+    at the tuned threshold (an honest estimate: the threshold never saw the test data).
+    """
+    tuned = best_f1_threshold(val_labels, val_probs)
+    out = {k: v for k, v in binary_metrics(val_labels, val_probs, threshold).items() if k in METRIC_NAMES}
+    out["threshold_tuned"] = tuned
+    if labels is not None:
+        test = binary_metrics(labels, probs, threshold)
+        at_tuned = binary_metrics(labels, probs, tuned, ranking=False)
+        out.update({f"test_{k}": test[k] for k in METRIC_NAMES})
+        out.update({f"test_{k}_tuned": at_tuned[k] for k in TUNED_NAMES})
+    return out

@@ -358,7 +358,12 @@ def fetch(
     - ``s3://bucket/key``: downloaded to ``cache_dir/bucket/key`` (reused when unchanged).
     - ``s3://bucket/prefix/`` (trailing ``/``): every object under the prefix is mirrored into
       ``cache_dir/bucket/prefix/``; that directory is returned.
+    - a shipped public set's name (``gpsite:ATP``, `fedesm.data.catalog`): its file, policy not applied.
     """
+    from fedesm.data.catalog import is_shipped_name, resolve
+
+    if is_shipped_name(uri):
+        return Path(resolve(str(uri)))
     if policy is not None:
         policy.check(uri)
     if not is_s3_uri(uri):

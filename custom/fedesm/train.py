@@ -15,9 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer, eval_batches
+from fedesm.data.batching import ESM2_MAX_RESIDUES, IGNORE_INDEX, RandomBatchSampler, Tokenizer, eval_batches
 from fedesm.data.records import Record
 from fedesm.metrics import binary_metrics
 from fedesm.privacy import GradientNoise
@@ -39,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     class_weights: Optional[list] = None  # e.g. [1.0, 5.0], or "balanced" from the local positive rate
+    focal_gamma: float = 0.0  # > 0: focal loss (1 - p_t)^gamma * CE, which down-weights easy negatives
     max_len: int = 1000
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -109,6 +109,7 @@ class LocalTrainer:
 
     def __init__(self, model, alphabet, train_records: Sequence[Record], config: TrainConfig,
                  privacy: Optional[object] = None):
+        check_max_len(config.max_len)
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
@@ -152,8 +153,8 @@ class LocalTrainer:
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             logits = self.model(tokens)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), weight=self.loss_weight,
-                               ignore_index=IGNORE_INDEX)
+        losses, weights = token_losses(logits, labels, self.loss_weight, self.config.focal_gamma)
+        return losses.sum() / weights.sum().clamp(min=1e-12)
 
     def train_steps(self, n_steps: int, should_abort: Optional[Callable[[], bool]] = None,
                     progress: bool = False, desc: str = "train") -> RoundStats:
@@ -210,6 +211,36 @@ class LocalTrainer:
         return evaluate_probabilities(records, probs, self.config.threshold if threshold is None else threshold)
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor, class_weight: Optional[torch.Tensor] = None,
+                 focal_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (weighted) losses and the weights they carry, both (B, T); padding/specials weigh 0.
+
+    Cross-entropy, class-weighted when `class_weight` is set, times (1 - p_t)^gamma when `focal_gamma`
+    > 0 (focal loss). The batch loss is losses.sum() / weights.sum(): with gamma 0 exactly PyTorch's
+    weighted-mean cross-entropy.
+    """
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    loss = -logp
+    if focal_gamma:
+        loss = loss * (1 - logp.exp()).pow(focal_gamma)
+    weights = class_weight[safe] * valid if class_weight is not None else valid.float()
+    return loss * weights, weights
+
+
+def evaluate_with_test(trainer_or_predict, val: Sequence[Record], test: Optional[Sequence[Record]] = None) -> dict:
+    """`metrics_with_val_threshold` for a model: validation metrics, and test metrics when `test` is given."""
+    from fedesm.metrics import metrics_with_val_threshold
+
+    predict = getattr(trainer_or_predict, "predict_proba", trainer_or_predict)
+    labels = lambda recs: np.concatenate([r.labels for r in recs]) if recs else np.zeros(0)  # noqa: E731
+    probs = lambda recs: np.concatenate(predict([r.sequence for r in recs])) if recs else np.zeros(0)  # noqa: E731
+    if test:
+        return metrics_with_val_threshold(labels(val), probs(val), labels(test), probs(test))
+    return metrics_with_val_threshold(labels(val), probs(val))
+
+
 def evaluate_probabilities(records: Sequence[Record], probs: Sequence[np.ndarray], threshold: float = 0.5) -> dict:
     labels = np.concatenate([r.labels for r in records]) if records else np.zeros(0)
     p = np.concatenate(probs) if probs else np.zeros(0)
@@ -220,19 +251,23 @@ def evaluate_probabilities(records: Sequence[Record], probs: Sequence[np.ndarray
 def predict_proba(model, tokenizer: Tokenizer, sequences: Sequence[str], max_len: int, device=None,
                   batch_tokens: int = 16384, autocast_dtype=None) -> list[np.ndarray]:
     """Per-residue probability of the positive class; long sequences averaged over overlapping windows."""
+    check_max_len(max_len)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sums = [np.zeros(len(s), dtype=np.float64) for s in sequences]
-    counts = [np.zeros(len(s), dtype=np.float64) for s in sequences]
+    out = [np.full(len(s), np.nan, dtype=np.float64) for s in sequences]
     for windows, tokens in eval_batches(list(sequences), tokenizer, max_len, batch_tokens):
         with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(tokens.to(device))
         prob = torch.softmax(logits.float(), dim=-1)[..., 1].cpu().numpy()
-        for row, w in enumerate(windows):
-            n = w.end - w.start
-            sums[w.record][w.start : w.end] += prob[row, 1 : n + 1]
-            counts[w.record][w.start : w.end] += 1
+        for row, w in enumerate(windows):  # token 0 is <cls>: residue j of the window is token j + 1
+            out[w.record][w.keep_start : w.keep_end] = prob[row, 1 + w.keep_start - w.start : 1 + w.keep_end - w.start]
     if was_training:
         model.train()
-    return [s / np.maximum(c, 1) for s, c in zip(sums, counts)]
+    return out
+
+
+def check_max_len(max_len: int) -> None:
+    if not 1 <= int(max_len) <= ESM2_MAX_RESIDUES:
+        raise ValueError(f"max_len {max_len}: ESM-2 takes 1 to {ESM2_MAX_RESIDUES} residues per window "
+                         f"(longer chains are cropped in training and tiled in evaluation)")

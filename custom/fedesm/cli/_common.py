@@ -37,6 +37,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip, 0 disables (default 1.0)")
     g.add_argument("--class-weights", default=None,
                    help="loss weights 'w0,w1' or 'balanced' (from the positive rate); default unweighted")
+    g.add_argument("--focal-gamma", type=float, default=0.0,
+                   help="focal loss (1-p_t)^gamma x CE, e.g. 2; default 0 = plain cross-entropy")
     g.add_argument("--max-len", type=int, default=d.max_len,
                    help="context in residues: longer sequences are random-cropped in training, tiled in evaluation")
     g.add_argument("--grad-noise", type=float, default=0.0, help="Gaussian gradient-noise std per step (paper: 1e-4)")
@@ -53,6 +55,7 @@ def train_config_from_args(args) -> TrainConfig:
     return TrainConfig(steps_per_round=args.steps_per_round, rounds=args.rounds, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        schedule=args.schedule, grad_clip=args.grad_clip, class_weights=cw, max_len=args.max_len,
+                       focal_gamma=args.focal_gamma,
                        grad_noise_std=args.grad_noise, seed=args.seed, device=args.device, precision=args.precision)
 
 

@@ -1,4 +1,4 @@
-"""`fedesm data validate|split|synth`: check, split and generate binding-site sets."""
+"""`fedesm data list|validate|split|synth`: the shipped sets; check, split and generate binding-site sets."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from fedesm.errors import FedesmError
 
 FORMATS_HELP = (
     "3-line FASTA (.fa/.fasta/.txt: >id [family=NAME], sequence, 0/1 labels), CSV, TSV, Parquet or JSONL "
-    "with columns id, sequence, labels[, family]; each may be gzip-compressed (.gz)"
+    "with columns id, sequence, labels[, family]; each may be gzip-compressed (.gz); or a shipped real set "
+    "by name, e.g. gpsite:ATP (train split) or gpsite:ATP:test (see `fedesm data list`)"
 )
 
 
@@ -26,6 +27,17 @@ def register(subparsers) -> None:
     )
     parser.set_defaults(func=lambda args: _print_help(parser))
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    p = sub.add_parser(
+        "list",
+        help="the real binding-site sets shipped with fedesm (GPSite, MIT licence)",
+        description="List the real per-residue binding-site sets shipped in data/gpsite (GPSite benchmark, "
+        "derived from BioLiP, MIT licence; see data/gpsite/SOURCE.md) with their counts. Any command that takes "
+        "a data path also takes these names: gpsite:NAME is the training split, gpsite:NAME:test the authors' "
+        "low-identity test split.",
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser(
         "validate",
@@ -91,6 +103,27 @@ def register(subparsers) -> None:
 def _print_help(parser) -> int:
     parser.print_help()
     return 2
+
+
+def cmd_list(args) -> int:
+    from fedesm.data.catalog import gpsite_dir, list_sets
+    from fedesm.data.readers import read_records
+
+    rows = []
+    for entry in list_sets():
+        records = read_records(entry["path"])
+        rows.append({**entry, **label_counts(records), "max_length": max(len(r) for r in records)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"shipped binding-site sets in {gpsite_dir()} (GPSite benchmark, BioLiP-derived, MIT licence: "
+          "see SOURCE.md and LICENSE there)")
+    print(f"  {'name':<17} {'ligand':<8} {'split':<5} {'sequences':>9} {'residues':>9} {'positive':>8} {'longest':>7}")
+    for r in rows:
+        print(f"  {r['name']:<17} {r['ligand']:<8} {r['split']:<5} {r['sequences']:>9,} {r['residues']:>9,} "
+              f"{100 * r['positive_fraction']:>7.1f}% {r['max_length']:>7,}")
+    print("use a name wherever a data path goes, e.g. `fedesm data split gpsite:ATP --sites 2 --out split/`")
+    return 0
 
 
 def cmd_validate(args) -> int:

@@ -16,7 +16,8 @@ def register(sub) -> None:
                        "step a batch drawn at random from the training data (the same loop every federated site "
                        "runs). Evaluates on the validation set after every round; writes metrics.jsonl/.csv, "
                        "TensorBoard events (tb/), and the best/ and last/ adapters in PEFT's layout.")
-    p.add_argument("--train", required=True, help="training data: FASTA (3-line), CSV, TSV, Parquet, JSONL or s3://")
+    p.add_argument("--train", required=True, help="training data: FASTA (3-line), CSV, TSV, Parquet, JSONL, s3://, or a shipped set "
+                   "(gpsite:ATP; `fedesm data list`)")
     p.add_argument("--val", required=True, help="validation data (same formats)")
     p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
                    help="ESM-2 source: fair-esm name (online), local .pt, s3:// URI, or random:ARCH "
@@ -32,7 +33,8 @@ def register(sub) -> None:
                        "residue, probability, call). --model is a trained model folder (from `fedesm train`, a "
                        "federated job result, or its best/ folder) or a merged checkpoint from `fedesm export`.")
     p.add_argument("--model", required=True, help="model folder or merged .pt checkpoint")
-    p.add_argument("--input", required=True, help="sequences: FASTA (2- or 3-line) or a table with id,sequence")
+    p.add_argument("--input", required=True,
+                   help="sequences: FASTA (2- or 3-line), a table with id,sequence, or a shipped set (gpsite:ATP:test)")
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--threshold", type=float, default=None, help="call threshold (default: the model card's)")
     p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model")
@@ -63,7 +65,9 @@ def _train(args) -> int:
 
 def _read_sequences(path: str) -> list[tuple[str, str]]:
     """(id, sequence) pairs; labels, when present, are ignored."""
-    p = Path(path)
+    from fedesm.data.catalog import resolve
+
+    p = Path(resolve(path))
     if not p.is_file():
         raise FedesmError(f"{path}: no such file")
     if p.suffix.lower() in (".fa", ".fasta", ".faa", ".txt"):

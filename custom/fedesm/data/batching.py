@@ -1,8 +1,9 @@
 """Tokenised batches: random crops for training, overlapping tiles for evaluation.
 
-Sequences longer than the context (`max_len` residues, 1000 by default as in the paper) are
-random-cropped in training and covered by overlapping windows in evaluation, so no residue drops
-out of the metrics. Labels of special and padding tokens are IGNORE_INDEX.
+Sequences longer than the context (`max_len` residues, 1000 by default as in the paper; ESM-2 takes
+at most 1,022) are random-cropped in training and covered by overlapping windows in evaluation and
+prediction, each residue scored exactly once (by the window that gives it the most context), so no
+residue drops out of the metrics or counts twice. Labels of special and padding tokens are IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -89,15 +90,27 @@ class RandomBatchSampler:
         return self.tokenizer.collate([self.crop(self.records[i]) for i in self._indices()])
 
 
+ESM2_MAX_RESIDUES = 1022  # ESM-2 was trained on 1,024 tokens: <cls> + 1,022 residues + <eos>
+
+
 @dataclass(frozen=True)
 class Window:
+    """A slice [start, end) of one sequence fed to the model; it scores only its core [keep_start, keep_end)."""
+
     record: int  # index into the record list
     start: int  # residue offset of the window
     end: int
+    keep_start: int  # the residues this window scores: its core, the middle of its overlaps
+    keep_end: int
 
 
 def tile_windows(lengths: Sequence[int], max_len: int, overlap: int | None = None) -> list[Window]:
-    """Overlapping windows covering every residue of every sequence (one window when it fits)."""
+    """Overlapping windows over every sequence; their cores partition it, so every residue is scored once.
+
+    A sequence that fits is one window. A longer one gets windows of `max_len` residues that overlap
+    by at least `overlap` (default max_len // 4); neighbouring windows split their overlap in the
+    middle, so each residue is scored by the window that gives it the most context on both sides.
+    """
     overlap = max_len // 4 if overlap is None else overlap
     if not 0 <= overlap < max_len:
         raise ValueError("overlap must be in [0, max_len)")
@@ -105,10 +118,11 @@ def tile_windows(lengths: Sequence[int], max_len: int, overlap: int | None = Non
     windows = []
     for i, n in enumerate(lengths):
         if n <= max_len:
-            windows.append(Window(i, 0, n))
+            windows.append(Window(i, 0, n, 0, n))
             continue
         starts = list(range(0, n - max_len, stride)) + [n - max_len]
-        windows.extend(Window(i, s, s + max_len) for s in starts)
+        cuts = [0] + [(b + a + max_len) // 2 for a, b in zip(starts, starts[1:])] + [n]
+        windows.extend(Window(i, s, s + max_len, cuts[k], cuts[k + 1]) for k, s in enumerate(starts))
     return windows
 
 

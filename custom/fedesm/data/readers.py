@@ -93,6 +93,9 @@ def read_records_with_lines(
     caller can report every problem at once; errors that make the whole file unreadable (missing
     file, unknown extension, missing column) still raise.
     """
+    from fedesm.data.catalog import resolve
+
+    path = resolve(path)  # a shipped set's name (gpsite:ATP) -> its file
     fmt, gz = detect_format(path)
     p = Path(path)
     if not p.exists():

@@ -56,10 +56,11 @@ STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
 SPLIT_MODES = ("iid", "family", "skew", "dirichlet")
 # Settings an arm may change; each is both a job value and a TrainConfig field, so the federated and
 # centralized arms of one experiment train exactly alike.
-TRAINING_KEYS = ("rounds", "steps_per_round", "batch_size", "lr", "max_len", "class_weights", "grad_noise_std",
+TRAINING_KEYS = ("rounds", "steps_per_round", "batch_size", "lr", "max_len", "class_weights", "focal_gamma",
+                 "grad_noise_std",
                  "freeze_lora_a", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")
 TRAINING_DEFAULTS = {"rounds": 3, "steps_per_round": 100, "batch_size": 8, "lr": 1e-3, "max_len": 1000,
-                     "class_weights": None, "grad_noise_std": 0.0, "freeze_lora_a": False,
+                     "class_weights": None, "focal_gamma": 0.0, "grad_noise_std": 0.0, "freeze_lora_a": False,
                      "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5}
 HELDOUT = "held-out"
 
@@ -343,6 +344,8 @@ def _describe_training(t: dict, base: Optional[dict] = None) -> str:
              f"max_len {t['max_len']}")
         if t["class_weights"] is not None:
             s += f", class_weights {t['class_weights']}"
+        if t["focal_gamma"]:
+            s += f", focal_gamma {t['focal_gamma']:g}"
         extra = {k: t[k] for k in ("grad_noise_std", "freeze_lora_a", "dp_noise_multiplier") if t[k]}
         return s + ("".join(f", {k} {v:g}" if not isinstance(v, bool) else f", {k}" for k, v in extra.items()))
     diff = {k: v for k, v in t.items() if base.get(k) != v}
@@ -440,7 +443,8 @@ def job_overrides(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, back
             "num_rounds": t["rounds"], "min_clients": cfg.sites, "strategy": arm.strategy,
             "lora_r": cfg.lora["r"], "lora_alpha": cfg.lora["alpha"], "lora_dropout": cfg.lora["dropout"],
             "steps_per_round": t["steps_per_round"], "lr": t["lr"], "batch_size": t["batch_size"],
-            "max_len": t["max_len"], "class_weights": t["class_weights"], "grad_noise_std": t["grad_noise_std"],
+            "max_len": t["max_len"], "class_weights": t["class_weights"], "focal_gamma": t["focal_gamma"],
+            "grad_noise_std": t["grad_noise_std"],
             "freeze_lora_a": t["freeze_lora_a"], "dp_noise_multiplier": t["dp_noise_multiplier"],
             "dp_max_grad_norm": t["dp_max_grad_norm"], "dp_delta": t["dp_delta"], "seed": cfg.seed}
 
@@ -449,7 +453,7 @@ def train_config(cfg: ExperimentConfig, t: dict):
     from fedesm.train import TrainConfig
 
     return TrainConfig(steps_per_round=t["steps_per_round"], rounds=t["rounds"], batch_size=t["batch_size"],
-                       lr=t["lr"], max_len=t["max_len"], class_weights=t["class_weights"],
+                       lr=t["lr"], max_len=t["max_len"], class_weights=t["class_weights"], focal_gamma=t["focal_gamma"],
                        grad_noise_std=t["grad_noise_std"], freeze_lora_a=t["freeze_lora_a"],
                        dp_noise_multiplier=t["dp_noise_multiplier"], dp_max_grad_norm=t["dp_max_grad_norm"],
                        dp_delta=t["dp_delta"], seed=cfg.seed, device=cfg.runtime["device"])
@@ -479,7 +483,12 @@ def _load_records(cfg: ExperimentConfig):
 
 
 def _data_path(path: str, cfg: ExperimentConfig) -> Path:
-    """A data path as given, or relative to the config file's folder, or to the repository root."""
+    """A shipped set's name (gpsite:ATP), a data path as given, or relative to the config file's folder,
+    or to the repository root."""
+    from fedesm.data.catalog import is_shipped_name, resolve
+
+    if is_shipped_name(path):
+        return Path(resolve(path))
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p

@@ -19,7 +19,10 @@ from fedesm.flare.payload import make_weights_shareable, read_weights_shareable,
 
 METRICS_KEY = "metrics"  # DXO meta key holding the site's metrics for this round
 N_SAMPLES_KEY = "n_samples"
-REPORTED = ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc")
+# Metrics per evaluated model (fedesm.metrics.metrics_with_val_threshold): accuracy, precision, recall, F1,
+# MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that split); and,
+# when the site config names a test split, `test_<metric>` at 0.5 and `test_{precision,recall,f1,mcc}_tuned`
+# at the tuned threshold. The received global model's are prefixed `global_`.
 
 
 class EsmLoraExecutor(Executor):
@@ -38,6 +41,7 @@ class EsmLoraExecutor(Executor):
         schedule: str = "cosine",
         grad_clip: float = 1.0,
         class_weights=None,
+        focal_gamma: float = 0.0,
         max_len: int = 1000,
         grad_noise_std: float = 0.0,
         freeze_lora_a: bool = False,
@@ -63,12 +67,14 @@ class EsmLoraExecutor(Executor):
             backbone: default ESM-2 source if the site config names none (hub name, path, s3://, random:ARCH).
             lora_r, lora_alpha, lora_dropout, lora_targets: LoRA settings (must match the server's).
             steps_per_round: local optimizer steps N per round, each on a batch drawn at random.
+            class_weights: loss weights [w0, w1], or "balanced" (from the site's positive rate); None = plain CE.
+            focal_gamma: > 0 for focal loss (down-weights easy, mostly negative, residues).
             freeze_lora_a: train only LoRA B (the `ffa` strategy).
             grad_noise_std: the paper's DP mode, Gaussian noise on every gradient at every step.
             dp_noise_multiplier, dp_max_grad_norm, dp_delta: formal DP-SGD (`fedesm.dp`) when the
                 multiplier is > 0; the site's epsilon so far is streamed each round as `epsilon`.
             transfer_dtype: "float32" or "float16" for the adapters sent back.
-            evaluate_global: also evaluate the received global model on the local validation split.
+            evaluate_global: also evaluate the received global model on the local validation (and test) split.
         """
         super().__init__()
         from fedesm.model import LoraSettings
@@ -79,6 +85,7 @@ class EsmLoraExecutor(Executor):
         self.train_config = TrainConfig(
             steps_per_round=steps_per_round, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, class_weights=class_weights,
+            focal_gamma=focal_gamma,
             max_len=max_len, grad_noise_std=grad_noise_std, freeze_lora_a=freeze_lora_a, seed=seed,
             dp_noise_multiplier=dp_noise_multiplier, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta)
         self.transfer_dtype = transfer_dtype
@@ -90,7 +97,7 @@ class EsmLoraExecutor(Executor):
         self.trainer = None
         self.site = None
         self.site_config = None
-        self.train_records = self.val_records = None
+        self.train_records = self.val_records = self.test_records = None
         self.rounds_done = 0
         self.num_rounds = None
 
@@ -114,6 +121,7 @@ class EsmLoraExecutor(Executor):
             torch.set_num_threads(int(cfg.cpu_threads))
         self.train_records = load_dataset(resolve_site_path(cfg, cfg.train))
         self.val_records = load_dataset(resolve_site_path(cfg, cfg.val))
+        self.test_records = load_dataset(resolve_site_path(cfg, cfg.test)) if cfg.test else None
         backbone_source = cfg.backbone or self.default_backbone
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
@@ -121,8 +129,9 @@ class EsmLoraExecutor(Executor):
         tc = replace(self.train_config, device=cfg.device, rounds=num_rounds or 1)
         self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, tc)
         self.num_rounds = num_rounds
-        self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training and {len(self.val_records)} "
-                              f"validation sequences; backbone {backbone_source} on {self.trainer.device}; "
+        test = f" and {len(self.test_records)} test" if self.test_records else ""
+        self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training, {len(self.val_records)} "
+                              f"validation{test} sequences; backbone {backbone_source} on {self.trainer.device}; "
                               f"site config {cfg.source}")
 
     def _ensure_setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
@@ -166,9 +175,7 @@ class EsmLoraExecutor(Executor):
         metrics = {}
         rounds_before = self.rounds_done
         if self.evaluate_global:
-            for k, v in self.trainer.evaluate(self.val_records).items():
-                if k in REPORTED:
-                    metrics[f"global_{k}"] = v
+            metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         stats = self.trainer.train_steps(self.trainer.config.steps_per_round,
@@ -177,8 +184,7 @@ class EsmLoraExecutor(Executor):
             self.log_info(fl_ctx, f"{self.site}: aborted after {stats.steps} steps of round {current_round}")
             return make_reply(ReturnCode.TASK_ABORTED)
         self.rounds_done += 1
-        local = self.trainer.evaluate(self.val_records)
-        metrics.update({k: local[k] for k in REPORTED})
+        metrics.update(self._evaluate())
         metrics.update(train_loss=stats.loss, steps=stats.steps, train_seconds=stats.seconds,
                        residues_per_second=stats.residues_per_second, lr=stats.lr,
                        task_seconds=time.perf_counter() - t0)
@@ -187,9 +193,9 @@ class EsmLoraExecutor(Executor):
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if k.startswith("global_")}, global_step=rounds_before)
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if not k.startswith("global_")},
                      global_step=rounds_before + 1)
-        self.log_info(fl_ctx, f"{self.site} round {current_round}: loss {stats.loss:.4f} F1 {metrics['f1']:.3f} "
-                              f"(global model F1 {metrics.get('global_f1', float('nan')):.3f}), "
-                              f"{stats.seconds:.1f}s training")
+        self.log_info(fl_ctx, f"{self.site} round {current_round}: loss {stats.loss:.4f}, val AUPRC "
+                              f"{metrics['auprc']:.3f} F1 {metrics['f1']:.3f} (global model AUPRC "
+                              f"{metrics.get('global_auprc', float('nan')):.3f}), {stats.seconds:.1f}s training")
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, N_SAMPLES_KEY: len(self.train_records),
                 METRICS_KEY: metrics, "site": self.site}
         reply = make_weights_shareable(get_exchanged_state(self.trainer.model), meta, self.transfer_dtype)
@@ -204,10 +210,9 @@ class EsmLoraExecutor(Executor):
         saved = get_exchanged_state(self.trainer.model)
         try:
             self._load_global(shareable)
-            result = self.trainer.evaluate(self.val_records)
+            metrics = self._evaluate()
         finally:
             set_exchanged_state(self.trainer.model, saved)  # keep the site's own model for later tasks
-        metrics = {k: result[k] for k in REPORTED}
         model_owner = str(shareable.get_header(AppConstants.MODEL_OWNER) or "SRV_server")
         if model_owner.startswith("SRV_"):
             # the global model after all rounds: same column names as the per-round global rows
@@ -215,6 +220,12 @@ class EsmLoraExecutor(Executor):
                          global_step=self.num_rounds or self.rounds_done)
         self.log_info(fl_ctx, f"{self.site}: validated model of {model_owner}: F1 {metrics['f1']:.3f}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+
+    def _evaluate(self) -> dict:
+        """The model in memory on the local val split (and test split, threshold tuned on val)."""
+        from fedesm.train import evaluate_with_test
+
+        return evaluate_with_test(self.trainer, self.val_records, self.test_records)
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
         from fedesm.model import get_exchanged_state

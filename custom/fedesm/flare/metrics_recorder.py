@@ -69,10 +69,10 @@ class MetricsRecorder(AnalyticsReceiver):
 
     def finalize(self, fl_ctx: FLContext):
         self._write()
-        best = self.best_round("global_f1")
+        best = self.best_round("global_auprc")
         if best:
             self.log_info(fl_ctx, f"metrics table: {self.out_dir / self.file_name}.csv; best global model after "
-                                  f"round {best[0]} (mean validation F1 {best[1]:.4f})")
+                                  f"round {best[0]} (mean validation AUPRC {best[1]:.4f})")
 
     def _record_payload(self, fl_ctx: FLContext) -> None:
         """What a site sent this round: tensor names, parameter count and serialized bytes."""
@@ -106,7 +106,13 @@ class MetricsRecorder(AnalyticsReceiver):
     def table(self) -> list[dict]:
         return [self.rows[k] for k in sorted(self.rows)]
 
-    def best_round(self, metric: str = "global_f1") -> Optional[tuple[int, float]]:
+    def mean_at(self, round_num: int, metric: str) -> Optional[float]:
+        """Mean over sites of `metric` in one round; None when no site reported it."""
+        values = [row[metric] for (r, site), row in self.rows.items()
+                  if r == round_num and site != SERVER_ROW and metric in row]
+        return sum(values) / len(values) if values else None
+
+    def best_round(self, metric: str = "global_auprc") -> Optional[tuple[int, float]]:
         """(round, mean over sites) of the round whose global model scored best; None before any."""
         by_round: dict[int, list[float]] = {}
         for (r, site), row in self.rows.items():

@@ -35,17 +35,21 @@ class LoraPersistor(ModelPersistor):
         threshold: float = 0.5,
         keep_rounds: bool = True,
         metrics_recorder_id: str = "metrics_recorder",
+        best_metric: str = "auprc",
     ):
         """Builds the round-0 adapters from the architecture alone (no backbone weights on the server) and
         saves every round's global adapters + head in PEFT's layout under `<run dir>/fedesm/`:
         `rounds/round_NNN/` (model after NNN aggregation rounds), `last/`, and `best/` (highest mean
-        global-model validation F1 over sites, from the metrics recorder). `fedesm predict --model`
-        takes the downloaded job result directly.
+        `best_metric` of the global model over the sites' validation splits, from the metrics
+        recorder; its model card takes the mean of the sites' F1-tuned thresholds as its call
+        threshold). `fedesm predict --model` takes the downloaded job result directly.
 
         Args:
             arch: ESM-2 architecture name; fixes adapter names and shapes.
             backbone_hint: backbone recorded in the saved model card (what a user should load
                 predictions with); defaults to `arch`.
+            best_metric: which global-model validation metric picks best/: auprc (default: threshold-free,
+                sound at 3-16% positives), auroc, f1 or mcc (both at 0.5).
         """
         super().__init__()
         from fedesm.model import LoraSettings, get_architecture
@@ -60,6 +64,7 @@ class LoraPersistor(ModelPersistor):
         self.threshold = threshold
         self.keep_rounds = keep_rounds
         self.metrics_recorder_id = metrics_recorder_id
+        self.best_metric = best_metric
         self.output_dir: Optional[Path] = None
         self.last_weights: Optional[dict] = None
         self.best_round: Optional[int] = None
@@ -114,14 +119,15 @@ class LoraPersistor(ModelPersistor):
         self.log_info(fl_ctx, f"saved global adapters after {rounds_done} rounds in {self.output_dir}")
 
     def _update_best(self, fl_ctx: FLContext) -> None:
-        """Copy the round with the best mean global-model F1 (over sites) to best/."""
+        """Copy the round with the best mean global-model validation metric (over sites) to best/."""
         recorder = fl_ctx.get_engine().get_component(self.metrics_recorder_id) if self.metrics_recorder_id else None
         if recorder is None or self.output_dir is None:
             return
-        best = recorder.best_round("global_f1")
+        best = recorder.best_round(f"global_{self.best_metric}")
         if best is None:
             return
-        best_round, f1 = best
+        best_round, value = best
+        threshold = recorder.mean_at(best_round, "global_threshold_tuned")
         src = self.output_dir / "rounds" / f"round_{best_round:03d}"
         if best_round == self.best_round or not src.is_dir():
             return
@@ -129,7 +135,12 @@ class LoraPersistor(ModelPersistor):
             shutil.copytree(src, tmp, dirs_exist_ok=True)
             card_path = tmp / "fedesm_model.json"
             card = json.loads(card_path.read_text())
-            card["extra"].update(best_round=best_round, mean_global_val_f1=f1)
+            card["extra"].update(best_round=best_round, best_metric=self.best_metric,
+                                 **{f"mean_global_val_{self.best_metric}": value})
+            if threshold is not None:
+                card["threshold"] = threshold
+                card["extra"]["threshold_source"] = "mean over sites of the F1-maximising threshold on their val splits"
             card_path.write_text(json.dumps(card, indent=2))
         self.best_round = best_round
-        self.log_info(fl_ctx, f"best global model so far: after {best_round} rounds (mean validation F1 {f1:.4f})")
+        self.log_info(fl_ctx, f"best global model so far: after {best_round} rounds (mean validation "
+                              f"{self.best_metric} {value:.4f})")
