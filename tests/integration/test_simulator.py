@@ -1,4 +1,4 @@
-"""Real `nvflare simulator` runs of the job bundles on a tiny random-init ESM-2 and synthetic data."""
+"""Real `nvflare simulator` runs of the job bundles on a tiny random-init ESM-2: synthetic and real (GPSite) data."""
 
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def fra_run(tmp_path_factory):
-    """The demo pipeline (what `make demo` runs) with 2 sites x 2 rounds."""
+    """The demo pipeline (what `make demo` runs) with 2 sites x 2 rounds, on learnable synthetic motifs."""
     from fedesm.experiments.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, rounds=2, steps_per_round=60, sites=2, n_sequences=400, echo=lambda *a: None)
+    summary = run_demo(out, dataset="synthetic", rounds=2, steps_per_round=60, sites=2, n_sequences=400,
+                       max_len=256, echo=lambda *a: None)
     return out, summary
 
 
-def test_global_f1_improves_and_every_site_reports_each_round(fra_run):
+def test_global_model_improves_and_every_site_reports_each_round(fra_run):
     out, summary = fra_run
     rows = read_rows(out / "workspace/server/simulate_job/fedesm/metrics.jsonl")
     sites = {"site-1", "site-2"}
@@ -32,10 +33,18 @@ def test_global_f1_improves_and_every_site_reports_each_round(fra_run):
         assert reported == sites, f"round {rnd}: {reported}"
         for r in rows:
             if r["round"] == rnd and r["site"] in sites:
-                for k in ("accuracy", "precision", "recall", "f1", "train_loss", "global_f1"):
+                for k in ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "threshold_tuned",
+                          "test_auroc", "test_auprc", "test_f1", "test_f1_tuned", "test_mcc_tuned", "train_loss",
+                          "global_f1", "global_test_auroc", "global_test_f1_tuned"):
                     assert r.get(k) is not None, (rnd, r["site"], k)
-    assert {r["site"] for r in rows if r["round"] == 0 and "global_f1" in r} == sites
-    assert summary["global_f1_final"] > summary["global_f1_round0"] + 0.1
+    assert {r["site"] for r in rows if r["round"] == 0 and "global_test_auprc" in r} == sites
+    first, final = summary["global_round0_test"], summary["global_final_test"]
+    assert final["test_f1_tuned"] > first["test_f1_tuned"] + 0.1
+    assert final["test_auroc"] > 0.8 and final["test_auprc"] > first["test_auprc"] + 0.1
+    # the global model's test metrics that the sites report equal the demo's own scoring of that model
+    site_view = [r for r in rows if r["round"] == 2 and r["site"] in sites]
+    for r in site_view:
+        assert r["global_test_auroc"] == pytest.approx(final["test_auroc"], abs=1e-4)
 
 
 def test_global_adapters_saved_in_peft_layout(fra_run):
@@ -45,7 +54,11 @@ def test_global_adapters_saved_in_peft_layout(fra_run):
         assert (res / sub / "adapter_config.json").is_file(), sub
         assert (res / sub / "adapter_model.safetensors").is_file(), sub
     card = json.loads((res / "best" / "fedesm_model.json").read_text())
-    assert card["extra"]["best_round"] in (1, 2)
+    assert card["extra"]["best_round"] in (1, 2) and card["extra"]["best_metric"] == "auprc"
+    rows = read_rows(res / "metrics.jsonl")
+    thresholds = [r["global_threshold_tuned"] for r in rows
+                  if r["round"] == card["extra"]["best_round"] and "global_threshold_tuned" in r]
+    assert len(thresholds) == 2 and card["threshold"] == pytest.approx(sum(thresholds) / 2)
     assert (out / "workspace/server/simulate_job/tb_events").is_dir()  # streamed metrics as TensorBoard events
 
 
@@ -84,6 +97,27 @@ def test_demo_plots_written(fra_run):
         assert (out / "plots").exists() and p.endswith(".png")
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_on_real_atp_data_scores_the_test_split_beside_the_baseline(tmp_path):
+    """`make demo`'s real path, shortened: GPSite ATP over 2 sites, the official test split, the LR baseline."""
+    from fedesm.experiments.demo import run_demo
+
+    lines = []
+    summary = run_demo(tmp_path, rounds=1, steps_per_round=10, max_len=256, echo=lines.append)
+    text = "\n".join(lines)
+    assert "gpsite:ATP" in text and "test 79 chains" in text and "baseline (LR)" in text
+    split = json.loads((tmp_path / "data" / "split.json").read_text())
+    assert split["test"]["sequences"] == 79 and split["test"]["residues"] == 39_459
+    pool = sum(v["train"]["sequences"] + v["val"]["sequences"] for v in split["sites"].values())
+    assert pool + split["val"]["sequences"] == 347
+    base, final = summary["baseline_test"], summary["global_final_test"]
+    assert base["test_auroc"] > 0.65 and base["test_auprc"] > 0.1  # the reference on the same split
+    for k in ("test_auroc", "test_auprc", "test_f1", "test_f1_tuned", "test_mcc_tuned", "threshold_tuned"):
+        assert 0 <= final[k] <= 1, k
+    assert final["test_positive_fraction"] == pytest.approx(0.031, abs=0.001)
+    assert set(summary["site_final_test"]) == {"site-1", "site-2"}
+    assert {p.rsplit("/", 1)[1] for p in summary["plots"]} >= {"demo_pr_curve.png", "demo_test_auprc.png"}
 
 
 def test_cyclic_job_runs(tmp_path):

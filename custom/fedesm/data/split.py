@@ -128,6 +128,13 @@ def split_records(
     params = {"val_frac": val_frac, "test_frac": test_frac, "site_val_frac": site_val_frac}
     if mode == "dirichlet":
         params["alpha"] = alpha
+    if mode == "skew":
+        params["skew"] = {
+            "rule": (f"training chains sorted by their fraction of positive residues and cut at the median; site-1 "
+                     f"gets {SKEW_MAJORITY:.0%} of the chains above the median and {1 - SKEW_MAJORITY:.0%} of those "
+                     f"below, site-2 the rest ({1 - SKEW_MAJORITY:.0%} / {SKEW_MAJORITY:.0%})"),
+            "median_positive_fraction": float(np.median([_positive_fraction(r) for r in pool])),
+        }
     return SplitResult(sites=sites, site_val=site_val, val=_flatten(val_groups), test=_flatten(test_groups),
                        mode=mode, seed=seed, params=params)
 

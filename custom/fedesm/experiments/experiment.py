@@ -555,43 +555,29 @@ def write_site_config(path: Path, backbone: str, data_dir: Path, cpu_threads, de
     return path
 
 
-class _Evaluator:
-    """One model in memory; loads saved adapters (per-round global models, the centralized last/) and
-    evaluates them on held-out records exactly as sites do (same windows, threshold and metrics)."""
-
-    def __init__(self, cfg: ExperimentConfig, backbone_source: str):
-        import torch
-
-        from fedesm.data.batching import Tokenizer
-        from fedesm.model import build_lora_model, load_backbone
-        from fedesm.train import resolve_device
-
-        backbone = load_backbone(backbone_source)
-        self.device = resolve_device(cfg.runtime["device"])
-        self.model = build_lora_model(backbone, lora_settings(cfg), seed=cfg.seed).to(self.device)
-        self.tokenizer = Tokenizer(backbone.alphabet)
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
-
-    def evaluate(self, adapter_dir: Path, records, max_len: int) -> dict:
-        from safetensors.torch import load_file
-
-        from fedesm.model import set_exchanged_state
-        from fedesm.train import evaluate_probabilities, predict_proba
-
-        set_exchanged_state(self.model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
-        probs = predict_proba(self.model, self.tokenizer, [r.sequence for r in records], max_len, self.device,
-                              autocast_dtype=self.autocast)
-        return evaluate_probabilities(records, probs)
-
-
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc")
+TUNED_KEYS = ("precision_tuned", "recall_tuned", "f1_tuned", "mcc_tuned")
 
 
 def _metric_row(arm_id: str, round_num: int, split: str, metrics: dict) -> dict:
+    """A held-out row: split "val" from plain metrics, split "test" from the `test_*` ones (at 0.5 and at
+    the threshold tuned on the held-out val)."""
     row = {"arm": arm_id, "site": HELDOUT, "round": round_num, "split": split}
-    row.update({k: metrics.get(k) for k in METRIC_KEYS})
-    row.update(residues=metrics.get("residues"), positives=metrics.get("positives"))
+    if split == "test":
+        row.update({k: metrics.get(f"test_{k}") for k in METRIC_KEYS + TUNED_KEYS})
+        row["positive_fraction"] = metrics.get("test_positive_fraction")
+    else:
+        row.update({k: metrics.get(k) for k in METRIC_KEYS})
+        row.update(residues=metrics.get("residues"), positives=metrics.get("positives"))
+    row["threshold_tuned"] = metrics.get("threshold_tuned")
     return row
+
+
+def _final_test(arm_id: str, round_num: int, metrics: dict, arm_dir: Path) -> dict:
+    """The test row of an arm's final model; its precision-recall curve goes to test_pr_curve.json."""
+    if metrics.get("pr_curve"):
+        _write_json(arm_dir / "test_pr_curve.json", metrics["pr_curve"])
+    return _metric_row(arm_id, round_num, "test", metrics)
 
 
 def _clean(v):
@@ -694,10 +680,11 @@ def run_federated(cfg, exp, arm, arm_dir: Path, data_dir: Path, backbone: str, h
     rounds = sorted((result / "fedesm" / "rounds").glob("round_*"))
     for rd in rounds:
         n = int(rd.name.split("_")[1])
-        held.append(_metric_row(arm.id, n, "val", evaluator.evaluate(rd, heldout["val"], t["max_len"])))
-    if heldout.get("test") and rounds:
-        held.append(_metric_row(arm.id, int(rounds[-1].name.split("_")[1]), "test",
-                                evaluator.evaluate(rounds[-1], heldout["test"], t["max_len"])))
+        last = rd == rounds[-1] and heldout.get("test")
+        m = evaluator.evaluate(rd, heldout["val"], t["max_len"], heldout["test"] if last else None, curve=True)
+        held.append(_metric_row(arm.id, n, "val", m))
+        if last:
+            held.append(_final_test(arm.id, n, m, arm_dir))
     _write_jsonl(arm_dir / "heldout.jsonl", held)
     _write_csv(arm_dir / "heldout.csv", held)
     final = [r for r in held if r["split"] == "val"][-1] if held else {}
@@ -724,20 +711,39 @@ def run_central(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, he
                                arm=arm.id, progress=False, tensorboard=False)
     eps = _central_epsilon(t, len(pooled))
     held = []
-    for r in rows:
+    for r in rows[:-1] if heldout.get("test") else rows:
         row = _metric_row(arm.id, r["round"], "val", r)
         if eps is not None:
             row["epsilon"] = eps(r["round"])
         held.append(row)
-    if heldout.get("test"):
-        last = evaluator.evaluate(arm_dir / "last", heldout["test"], t["max_len"])
-        held.append(_metric_row(arm.id, t["rounds"], "test", last))
+    if heldout.get("test"):  # the last model once more, for the tuned threshold and the test split
+        m = evaluator.evaluate(arm_dir / "last", heldout["val"], t["max_len"], heldout["test"], curve=True)
+        held.append(_metric_row(arm.id, t["rounds"], "val", m))
+        if eps is not None:
+            held[-1]["epsilon"] = eps(t["rounds"])
+        held.append(_final_test(arm.id, t["rounds"], m, arm_dir))
     _write_jsonl(arm_dir / "heldout.jsonl", held)
     _write_csv(arm_dir / "heldout.csv", held)
     final = held[-2] if heldout.get("test") else held[-1]
     echo(f"{prefix} done in {time.perf_counter() - start:.0f}s: held-out val F1 {_fmt(final.get('f1'))}, "
          f"precision {_fmt(final.get('precision'))}, recall {_fmt(final.get('recall'))}")
     return {"n_train": len(pooled)}
+
+
+def _run_baseline(exp, exp_dir: Path, split_dir: Path, heldout, seed: int, echo) -> dict:
+    """The sequence-only reference on the experiment's pooled site training data: exp_dir/baseline.json."""
+    from fedesm.data.validate import load_dataset
+    from fedesm.evaluation import baseline_scores
+
+    pooled = []
+    for site in sorted(p for p in split_dir.iterdir() if p.is_dir() and (p / "train.fa").is_file()):
+        pooled += load_dataset(site / "train.fa")
+    scores = baseline_scores(pooled, heldout["val"], heldout["test"], seed=seed)
+    _write_json(exp_dir / "baseline.json", scores)
+    echo(f"  [{exp.id}/baseline] {scores['model']}, {len(pooled)} pooled training chains: test AUROC "
+         f"{scores['test_auroc']:.3f}, AUPRC {scores['test_auprc']:.3f}, F1 {scores['test_f1_tuned']:.3f} at the "
+         f"held-out val's threshold {scores['threshold_tuned']:.3f}")
+    return scores
 
 
 def _central_epsilon(t: dict, n: int):
@@ -799,7 +805,9 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
         test = load_dataset(test_file)
         if test:
             heldout["test"] = test
-    evaluator = _Evaluator(cfg, backbone)
+    from fedesm.evaluation import AdapterEvaluator
+
+    evaluator = AdapterEvaluator(backbone, lora_settings(cfg), seed=cfg.seed, device=cfg.runtime["device"])
     failures = []
     for exp in experiments:
         exp_dir = out / exp.id
@@ -808,6 +816,8 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
                                                   "job": exp.job, "description": exp.description,
                                                   "arms": [a.id for a in exp.arms]})
         echo(f"{exp.id}: {exp.title}")
+        if heldout.get("test"):
+            _run_baseline(exp, exp_dir, data_dirs[exp.split], heldout, cfg.seed, echo)
         for arm in exp.arms:
             arm_dir = exp_dir / arm.id
             info_path = arm_dir / "arm.json"

@@ -127,6 +127,44 @@ def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Se
     ]
 
 
+def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], metric: str, out_path,
+                     baseline: Optional[float] = None, title: Optional[str] = None) -> Path:
+    """A test-split metric per round: each site's local model, the global model, the baseline as a line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for site in sites_of(site_rows):
+        xs, ys = _series(site_rows, site, metric)
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{site} (local model)")
+    pts = sorted((r["round"], r[metric]) for r in global_rows if r.get(metric) is not None)
+    if pts:
+        ax.plot(*zip(*pts), color="black", lw=2, marker="s", ms=3, label="global model")
+    if baseline is not None:
+        ax.axhline(baseline, color="tab:gray", ls=":", lw=1.5, label="baseline (LR on ±7 windows)")
+    name = metric.replace("test_", "").replace("_tuned", " (val-tuned threshold)").upper().replace("THRESHOLD", "threshold")
+    return _save_round_plot(fig, ax, metric, title or f"{name} on the test split", out_path)
+
+
+def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[float] = None) -> Path:
+    """Precision-recall curves (name -> {"precision": [...], "recall": [...]}) of final models on test."""
+    fig, ax = plt.subplots(figsize=(5.6, 5.0), dpi=110)
+    colors = iter([f"C{i}" for i in range(10)] * 3)
+    for name, c in curves.items():
+        if not c or not c.get("recall"):
+            continue
+        style = dict(color="tab:gray", ls=":") if name.startswith("baseline") else dict(color=next(colors))
+        ax.plot(c["recall"], c["precision"], lw=1.6, label=name, **style)
+    if prevalence is not None:
+        ax.axhline(prevalence, color="k", lw=0.8, ls="--", label=f"chance (positive rate {prevalence:.1%})")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_path)
+
+
 def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_path, title: str) -> Path:
     """One line per arm of an experiment: `series` maps an arm's label to (round, value) points."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)

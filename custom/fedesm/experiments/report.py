@@ -26,6 +26,7 @@ from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
 
 HELDOUT = "held-out"
+TUNED = ("f1_tuned", "mcc_tuned", "precision_tuned", "recall_tuned")
 CENTRAL = "centralized"
 SERVER = "server"
 
@@ -43,6 +44,7 @@ class ArmResult:
     info: dict
     site_rows: list[dict]  # the job's table (federated) or the centralized run's rows
     heldout_rows: list[dict]  # split val per round (+ test for the final model)
+    pr_curve: Optional[dict] = None  # the final model's precision-recall curve on the test split
 
     @property
     def id(self) -> str:
@@ -73,7 +75,10 @@ class ArmResult:
 
 def load_arm(arm_dir: Path) -> ArmResult:
     info = json.loads((arm_dir / "arm.json").read_text())
-    return ArmResult(info, read_jsonl(arm_dir / "metrics.jsonl"), read_jsonl(arm_dir / "heldout.jsonl"))
+    arm = ArmResult(info, read_jsonl(arm_dir / "metrics.jsonl"), read_jsonl(arm_dir / "heldout.jsonl"))
+    curve = arm_dir / "test_pr_curve.json"
+    arm.pr_curve = json.loads(curve.read_text()) if curve.is_file() else None
+    return arm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,12 +152,12 @@ def arm_summary(arm: ArmResult, target: float) -> dict:
     out = {
         "id": arm.id, "label": arm.label, "kind": arm.info.get("kind"), "strategy": arm.info.get("strategy"),
         "status": arm.info.get("status"), "wall_seconds": arm.info.get("wall_seconds"),
-        "heldout_val_final": {k: fin.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auprc")}
-        if fin else None,
+        "heldout_val_final": {k: fin.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auroc",
+                                                       "auprc", "threshold_tuned")} if fin else None,
         "heldout_val_best": {"round": best["round"], "f1": best["f1"]} if best else None,
         "heldout_rounds_to_target_f1": rounds_to_target(val, target),
-        "test_final": {k: test.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auprc")}
-        if test else None,
+        "test_final": {k: test.get(k) for k in ("round", "auroc", "auprc", "f1", "mcc", "precision", "recall",
+                                                "accuracy", *TUNED, "threshold_tuned")} if test else None,
         "train_seconds_per_round": train_seconds_per_round(arm),
         "round_seconds": round_seconds(arm),
         "epsilon": final_epsilon(arm),
@@ -225,6 +230,7 @@ def _eps(arm_sum: dict) -> str:
 class ExperimentResult:
     info: dict
     arms: list[ArmResult] = field(default_factory=list)
+    baseline: Optional[dict] = None  # baseline.json: the sequence-only reference on the same training data
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
@@ -244,6 +250,8 @@ def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
         arm_dirs = [d / a for a in arm_order if (d / a / "arm.json").is_file()]
         arm_dirs += sorted(p.parent for p in d.glob("*/arm.json") if p.parent not in arm_dirs)
         exp.arms = [load_arm(a) for a in arm_dirs]
+        if (d / "baseline.json").is_file():
+            exp.baseline = json.loads((d / "baseline.json").read_text())
         experiments.append(exp)
     return run, cfg, experiments
 
@@ -266,11 +274,21 @@ def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
     if not done:
         return out
     compare = []
-    for metric in ("f1", "accuracy"):
+    for metric in ("auprc", "auroc", "f1"):
         series = {(a.label if a.federated else f"{CENTRAL}" + ("" if a.label == CENTRAL else f" ({a.label})")):
                   [(r["round"], r[metric]) for r in a.heldout_series() if r.get(metric) is not None] for a in done}
         compare.append(plot_arms(series, metric, plots_dir / f"{eid}_arms_{metric}.png",
-                                 f"{eid}: {metric.upper() if metric == 'f1' else metric} on the held-out val split"))
+                                 f"{eid}: {metric.upper()} on the held-out val split"
+                                 + (" (threshold 0.5)" if metric == "f1" else "")))
+    curves = {a.label: a.pr_curve for a in done if a.pr_curve}
+    if curves:
+        from fedesm.experiments.plots import plot_pr_curves
+
+        if exp.baseline:
+            curves["baseline (LR, ±7 window)"] = exp.baseline.get("pr_curve")
+        compare.append(plot_pr_curves(curves, plots_dir / f"{eid}_test_pr_curves.png",
+                                      f"{eid}: final models, precision-recall on test",
+                                      prevalence=(exp.baseline or {}).get("test_positive_fraction")))
     out["_compare"] = compare
     central = _central_rows(exp)
     for arm in done:
@@ -298,6 +316,9 @@ def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
         for name, v in s["sites"].items():
             parts.append(f"{name} {v['train']['sequences']} train ({v['train']['positive_fraction']:.1%} positive) "
                          f"/ {v['val']['sequences']} val")
+        if s.get("skew"):
+            parts.append(f"skew: {s['skew']['rule']} (median positive fraction per chain "
+                         f"{s['skew']['median_positive_fraction']:.1%})")
         splits.append([s["mode"], "; ".join(parts)])
     if splits:
         lines += [md_table(["split", "sequences per part (token positive rate)"], splits), ""]
@@ -334,11 +355,13 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
         body += [f"## {exp.info.get('title', eid)}", ""]
         if exp.info.get("description"):
             body += [exp.info["description"].strip(), ""]
+        body += _test_table(exp, sums)
         body += _heldout_table(exp, sums, target_f1)
         body += _site_table(exp, sums, target_f1)
         body += _round_table(exp)
         if plots.get("_compare"):
-            body += ["Held-out val per round, all arms:", ""]
+            body += ["Held-out val per round, all arms, and the final models' precision-recall curves on the test "
+                     "split:", ""]
             body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots["_compare"]), ""]
         for arm in exp.arms:
             if arm.id in plots:
@@ -347,9 +370,11 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
                          "the held-out val split; red dashed = centralized on the held-out val split.", ""]
                 body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots[arm.id]), ""]
         key_lines += _key_results(exp, sums, target_f1)
-    lines += ["## Key results", "", "All F1/precision/recall/accuracy below are per residue, threshold 0.5. "
-              "\"Held-out val\" = the global val split, the same sequences for every arm and shared with no site: "
-              "the federated arms' global model vs the centralized model.", ""] + key_lines + [""]
+    lines += ["## Key results", "", "All metrics are per residue. AUROC and AUPRC need no threshold; precision, "
+              "recall, F1 and MCC are given at 0.5 and at the threshold that maximises F1 on the held-out val split "
+              "(\"@thr\"), which no arm trains on. \"Held-out val\" = the global val split, the same sequences for "
+              "every arm and shared with no site: the federated arms' global model vs the centralized model. "
+              "\"Test\" = the final model of each arm on the test split.", ""] + key_lines + [""]
     lines += body
     lines += _notes(experiments)
     lines += _setup_section(run, cfg, run_dir)
@@ -359,13 +384,36 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     return report
 
 
+def _test_table(exp: ExperimentResult, sums: dict) -> list[str]:
+    """The final model of every arm on the test split, and the sequence-only baseline beside them."""
+    cols = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("f1_tuned", "F1@thr"), ("mcc_tuned", "MCC@thr"),
+            ("precision_tuned", "precision@thr"), ("recall_tuned", "recall@thr"), ("threshold_tuned", "thr"),
+            ("f1", "F1@0.5"), ("mcc", "MCC@0.5")]
+    rows = []
+    for arm in exp.arms:
+        t = sums[arm.id].get("test_final") or {}
+        if arm.done and t:
+            rows.append([arm.label] + [f3(t.get(k)) for k, _ in cols])
+    if not rows:
+        return []
+    if exp.baseline:
+        b = exp.baseline
+        rows.append(["*baseline: logistic regression, one-hot ±7 window*"]
+                    + [f3(b.get(k if k == "threshold_tuned" else f"test_{k}")) for k, _ in cols])
+    prevalence = (exp.baseline or {}).get("test_positive_fraction")
+    note = f" Chance level: AUROC 0.5, AUPRC = the positive rate, {prevalence:.1%}." if prevalence else ""
+    return ["**Test split** (final model of each arm; thr = the F1-maximising threshold on the held-out val "
+            "split; the baseline is trained on the same pooled site training data)." + note, "",
+            md_table(["arm"] + [c for _, c in cols], rows), ""]
+
+
 def _heldout_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
     rows = []
     for arm in exp.arms:
         s = sums[arm.id]
         if not arm.done:
             rows.append([arm.label, f"**{arm.info.get('status')}**: {arm.info.get('error', '')[:120]}"]
-                        + ["–"] * 10)
+                        + ["–"] * 11)
             continue
         fin, best, test = s["heldout_val_final"] or {}, s["heldout_val_best"] or {}, s["test_final"] or {}
         rt = s["heldout_rounds_to_target_f1"]
@@ -373,17 +421,18 @@ def _heldout_table(exp: ExperimentResult, sums: dict, target: float) -> list[str
             f"{arm.label}" + (f" ({arm.info['strategy']})" if arm.federated and arm.info.get("strategy") != arm.label
                               else ""),
             f"**{f3(fin.get('f1'))}**", f"{f3(best.get('f1'))} (r{best.get('round', '–')})",
-            f3(fin.get("precision")), f3(fin.get("recall")), f3(fin.get("accuracy")), f3(fin.get("auprc")),
+            f3(fin.get("precision")), f3(fin.get("recall")), f3(fin.get("accuracy")), f3(fin.get("auroc")),
+            f3(fin.get("auprc")),
             str(rt) if rt is not None else "not reached", f3(test.get("f1")),
             seconds(s["wall_seconds"]),
             human_bytes(s.get("sent_bytes_per_site_per_round")) if arm.federated else "–",
             _eps(s),
         ])
-    header = ["arm", "final F1", "best F1 (round)", "precision", "recall", "accuracy", "AUPRC",
+    header = ["arm", "final F1", "best F1 (round)", "precision", "recall", "accuracy", "AUROC", "AUPRC",
               f"rounds to F1 ≥ {target:g}", "test F1", "wall time", "sent / site / round", "ε spent (worst site)"]
     return ["**Held-out val** (the global val split, same sequences for every arm; federated = global model after "
-            "each round, centralized = its model after each round; final = after the last round; test F1 = final "
-            "model on the global test split):", "", md_table(header, rows), ""]
+            "each round, centralized = its model after each round; final = after the last round; F1, precision, "
+            "recall at 0.5; test F1 = final model on the test split at 0.5):", "", md_table(header, rows), ""]
 
 
 def _site_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
@@ -413,7 +462,7 @@ def _round_table(exp: ExperimentResult) -> list[str]:
     arms = [a for a in exp.arms if a.done]
     if not arms:
         return []
-    series = {a.id: {r["round"]: r.get("f1") for r in a.heldout_series()} for a in arms}
+    series = {a.id: {r["round"]: r.get("auprc") for r in a.heldout_series()} for a in arms}
     rounds = sorted({r for s in series.values() for r in s})
     rows = [[str(r)] + [f3(series[a.id].get(r)) for a in arms] for r in rounds]
     extra = []
@@ -423,7 +472,7 @@ def _round_table(exp: ExperimentResult) -> list[str]:
     extra = ["", "Time per arm (training seconds per round: the slowest site's local steps, or the centralized "
              "steps; round = server-side round wall time incl. evaluation and aggregation):", "",
              md_table(["arm", "training s / round", "round wall time", "arm wall time (incl. start-up)"], secs)]
-    return ["F1 on the held-out val split per round (round 0 = before training):", "",
+    return ["AUPRC on the held-out val split per round (round 0 = before training):", "",
             md_table(["round"] + [a.label for a in arms], rows)] + extra + [""]
 
 
@@ -438,9 +487,18 @@ def _key_results(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
             lines.append(f"  - {arm.label}: {arm.info.get('status')}")
             continue
         fin = s["heldout_val_final"] or {}
-        text = f"  - {arm.label}: held-out val F1 **{f3(fin.get('f1'))}** after {fin.get('round')} rounds"
-        if arm.federated and c_f1.get("f1") is not None and fin.get("f1") is not None:
-            text += f" ({fin['f1'] - c_f1['f1']:+.3f} vs centralized)"
+        test = s.get("test_final") or {}
+        if test:
+            text = (f"  - {arm.label}: test AUROC **{f3(test.get('auroc'))}**, AUPRC **{f3(test.get('auprc'))}**, "
+                    f"F1@thr {f3(test.get('f1_tuned'))}, MCC@thr {f3(test.get('mcc_tuned'))}")
+            c_test = (central or {}).get("test_final") or {}
+            if arm.federated and c_test.get("auprc") is not None and test.get("auprc") is not None:
+                text += f" (AUPRC {test['auprc'] - c_test['auprc']:+.3f} vs centralized)"
+            text += f"; held-out val AUPRC {f3(fin.get('auprc'))} after {fin.get('round')} rounds"
+        else:
+            text = f"  - {arm.label}: held-out val F1 **{f3(fin.get('f1'))}** after {fin.get('round')} rounds"
+            if arm.federated and c_f1.get("f1") is not None and fin.get("f1") is not None:
+                text += f" ({fin['f1'] - c_f1['f1']:+.3f} vs centralized)"
         if arm.federated:
             g = [v["global_final"]["f1"] for v in s["sites"].values() if v.get("global_final")]
             if g:
@@ -451,6 +509,11 @@ def _key_results(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
                                  if v.get("epsilon") is not None)
             text += f"; ε = {per_site or f3(s['epsilon'])} at δ={s['dp_delta']:g}"
         lines.append(text)
+    if exp.baseline:
+        b = exp.baseline
+        lines.append(f"  - reference, {b.get('model', 'baseline')}: test AUROC {f3(b.get('test_auroc'))}, AUPRC "
+                     f"{f3(b.get('test_auprc'))}, F1@thr {f3(b.get('test_f1_tuned'))}, MCC@thr "
+                     f"{f3(b.get('test_mcc_tuned'))}")
     return lines
 
 
