@@ -1,4 +1,4 @@
-# fedesm: make demo (federated run on a tiny model), make test (install + full suite).
+# fedesm: make demo (federated run on real GPSite ATP data, tiny model), make test (install + full suite).
 # On a CPU machine torch is pinned to a CPU build before anything else is installed, so
 # no package pulls a multi-GB CUDA build. GPU users: `make install TORCH=` keeps the torch they have.
 PYTHON ?= python3
@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_out
 .PHONY: help install test test-fast demo experiments-cpu jobs bench poc helm-check chart-tools clean
 
 help:
-	@echo "make demo      run the FRA-LoRA federated demo (tiny ESM-2, synthetic data, 2 sites, CPU)"
+	@echo "make demo      run the FRA-LoRA federated demo (GPSite ATP real data, tiny ESM-2, 2 sites, CPU)"
 	@echo "make test      install everything into $(VENV) and run the whole test suite"
 	@echo "make test-fast unit tests only (no simulator / network runs)"
 	@echo "make experiments-cpu  the paper's experiments at CPU scale (~11 min), report in experiments_out/cpu"

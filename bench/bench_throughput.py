@@ -135,7 +135,7 @@ def _compare(s: ThroughputSettings) -> dict:
     ours_model = build_lora_model(backbone, lora, seed=s.seed)
     config = TrainConfig(steps_per_round=total_steps, rounds=1, batch_size=s.batch_size, lr=s.lr,
                          max_len=max_len, seed=s.seed, device=s.device, precision="auto",
-                         schedule="constant", warmup_steps=0)
+                         schedule="constant", warmup_steps=0, class_weights=None)  # the plain loop's loss
     ours = LocalTrainer(ours_model, backbone.alphabet, records, config)
 
     # Same seeded weights, a separate copy, so the two loops share nothing.

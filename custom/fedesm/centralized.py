@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from fedesm.data.records import Record
 from fedesm.metrics_log import MetricsLog
 from fedesm.model import LoraSettings, build_lora_model, load_backbone, save_adapters
-from fedesm.train import LocalTrainer, TrainConfig
+from fedesm.train import LocalTrainer, TrainConfig, evaluate_with_test
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     """Train for `config.rounds` rounds of `config.steps_per_round` steps; evaluate on `val` after each.
 
     Writes `metrics.jsonl`/`metrics.csv` (round 0 = before training), TensorBoard events under `tb/`,
-    and the `best/` (by validation F1) and `last/` adapters in PEFT's layout.
+    and the `best/` (by validation AUPRC) and `last/` adapters in PEFT's layout; their model cards carry
+    the threshold that maximised F1 on `val`, which `fedesm predict` then calls with.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,11 +35,11 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    rows, best_f1 = [], -1.0
+    rows, best = [], -1.0
     started = time.perf_counter()
 
     def record(round_num: int, stats=None) -> dict:
-        row = {"arm": arm, "site": arm, "round": round_num, **trainer.evaluate(val)}
+        row = {"arm": arm, "site": arm, "round": round_num, **evaluate_with_test(trainer, val)}
         if stats is not None:
             row.update(train_loss=stats.loss, steps=stats.steps, samples=stats.samples,
                        train_seconds=stats.seconds, residues_per_second=stats.residues_per_second, lr=stats.lr)
@@ -46,7 +47,8 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
         metrics.append(row)
         rows.append(row)
         if writer is not None:
-            for k in ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "train_loss"):
+            for k in ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "threshold_tuned",
+                      "train_loss"):
                 if row.get(k) is not None:
                     writer.add_scalar(f"{arm}/{k}", row[k], round_num)
             writer.flush()
@@ -56,14 +58,18 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     for r in range(1, config.rounds + 1):
         stats = trainer.train_steps(config.steps_per_round, progress=progress, desc=f"round {r}/{config.rounds}")
         row = record(r, stats)
-        log.info("round %d/%d  loss %.4f  acc %.3f  prec %.3f  rec %.3f  F1 %.3f", r, config.rounds,
-                 stats.loss, row["accuracy"], row["precision"], row["recall"], row["f1"])
-        if row["f1"] > best_f1:
-            best_f1 = row["f1"]
-            save_adapters(model, out / "best", threshold=config.threshold, max_len=config.max_len,
-                          extra={"round": r, "val_f1": row["f1"]})
-    save_adapters(model, out / "last", threshold=config.threshold, max_len=config.max_len,
-                  extra={"round": config.rounds, "val_f1": rows[-1]["f1"]})
+        log.info("round %d/%d  loss %.4f  AUROC %.3f  AUPRC %.3f  acc %.3f  prec %.3f  rec %.3f  F1 %.3f", r,
+                 config.rounds, stats.loss, row["auroc"], row["auprc"], row["accuracy"], row["precision"],
+                 row["recall"], row["f1"])
+        score = row["auprc"] if row["auprc"] == row["auprc"] else row["f1"]  # NaN when val has one class
+        if score > best:
+            best = score
+            save_adapters(model, out / "best", threshold=row["threshold_tuned"], max_len=config.max_len,
+                          extra={"round": r, "val_auprc": row["auprc"], "val_f1": row["f1"],
+                                 "threshold_source": "maximises F1 on the validation data"})
+    save_adapters(model, out / "last", threshold=rows[-1]["threshold_tuned"], max_len=config.max_len,
+                  extra={"round": config.rounds, "val_auprc": rows[-1]["auprc"], "val_f1": rows[-1]["f1"],
+                         "threshold_source": "maximises F1 on the validation data"})
     if writer is not None:
         writer.close()
     return rows

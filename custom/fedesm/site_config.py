@@ -8,6 +8,7 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     data:
       train: s3://acme-fl/binding/train.parquet              # or a local path
       val: /data/binding/val.fa
+      test: /data/binding/test.fa                            # optional: test_* metrics every round
     allowed_prefixes: [s3://acme-fl/, /data/binding/]         # anything else is refused before reading
     cache_dir: /workspace/cache                              # default: <workspace>/local/fedesm_cache
     s3_endpoint_url: null                                    # default: boto3's own resolution

@@ -37,7 +37,10 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    class_weights: Optional[list] = None  # e.g. [1.0, 5.0], or "balanced" from the local positive rate
+    # "balanced" (default): w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
+    # binding residues are 3-16% of real sets, and plain CE (None) learns slower and calls nothing at 0.5
+    # (docs/results/cpu: test AUROC 0.715 balanced vs 0.658 plain vs 0.654 focal, same steps). Or [w0, w1].
+    class_weights: Optional[list] = "balanced"
     focal_gamma: float = 0.0  # > 0: focal loss (1 - p_t)^gamma * CE, which down-weights easy negatives
     max_len: int = 1000
     seed: int = 0

@@ -47,13 +47,15 @@ def _rows(path):
 def test_presets_dry_run(preset, capsys):
     assert main(["experiment", "run", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 simulator run(s), 2 centralized run(s)" in out
+    assert f"6 simulator run(s), {4 if preset == 'cpu' else 2} centralized run(s)" in out
     assert "job export(s) accept their settings" in out
     for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "fra-dpsgd"):
         assert f"- {arm} " in out
+    assert "347 labelled sequences + 79 test sequences" in out  # both run on the shipped GPSite ATP set
     if preset == "paper":
         assert "30 rounds x 5000 steps" in out and "r=16" in out and "max_len 1000" in out
-        assert "347 labelled sequences + 79 test sequences" in out
+    else:
+        assert "class_weights balanced" in out and "- central-focal" in out and "focal_gamma=2.0" in out
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -89,6 +91,9 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
         assert [r["round"] for r in held if r["split"] == "val"] == [0, 1]
         assert [r["round"] for r in held if r["split"] == "test"] == [1]
         assert all(0 <= r["f1"] <= 1 for r in held)
+        test = next(r for r in held if r["split"] == "test")
+        assert 0 <= test["f1_tuned"] <= 1 and 0 <= test["auroc"] <= 1 and 0 < test["threshold_tuned"] < 1
+        assert (out / exp / arm / "test_pr_curve.json").is_file()
     # federated metrics: both sites, local + global metrics, bytes sent, and epsilon only under DP-SGD
     for arm in ("fra", "ffa", "dpsgd"):
         exp = "exp1" if arm == "fra" else "exp2"
@@ -104,13 +109,18 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "ε spent" in report
+    for exp in ("exp1", "exp2"):  # the sequence-only reference, on each experiment's pooled training data
+        base = json.loads((out / exp / "baseline.json").read_text())
+        assert base["test_auroc"] > 0.5 and base["pr_curve"]["recall"]
+    assert "*baseline: logistic regression, one-hot ±7 window*" in report
+    assert (out / "plots" / "exp1_test_pr_curves.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     eps = summary["experiments"]["exp2"]["arms"]["dpsgd"]["epsilon"]
     assert eps == pytest.approx(max(r["epsilon"] for r in dp_rows.values()))
     assert f"{eps:.2f} (δ=0.0001)" in report
     for png in (out / "plots").glob("*.png"):
         assert f"(plots/{png.name})" in report and png.stat().st_size < 200_000
-    assert (out / "plots" / "exp2_dpsgd_f1.png").is_file() and (out / "plots" / "exp1_arms_f1.png").is_file()
+    assert (out / "plots" / "exp2_dpsgd_f1.png").is_file() and (out / "plots" / "exp1_arms_auprc.png").is_file()
 
     # --resume skips finished arms; a second run without it refuses to overwrite
     assert main(["experiment", "run", str(config), "--out", str(out), "--resume", "--only", "exp1"]) == 0

@@ -56,8 +56,16 @@ def run_dir(tmp_path):
         {"arm": "fed", "site": "held-out", "round": 2, "split": "val", "f1": 0.55, "precision": 0.65, "recall": 0.48,
          "accuracy": 0.91, "auprc": 0.62},
         {"arm": "fed", "site": "held-out", "round": 2, "split": "test", "f1": 0.44, "precision": 0.5, "recall": 0.4,
-         "accuracy": 0.88, "auprc": 0.5},
+         "accuracy": 0.88, "auroc": 0.75, "auprc": 0.5, "mcc": 0.3, "f1_tuned": 0.52, "mcc_tuned": 0.45,
+         "precision_tuned": 0.5, "recall_tuned": 0.54, "threshold_tuned": 0.3},
     ])
+    (run / "e1" / "fed" / "test_pr_curve.json").write_text(json.dumps({"precision": [0.04, 0.5, 1.0],
+                                                                     "recall": [1.0, 0.5, 0.0]}))
+    (run / "e1" / "baseline.json").write_text(json.dumps({
+        "model": "logistic regression on one-hot windows of +-7 residues (scikit-learn)", "test_auroc": 0.7,
+        "test_auprc": 0.4, "test_f1_tuned": 0.45, "test_mcc_tuned": 0.35, "test_precision_tuned": 0.4,
+        "test_recall_tuned": 0.5, "threshold_tuned": 0.2, "test_f1": 0.1, "test_mcc": 0.05,
+        "test_positive_fraction": 0.04, "pr_curve": {"precision": [0.04, 0.4, 1.0], "recall": [1.0, 0.4, 0.0]}}))
     (run / "e1" / "central" / "arm.json").write_text(json.dumps({
         "id": "central", "label": "centralized", "kind": "centralized", "status": "done", "wall_seconds": 50.0,
         "training": {"dp_noise_multiplier": 0.0, "grad_noise_std": 0.0}}))
@@ -66,7 +74,10 @@ def run_dir(tmp_path):
         for r, f in ((0, 0.2), (1, 0.4), (2, 0.7))])
     _jsonl(run / "e1" / "central" / "heldout.jsonl", [
         {"arm": "central", "site": "held-out", "round": r, "split": "val", "f1": f, "precision": f, "recall": f,
-         "accuracy": 0.8, "auprc": None} for r, f in ((0, 0.2), (1, 0.4), (2, 0.7))])
+         "accuracy": 0.8, "auprc": a} for r, f, a in ((0, 0.2, None), (1, 0.4, 0.3), (2, 0.7, 0.55))] + [
+        {"arm": "central", "site": "held-out", "round": 2, "split": "test", "f1": 0.5, "auroc": 0.8, "auprc": 0.6,
+         "f1_tuned": 0.55, "mcc_tuned": 0.5, "precision_tuned": 0.6, "recall_tuned": 0.5, "threshold_tuned": 0.4,
+         "mcc": 0.4}])
     return run
 
 
@@ -99,8 +110,25 @@ def test_heldout_table_numbers(run_dir):
     assert fed["ε spent (worst site)"] == "3.10 (δ=1e-05)"
     assert central["final F1"] == "**0.700**" and central["best F1 (round)"] == "0.700 (r2)"
     assert central["rounds to F1 ≥ 0.5"] == "2"
-    assert central["AUPRC"] == "–" and central["ε spent (worst site)"] == "–" and central["test F1"] == "–"
-    assert "+0.150" not in md and "-0.150 vs centralized" in md  # 0.55 - 0.70
+    assert central["AUPRC"] == "0.550" and central["ε spent (worst site)"] == "–" and central["test F1"] == "0.500"
+    assert "AUPRC -0.100 vs centralized" in md  # test AUPRC 0.5 - 0.6
+
+
+def test_test_table_puts_the_baseline_beside_the_arms(run_dir):
+    md = build_report(run_dir).read_text()
+    rows = {r["arm"]: r for r in _table(md, "arm", "F1@thr")}
+    fed, central = rows["FRA-LoRA"], rows["centralized"]
+    base = rows["*baseline: logistic regression, one-hot ±7 window*"]
+    assert (fed["AUROC"], fed["AUPRC"], fed["F1@thr"], fed["MCC@thr"], fed["thr"], fed["F1@0.5"]) == (
+        "0.750", "0.500", "0.520", "0.450", "0.300", "0.440")
+    assert (central["AUROC"], central["AUPRC"], central["precision@thr"]) == ("0.800", "0.600", "0.600")
+    assert (base["AUROC"], base["AUPRC"], base["F1@thr"], base["recall@thr"], base["thr"]) == (
+        "0.700", "0.400", "0.450", "0.500", "0.200")
+    assert "positive rate, 4.0%" in md
+    assert "reference, logistic regression on one-hot windows of +-7 residues (scikit-learn): test AUROC 0.700" in md
+    assert (run_dir / "plots" / "e1_test_pr_curves.png").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["experiments"]["e1"]["arms"]["fed"]["test_final"]["f1_tuned"] == 0.52
 
 
 def test_site_table_numbers(run_dir):
@@ -121,7 +149,7 @@ def test_round_table_time_and_summary(run_dir):
     md = build_report(run_dir).read_text()
     rounds = _table(md, "round")
     assert [r["round"] for r in rounds] == ["0", "1", "2"]
-    assert rounds[1]["FRA-LoRA"] == "0.600" and rounds[1]["centralized"] == "0.400"
+    assert rounds[1]["FRA-LoRA"] == "0.600" and rounds[1]["centralized"] == "0.300"  # AUPRC per round
     times = {r["arm"]: r for r in _table(md, "arm", "training s / round")}
     assert times["FRA-LoRA"]["training s / round"] == "3.0 s"  # the slower site, each round
     assert times["FRA-LoRA"]["round wall time"] == "12 s"

@@ -35,8 +35,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule,
                    help="decay after warm-up (default cosine)")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient-norm clip, 0 disables (default 1.0)")
-    g.add_argument("--class-weights", default=None,
-                   help="loss weights 'w0,w1' or 'balanced' (from the positive rate); default unweighted")
+    g.add_argument("--class-weights", default="balanced",
+                   help="loss class weights: 'balanced' (default: from the training data's positive rate), "
+                   "'none' (plain cross-entropy) or 'w0,w1'")
     g.add_argument("--focal-gamma", type=float, default=0.0,
                    help="focal loss (1-p_t)^gamma x CE, e.g. 2; default 0 = plain cross-entropy")
     g.add_argument("--max-len", type=int, default=d.max_len,
@@ -50,7 +51,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args) -> TrainConfig:
     cw = args.class_weights
-    if cw and cw != "balanced":
+    if cw in (None, "", "none"):
+        cw = None
+    elif cw != "balanced":
         cw = [float(x) for x in cw.split(",")]
     return TrainConfig(steps_per_round=args.steps_per_round, rounds=args.rounds, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,

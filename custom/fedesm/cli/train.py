@@ -51,15 +51,16 @@ def _train(args) -> int:
     cfg = train_config_from_args(args)
     rows = run_centralized(train, val, args.backbone, args.out, cfg, lora_from_args(args),
                            progress=not args.no_progress)
-    best = max(rows[1:], key=lambda r: r["f1"])
-    print(f"{'round':>5} {'loss':>8} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'AUPRC':>6}")
+    fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) and v == v else f"{'-':>6}"  # noqa: E731
+    best = max(rows[1:], key=lambda r: (r["auprc"] if r["auprc"] == r["auprc"] else -1, r["f1"]))
+    print("validation metrics per round (precision/recall/F1 at 0.5; thr = the F1-maximising threshold)")
+    print(f"{'round':>5} {'loss':>8} {'AUROC':>6} {'AUPRC':>6} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'thr':>6}")
     for r in rows:
         loss = f"{r['train_loss']:.4f}" if r.get("train_loss") is not None else "-"
-        auprc = f"{r['auprc']:.3f}" if r.get("auprc") is not None else "-"
-        print(f"{r['round']:>5} {loss:>8} {r['accuracy']:6.3f} {r['precision']:6.3f} {r['recall']:6.3f} "
-              f"{r['f1']:6.3f} {auprc:>6}")
-    print(f"best round {best['round']} (val F1 {best['f1']:.3f}); adapters in {Path(args.out) / 'best'} "
-          f"and {Path(args.out) / 'last'}")
+        print(f"{r['round']:>5} {loss:>8} {fmt(r['auroc'])} {fmt(r['auprc'])} {fmt(r['accuracy'])} "
+              f"{fmt(r['precision'])} {fmt(r['recall'])} {fmt(r['f1'])} {fmt(r['threshold_tuned'])}")
+    print(f"best round {best['round']} (val AUPRC {best['auprc']:.3f}, calls at {best['threshold_tuned']:.3f}); "
+          f"adapters in {Path(args.out) / 'best'} and {Path(args.out) / 'last'}")
     return 0
 
 

@@ -60,7 +60,7 @@ TRAINING_KEYS = ("rounds", "steps_per_round", "batch_size", "lr", "max_len", "cl
                  "grad_noise_std",
                  "freeze_lora_a", "dp_noise_multiplier", "dp_max_grad_norm", "dp_delta")
 TRAINING_DEFAULTS = {"rounds": 3, "steps_per_round": 100, "batch_size": 8, "lr": 1e-3, "max_len": 1000,
-                     "class_weights": None, "focal_gamma": 0.0, "grad_noise_std": 0.0, "freeze_lora_a": False,
+                     "class_weights": "balanced", "focal_gamma": 0.0, "grad_noise_std": 0.0, "freeze_lora_a": False,
                      "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 1.0, "dp_delta": 1e-5}
 HELDOUT = "held-out"
 

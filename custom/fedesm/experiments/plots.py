@@ -100,7 +100,8 @@ def _save_round_plot(fig, ax, metric: str, title: str, out_path) -> Path:
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, out_path)
 
 
@@ -147,11 +148,16 @@ def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], met
 def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[float] = None) -> Path:
     """Precision-recall curves (name -> {"precision": [...], "recall": [...]}) of final models on test."""
     fig, ax = plt.subplots(figsize=(5.6, 5.0), dpi=110)
-    colors = iter([f"C{i}" for i in range(10)] * 3)
+    colors = iter([f"C{i}" for i in range(10) if i != 3] * 3)  # C3 (red) is the centralized arm's, as in plot_arms
     for name, c in curves.items():
         if not c or not c.get("recall"):
             continue
-        style = dict(color="tab:gray", ls=":") if name.startswith("baseline") else dict(color=next(colors))
+        if name.startswith("baseline"):
+            style = dict(color="tab:gray", ls=":")
+        elif name.startswith(CENTRAL):
+            style = dict(color="tab:red", ls="--")
+        else:
+            style = dict(color=next(colors))
         ax.plot(c["recall"], c["precision"], lw=1.6, label=name, **style)
     if prevalence is not None:
         ax.axhline(prevalence, color="k", lw=0.8, ls="--", label=f"chance (positive rate {prevalence:.1%})")

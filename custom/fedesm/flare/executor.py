@@ -40,7 +40,7 @@ class EsmLoraExecutor(Executor):
         warmup_steps: Optional[int] = None,
         schedule: str = "cosine",
         grad_clip: float = 1.0,
-        class_weights=None,
+        class_weights="balanced",
         focal_gamma: float = 0.0,
         max_len: int = 1000,
         grad_noise_std: float = 0.0,
@@ -67,7 +67,7 @@ class EsmLoraExecutor(Executor):
             backbone: default ESM-2 source if the site config names none (hub name, path, s3://, random:ARCH).
             lora_r, lora_alpha, lora_dropout, lora_targets: LoRA settings (must match the server's).
             steps_per_round: local optimizer steps N per round, each on a batch drawn at random.
-            class_weights: loss weights [w0, w1], or "balanced" (from the site's positive rate); None = plain CE.
+            class_weights: "balanced" (default, from the site's positive rate), [w0, w1], or None = plain CE.
             focal_gamma: > 0 for focal loss (down-weights easy, mostly negative, residues).
             freeze_lora_a: train only LoRA B (the `ffa` strategy).
             grad_noise_std: the paper's DP mode, Gaussian noise on every gradient at every step.
