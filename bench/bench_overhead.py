@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedesm.data.split import split_records, write_split
 from fedesm.data.synth import synth_records
-from fedesm.experiments.demo import summarize, write_site_config
+from fedesm.experiments.demo import write_site_config
 from fedesm.experiments.simulate import run_simulator
 from fedesm.jobs import export_job
 from fedesm.metrics_log import read_rows
@@ -83,13 +83,12 @@ def simulate(work_dir, s: SimSettings) -> dict:
                            log_path=out / "simulator.log", timeout=s.timeout)
     wall = time.perf_counter() - t0
     rows = read_rows(result / "fedesm" / "metrics.jsonl")
-    summary = summarize(rows, s.rounds)
     rounds = split_rounds(rows, log_phases(out / "simulator.log"))
     return {
         "settings": asdict(s),
         "wall_seconds": wall,
-        "global_f1_round0": summary["global_f1_round0"],
-        "global_f1_final": summary["global_f1_final"],
+        "global_f1_round0": _mean_global(rows, "global_f1", 0),
+        "global_f1_final": _mean_global(rows, "global_f1", s.rounds),
         "global_auprc_final": _mean_global(rows, "global_auprc", s.rounds),
         "sent_bytes": _per_site(rows, "sent_bytes"),
         "sent_parameters": _per_site(rows, "sent_parameters"),
