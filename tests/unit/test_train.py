@@ -118,6 +118,8 @@ def test_train_and_predict_commands(tiny_checkpoint, synth_data, tmp_path, capsy
     assert main(["predict", "--model", str(out), "--input", str(tmp_path / "train.fa"), "--out", str(preds)]) == 0
     pred_rows = list(csv.DictReader(preds.open()))
     assert len(pred_rows) == sum(len(r) for r in train)
+    text = capsys.readouterr().out  # labelled input: the metrics at the model card's threshold
+    assert "labelled input" in text and "AUROC" in text and "MCC" in text
     # export + predict from the merged checkpoint gives the same probabilities
     merged = tmp_path / "esm2_merged.pt"
     assert main(["export", "--model", str(out / "best"), "--out", str(merged)]) == 0

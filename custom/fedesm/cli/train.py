@@ -31,7 +31,9 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="per-residue binding probabilities for new sequences",
                        description="Predict binding sites: writes one CSV row per residue (id, position, "
                        "residue, probability, call). --model is a trained model folder (from `fedesm train`, a "
-                       "federated job result, or its best/ folder) or a merged checkpoint from `fedesm export`.")
+                       "federated job result, or its best/ folder) or a merged checkpoint from `fedesm export`. "
+                       "When the input carries labels (3-line FASTA or a table with labels, e.g. gpsite:ATP:test), "
+                       "also prints AUROC, AUPRC and precision/recall/F1/MCC at the threshold.")
     p.add_argument("--model", required=True, help="model folder or merged .pt checkpoint")
     p.add_argument("--input", required=True,
                    help="sequences: FASTA (2- or 3-line), a table with id,sequence, or a shipped set (gpsite:ATP:test)")
@@ -141,7 +143,28 @@ def _predict(args) -> int:
                 w.writerow([rid, i, aa, f"{pi:.4f}", c])
     total = sum(len(s) for _, s in seqs)
     print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f})")
+    labelled = _read_labelled(args.input)
+    if labelled is not None and [r.id for r in labelled] == [rid for rid, _ in seqs]:
+        import numpy as np
+
+        from fedesm.metrics import binary_metrics
+
+        m = binary_metrics(np.concatenate([r.labels for r in labelled]), np.concatenate(probs), threshold)
+        print(f"labelled input ({m['positives']:,} binding residues): AUROC {m['auroc']:.3f}, AUPRC {m['auprc']:.3f}; "
+              f"at threshold {threshold:.2f}: precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
+              f"F1 {m['f1']:.3f}, MCC {m['mcc']:.3f}")
     return 0
+
+
+def _read_labelled(path: str):
+    """The input's labelled records, or None when it carries no labels (2-line FASTA, a table without them)."""
+    from fedesm.data.readers import read_records
+    from fedesm.errors import DataError
+
+    try:
+        return read_records(path)
+    except DataError:
+        return None
 
 
 def _find_model_dir(path: Path) -> Path:
