@@ -83,13 +83,18 @@ def plot_precision_recall(rows: Sequence[dict], out_path, title: str,
         (line,) = ax.plot(rec, prec, marker="o", ms=3, label=label, **style)
         ax.annotate("start", (rec[0], prec[0]), fontsize=7, color=line.get_color())
         ax.plot(rec[-1], prec[-1], marker="*", ms=12, color=line.get_color())
+    return _save_pr_plot(fig, ax, title, out_path, legend_title="* = last round")
+
+
+def _save_pr_plot(fig, ax, title: str, out_path, legend_title: Optional[str] = None) -> Path:
+    """Shared finish of the precision-recall figures: unit axes, labels, grid, legend."""
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="* = last round", title_fontsize=7)
+    ax.legend(fontsize=7, title=legend_title, title_fontsize=7)
     return _save(fig, out_path)
 
 
@@ -161,14 +166,7 @@ def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[floa
         ax.plot(c["recall"], c["precision"], lw=1.6, label=name, **style)
     if prevalence is not None:
         ax.axhline(prevalence, color="k", lw=0.8, ls="--", label=f"chance (positive rate {prevalence:.1%})")
-    ax.set_xlim(0, 1.0)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, out_path)
+    return _save_pr_plot(fig, ax, title, out_path)
 
 
 def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_path, title: str) -> Path:
