@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedesm.data.split import split_records, write_split
 from fedesm.data.synth import synth_records
-from fedesm.experiments.demo import write_site_config
+from fedesm.site_config import write_site_config
 from fedesm.experiments.simulate import run_simulator
 from fedesm.jobs import export_job
 from fedesm.metrics_log import read_rows

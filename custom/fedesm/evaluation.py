@@ -22,6 +22,10 @@ def labels_of(records: Sequence[Record]) -> np.ndarray:
     return np.concatenate([r.labels for r in records]) if records else np.zeros(0, np.uint8)
 
 
+def _cat(probs) -> np.ndarray:
+    return np.concatenate(probs) if len(probs) else np.zeros(0)
+
+
 def pr_curve(labels: np.ndarray, probs: np.ndarray, max_points: int = 400) -> dict:
     """Precision-recall curve (scikit-learn), thinned to at most `max_points` points for storing."""
     from sklearn.metrics import precision_recall_curve
@@ -35,15 +39,15 @@ def pr_curve(labels: np.ndarray, probs: np.ndarray, max_points: int = 400) -> di
 
 def score(val: Sequence[Record], val_probs, test: Optional[Sequence[Record]] = None, test_probs=None,
           curve: bool = False) -> dict:
-    """Metrics for one model's predictions; with `curve`, also its precision-recall curve on test."""
-    if test:
-        out = metrics_with_val_threshold(labels_of(val), np.concatenate(val_probs), labels_of(test),
-                                         np.concatenate(test_probs))
+    """Metrics for one model's predictions (`metrics_with_val_threshold`); with `curve`, also what a plot
+    of the test split needs: its precision-recall curve and its positive rate (chance AUPRC)."""
+    if not test:
+        return metrics_with_val_threshold(labels_of(val), _cat(val_probs))
+    out = metrics_with_val_threshold(labels_of(val), _cat(val_probs), labels_of(test), _cat(test_probs))
+    if curve:
         out["test_positive_fraction"] = float(labels_of(test).mean())
-        if curve:
-            out["pr_curve"] = pr_curve(labels_of(test), np.concatenate(test_probs))
-        return out
-    return metrics_with_val_threshold(labels_of(val), np.concatenate(val_probs))
+        out["pr_curve"] = pr_curve(labels_of(test), _cat(test_probs))
+    return out
 
 
 class AdapterEvaluator:

@@ -28,6 +28,7 @@ from typing import Optional
 
 import yaml
 
+from fedesm.data.catalog import is_shipped_name
 from fedesm.errors import FedesmError
 
 ENV_VAR = "FEDESM_SITE_CONFIG"
@@ -127,3 +128,27 @@ def resolve_site_path(config: SiteConfig, uri: str) -> Path:
 
     cache = Path(config.cache_dir or Path.home() / ".cache" / "fedesm")
     return Path(storage.fetch(uri, cache, policy=config.policy(), endpoint_url=config.s3_endpoint_url))
+
+
+def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, device: Optional[str] = None,
+                      test=None) -> Path:
+    """One site config for every simulated site: `data_dir/{site}/{train,val}.fa` (a `fedesm data split`
+    layout), the backbone, an allow-list of exactly those folders; `test` (a path or a shipped set's
+    name) is every site's test split. `cpu_threads`/`device` are written when given."""
+    data_dir = Path(data_dir).resolve()
+    backbone_path = Path(backbone)
+    config = {
+        "backbone": str(backbone_path.resolve()) if backbone_path.exists() else str(backbone),
+        "data": {"train": str(data_dir / "{site}" / "train.fa"), "val": str(data_dir / "{site}" / "val.fa")},
+        "allowed_prefixes": [str(data_dir)] + ([str(backbone_path.resolve().parent)] if backbone_path.exists() else []),
+    }
+    if test is not None:
+        config["data"]["test"] = str(test) if is_shipped_name(test) else str(Path(test).resolve())
+    if device is not None:
+        config["device"] = device
+    if cpu_threads:
+        config["cpu_threads"] = int(cpu_threads)
+    path = Path(path)
+    path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return path

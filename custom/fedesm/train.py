@@ -232,16 +232,12 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, class_weight: Optio
     return loss * weights, weights
 
 
-def evaluate_with_test(trainer_or_predict, val: Sequence[Record], test: Optional[Sequence[Record]] = None) -> dict:
-    """`metrics_with_val_threshold` for a model: validation metrics, and test metrics when `test` is given."""
-    from fedesm.metrics import metrics_with_val_threshold
+def evaluate_with_test(trainer: "LocalTrainer", val: Sequence[Record], test: Optional[Sequence[Record]] = None) -> dict:
+    """`fedesm.evaluation.score` for a model in memory: validation metrics, and test metrics when `test` is given."""
+    from fedesm.evaluation import score
 
-    predict = getattr(trainer_or_predict, "predict_proba", trainer_or_predict)
-    labels = lambda recs: np.concatenate([r.labels for r in recs]) if recs else np.zeros(0)  # noqa: E731
-    probs = lambda recs: np.concatenate(predict([r.sequence for r in recs])) if recs else np.zeros(0)  # noqa: E731
-    if test:
-        return metrics_with_val_threshold(labels(val), probs(val), labels(test), probs(test))
-    return metrics_with_val_threshold(labels(val), probs(val))
+    probs = lambda recs: trainer.predict_proba([r.sequence for r in recs]) if recs else []  # noqa: E731
+    return score(val, probs(val), test, probs(test) if test else None)
 
 
 def evaluate_probabilities(records: Sequence[Record], probs: Sequence[np.ndarray], threshold: float = 0.5) -> dict:

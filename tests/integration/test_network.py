@@ -134,7 +134,7 @@ def prepare_fedesm_sites(tmp: Path, net: LocalNetwork) -> Path:
     """Synthetic data + a tiny checkpoint per site, named in each site's own kit (local/fedesm_site.yaml)."""
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
-    from fedesm.experiments.demo import write_site_config
+    from fedesm.site_config import write_site_config
     from fedesm.model import make_random_checkpoint
 
     records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=2)

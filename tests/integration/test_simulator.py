@@ -123,7 +123,7 @@ def test_demo_on_real_atp_data_scores_the_test_split_beside_the_baseline(tmp_pat
 def test_cyclic_job_runs(tmp_path):
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
-    from fedesm.experiments.demo import write_site_config
+    from fedesm.site_config import write_site_config
     from fedesm.experiments.simulate import run_simulator
     from fedesm.jobs import export_job
     from fedesm.model import make_random_checkpoint

@@ -49,12 +49,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
 
 
+def parse_class_weights(text):
+    """--class-weights: 'balanced', 'none' (plain cross-entropy) or 'w0,w1'."""
+    if text in (None, "", "none"):
+        return None
+    if text == "balanced":
+        return text
+    return [float(x) for x in text.split(",")]
+
+
 def train_config_from_args(args) -> TrainConfig:
-    cw = args.class_weights
-    if cw in (None, "", "none"):
-        cw = None
-    elif cw != "balanced":
-        cw = [float(x) for x in cw.split(",")]
+    cw = parse_class_weights(args.class_weights)
     return TrainConfig(steps_per_round=args.steps_per_round, rounds=args.rounds, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        schedule=args.schedule, grad_clip=args.grad_clip, class_weights=cw, max_len=args.max_len,

@@ -35,10 +35,10 @@ def register(sub) -> None:
 
 
 def _demo(args) -> int:
+    from fedesm.cli._common import parse_class_weights
     from fedesm.experiments.demo import run_demo
 
-    cw = args.class_weights
-    cw = None if cw == "none" else (cw if cw == "balanced" else [float(x) for x in cw.split(",")])
+    cw = parse_class_weights(args.class_weights)
     run_demo(args.out, dataset=args.dataset, rounds=args.rounds, steps_per_round=args.steps_per_round,
              sites=args.sites, arch=args.arch, backbone=args.backbone, max_len=args.max_len, class_weights=cw,
              strategy=args.strategy, seed=args.seed)

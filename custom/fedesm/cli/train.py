@@ -126,7 +126,8 @@ def _predict(args) -> int:
         threshold, max_len = card.threshold, card.max_len
     threshold = args.threshold if args.threshold is not None else threshold
     max_len = args.max_len or max_len
-    seqs = _read_sequences(args.input)
+    labelled = _read_labelled(args.input)
+    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else _read_sequences(args.input)
     device = resolve_device(args.device)
     model.to(device)
     probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
@@ -143,8 +144,7 @@ def _predict(args) -> int:
                 w.writerow([rid, i, aa, f"{pi:.4f}", c])
     total = sum(len(s) for _, s in seqs)
     print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f})")
-    labelled = _read_labelled(args.input)
-    if labelled is not None and [r.id for r in labelled] == [rid for rid, _ in seqs]:
+    if labelled:
         import numpy as np
 
         from fedesm.metrics import binary_metrics
@@ -157,12 +157,13 @@ def _predict(args) -> int:
 
 
 def _read_labelled(path: str):
-    """The input's labelled records, or None when it carries no labels (2-line FASTA, a table without them)."""
-    from fedesm.data.readers import read_records
+    """The input's labelled, valid records, or None: no labels (2-line FASTA, a table without them) or a
+    problem, which `_read_sequences` then reports in its own terms."""
+    from fedesm.data.validate import load_dataset
     from fedesm.errors import DataError
 
     try:
-        return read_records(path)
+        return load_dataset(path)
     except DataError:
         return None
 

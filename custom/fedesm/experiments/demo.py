@@ -18,34 +18,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from fedesm.data.split import split_records, write_split
 from fedesm.experiments.simulate import run_simulator
 from fedesm.jobs import export_job
 from fedesm.metrics_log import read_rows
+from fedesm.site_config import write_site_config
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"  # dataset name for the synthetic-motif variant (tests)
-
-
-def write_site_config(path: Path, backbone: Path | str, data_dir: Path, cpu_threads: int = 1,
-                      test: Optional[Path] = None) -> Path:
-    backbone_path = Path(backbone)
-    config = {
-        "backbone": str(backbone_path.resolve()) if backbone_path.exists() else str(backbone),
-        "data": {"train": str(data_dir.resolve() / "{site}" / "train.fa"),
-                 "val": str(data_dir.resolve() / "{site}" / "val.fa")},
-        "allowed_prefixes": [str(data_dir.resolve())]
-        + ([str(backbone_path.resolve().parent)] if backbone_path.exists() else []),
-        "cpu_threads": cpu_threads,
-    }
-    if test is not None:
-        config["data"]["test"] = str(Path(test).resolve())
-    path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def _records(dataset: str, n_sequences: int, seed: int):
@@ -187,16 +168,11 @@ def demo_plots(site_rows: list[dict], global_rows: list[dict], baseline: dict, o
 
 
 def timing(rows: list[dict]) -> dict:
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else float("nan")
+    """Round wall time split into the slowest site's training and everything else (NaN when absent)."""
+    from fedesm.experiments.report import mean_round_seconds, slowest_site_train_seconds
 
-    sites = [r for r in rows if r.get("site") != "server"]
-    server = [r for r in rows if r.get("site") == "server"]
-    round_s = mean(r.get("round_seconds") for r in server)
-    by_round: dict[int, list[float]] = {}
-    for r in sites:
-        if r.get("train_seconds") is not None:
-            by_round.setdefault(r["round"], []).append(r["train_seconds"])
-    train_s = mean(max(v) for v in by_round.values()) if by_round else float("nan")  # sites run concurrently
+    nan = float("nan")
+    round_s = mean_round_seconds(rows)
+    train_s = slowest_site_train_seconds(rows)
+    round_s, train_s = (nan if round_s is None else round_s), (nan if train_s is None else train_s)
     return {"mean_round_seconds": round_s, "mean_train_seconds": train_s, "mean_overhead_seconds": round_s - train_s}

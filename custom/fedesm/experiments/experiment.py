@@ -540,21 +540,6 @@ def prepare_backbone(cfg: ExperimentConfig, out: Path) -> str:
     return str(path.resolve())
 
 
-def write_site_config(path: Path, backbone: str, data_dir: Path, cpu_threads, device: str) -> Path:
-    data_dir = data_dir.resolve()
-    allowed = [str(data_dir)]
-    if Path(backbone).exists():
-        allowed.append(str(Path(backbone).resolve().parent))
-    config = {"backbone": backbone,
-              "data": {"train": str(data_dir / "{site}" / "train.fa"), "val": str(data_dir / "{site}" / "val.fa")},
-              "allowed_prefixes": allowed, "device": device}
-    if cpu_threads:
-        config["cpu_threads"] = int(cpu_threads)
-    path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc")
 TUNED_KEYS = ("precision_tuned", "recall_tuned", "f1_tuned", "mcc_tuned")
 
@@ -652,6 +637,8 @@ def run_federated(cfg, exp, arm, arm_dir: Path, data_dir: Path, backbone: str, h
 
     t = arm_training(cfg.training, exp, arm)
     job = export_job(exp.job, arm_dir, job_overrides(cfg, exp, arm, backbone), job_name="job")
+    from fedesm.site_config import write_site_config
+
     site_cfg = write_site_config(arm_dir / "site_config.yaml", backbone, data_dir, cfg.runtime["cpu_threads"],
                                  cfg.runtime["device"])
     prefix = f"  [{exp.id}/{arm.id}]"
@@ -694,14 +681,22 @@ def run_federated(cfg, exp, arm, arm_dir: Path, data_dir: Path, backbone: str, h
     return {"result_dir": str(result), "simulator_seconds": sim_seconds}
 
 
-def run_central(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, heldout, evaluator, echo) -> dict:
-    from fedesm.centralized import run_centralized
+def pooled_site_training(split_dir: Path) -> list:
+    """Every site's training records of a split folder, site by site: what centralized arms and the
+    baseline train on."""
     from fedesm.data.validate import load_dataset
 
-    t = arm_training(cfg.training, exp, arm)
     pooled = []
     for site in sorted(p for p in split_dir.iterdir() if p.is_dir() and (p / "train.fa").is_file()):
         pooled += load_dataset(site / "train.fa")
+    return pooled
+
+
+def run_central(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, heldout, evaluator, echo) -> dict:
+    from fedesm.centralized import run_centralized
+
+    t = arm_training(cfg.training, exp, arm)
+    pooled = pooled_site_training(split_dir)
     prefix = f"  [{exp.id}/{arm.id}]"
     echo(f"{prefix} centralized: {len(pooled)} pooled training sequences, {t['rounds']} rounds x "
          f"{t['steps_per_round']} steps, evaluated on the held-out val split")
@@ -732,12 +727,9 @@ def run_central(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, he
 
 def _run_baseline(exp, exp_dir: Path, split_dir: Path, heldout, seed: int, echo) -> dict:
     """The sequence-only reference on the experiment's pooled site training data: exp_dir/baseline.json."""
-    from fedesm.data.validate import load_dataset
     from fedesm.evaluation import baseline_scores
 
-    pooled = []
-    for site in sorted(p for p in split_dir.iterdir() if p.is_dir() and (p / "train.fa").is_file()):
-        pooled += load_dataset(site / "train.fa")
+    pooled = pooled_site_training(split_dir)
     scores = baseline_scores(pooled, heldout["val"], heldout["test"], seed=seed)
     _write_json(exp_dir / "baseline.json", scores)
     echo(f"  [{exp.id}/baseline] {scores['model']}, {len(pooled)} pooled training chains: test AUROC "

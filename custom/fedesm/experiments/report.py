@@ -128,20 +128,30 @@ def final_epsilon(arm: ArmResult, site: Optional[str] = None) -> Optional[float]
     return max(values) if values else None
 
 
-def train_seconds_per_round(arm: ArmResult) -> Optional[float]:
-    """Local training time per round: the slowest site's (sites train at the same time)."""
-    if not arm.federated:
-        return mean(r.get("train_seconds") for r in arm.site_rows)
+def slowest_site_train_seconds(rows: list[dict]) -> Optional[float]:
+    """Mean over rounds of the slowest site's local training seconds (sites train at the same time),
+    from a federated run's metrics table."""
     by_round: dict[int, list] = {}
-    for s in arm.sites():
-        for r in arm.site_series(s):
-            if r.get("train_seconds") is not None:
-                by_round.setdefault(r["round"], []).append(r["train_seconds"])
+    for r in rows:
+        if r.get("site") not in (SERVER, CENTRAL, HELDOUT) and r.get("train_seconds") is not None:
+            by_round.setdefault(r["round"], []).append(r["train_seconds"])
     return mean(max(v) for v in by_round.values())
 
 
+def mean_round_seconds(rows: list[dict]) -> Optional[float]:
+    """Mean server-side round wall time, from a federated run's metrics table."""
+    return mean(r.get("round_seconds") for r in rows if r.get("site") == SERVER)
+
+
+def train_seconds_per_round(arm: ArmResult) -> Optional[float]:
+    """Local training time per round: the slowest site's, or the centralized run's."""
+    if not arm.federated:
+        return mean(r.get("train_seconds") for r in arm.site_rows)
+    return slowest_site_train_seconds(arm.site_rows)
+
+
 def round_seconds(arm: ArmResult) -> Optional[float]:
-    return mean(r.get("round_seconds") for r in arm.site_rows if r.get("site") == SERVER)
+    return mean_round_seconds(arm.site_rows)
 
 
 def arm_summary(arm: ArmResult, target: float) -> dict:
