@@ -25,7 +25,10 @@ import json
 import numpy as np
 
 from fedesm.flare.payload import make_weights_shareable, shareable_nbytes
-from fedesm.model import (CLASSIFIER_NAME, LoraSettings, get_architecture, initial_exchanged_state, new_esm2)
+from fedesm.model.adapters import initial_exchanged_state
+from fedesm.model.architectures import get_architecture, new_esm2
+from fedesm.model.keys import CLASSIFIER_NAME
+from fedesm.settings import LoraSettings
 
 DEFAULT_ARCHS = ("esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D", "esm2_t30_150M_UR50D", "esm2_t33_650M_UR50D")
 SITE_META = {  # what the executor puts beside the weights (steps, sample count, metrics, site name)

@@ -33,10 +33,11 @@ from pathlib import Path
 from fedesm.data.split import split_records, write_split
 from fedesm.data.synth import synth_records
 from fedesm.site_config import write_site_config
-from fedesm.experiments.simulate import run_simulator
-from fedesm.jobs import export_job
-from fedesm.metrics_log import read_rows
-from fedesm.model import make_random_checkpoint
+from fedesm.launch.simulate import run_simulator
+from fedesm import results
+from fedesm.launch.jobs import export_job
+from fedesm.tables import read_table
+from fedesm.model.checkpoint import make_random_checkpoint
 
 
 @dataclass
@@ -74,15 +75,16 @@ def simulate(work_dir, s: SimSettings) -> dict:
     write_split(split, out / "data", fmt="fasta", overwrite=True)
     ckpt = make_random_checkpoint(s.arch, out / f"{s.arch}.pt", seed=0)
     site_cfg = write_site_config(out / "site_config.yaml", ckpt, out / "data", cpu_threads=s.cpu_threads)
-    overrides = {"arch": s.arch, "backbone_hint": str(ckpt), "backbone": str(ckpt), "num_rounds": s.rounds,
-                 "min_clients": s.sites, "steps_per_round": s.steps_per_round, "batch_size": s.batch_size,
-                 "lr": s.lr, "lora_r": s.lora_r, "max_len": 256, "strategy": "fra", "seed": s.seed,
-                 "transfer_dtype": s.transfer_dtype}
+    overrides = {"model.arch": s.arch, "model.backbone": str(ckpt), "training.rounds": s.rounds,
+                 "federation.min_clients": s.sites, "training.steps_per_round": s.steps_per_round,
+                 "training.batch_size": s.batch_size, "training.lr": s.lr, "lora.r": s.lora_r,
+                 "training.max_len": 256, "federation.strategy": "fra", "training.seed": s.seed,
+                 "federation.transfer_dtype": s.transfer_dtype}
     job = export_job("esm2_fra_lora", out / "jobs", overrides)
     result = run_simulator(job, out / "workspace", n_clients=s.sites, site_config=site_cfg,
                            log_path=out / "simulator.log", timeout=s.timeout)
     wall = time.perf_counter() - t0
-    rows = read_rows(result / "fedesm" / "metrics.jsonl")
+    rows = read_table(results.output_dir(result) / results.METRICS)
     rounds = split_rounds(rows, log_phases(out / "simulator.log"))
     return {
         "settings": asdict(s),

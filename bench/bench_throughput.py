@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer
 from fedesm.data.synth import synth_records
-from fedesm.model import LoraSettings, build_lora_model, load_backbone
-from fedesm.train import LocalTrainer, TrainConfig
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.backbone import load_backbone
+from fedesm.settings import LoraSettings, TrainConfig
+from fedesm.training.trainer import LocalTrainer
 
 MIN_RATIO = 0.95  # ours / plain residues per second must not fall below this
 

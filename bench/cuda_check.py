@@ -25,8 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "custom"))
 
 from fedesm.data.validate import load_dataset  # noqa: E402
-from fedesm.model import LoraSettings, build_lora_model, count_parameters, load_backbone  # noqa: E402
-from fedesm.train import LocalTrainer, TrainConfig, predict_proba  # noqa: E402
+from fedesm.model.adapters import build_lora_model, count_parameters  # noqa: E402
+from fedesm.model.backbone import load_backbone  # noqa: E402
+from fedesm.settings import LoraSettings  # noqa: E402
+from fedesm.settings import TrainConfig  # noqa: E402
+from fedesm.training.inference import predict_proba  # noqa: E402
+from fedesm.training.trainer import LocalTrainer  # noqa: E402
 
 
 def speed(arch: str, records, steps: int = 30, warmup: int = 5) -> dict:
@@ -59,7 +63,7 @@ def agreement(arch: str, records) -> dict:
     seqs = [r.sequence for r in records]
     cpu = np.concatenate(predict_proba(model, tok, seqs, 1000, torch.device("cpu")))
     model.to("cuda")
-    gpu = np.concatenate(predict_proba(model, tok, seqs, 1000, torch.device("cuda"), autocast_dtype=torch.bfloat16))
+    gpu = np.concatenate(predict_proba(model, tok, seqs, 1000, torch.device("cuda"), autocast=torch.bfloat16))
     gpu32 = np.concatenate(predict_proba(model, tok, seqs, 1000, torch.device("cuda")))
     return {"arch": arch, "residues": int(cpu.size), "longest": max(len(s) for s in seqs),
             "max_abs_diff_bf16_vs_cpu_fp32": float(np.abs(cpu - gpu).max()),
@@ -69,7 +73,8 @@ def agreement(arch: str, records) -> dict:
 
 def long_run(arch: str, train, test, steps: int, lr: float) -> dict:
     from fedesm.data.split import split_records
-    from fedesm.evaluation import baseline_scores, score
+    from fedesm.evaluation.reference import reference_scores
+    from fedesm.evaluation.scoring import score
 
     split = split_records(train, "iid", 1, val_frac=0.1, test_frac=0.0, seed=0, site_val_frac=0.0)
     pool = split.sites["site-1"]
@@ -87,9 +92,9 @@ def long_run(arch: str, train, test, steps: int, lr: float) -> dict:
         curve.append({"steps": (k + 1) * (steps // 5), "test_auroc": m["test_auroc"], "test_auprc": m["test_auprc"],
                       "test_f1_tuned": m["test_f1_tuned"]})
         print(f"  {arch} {curve[-1]}", flush=True)
-    base = baseline_scores(pool, split.val, test)
+    base = reference_scores(pool, split.val, test)
     return {"arch": arch, "steps": steps, "lr": lr, "seconds": time.perf_counter() - t0, "curve": curve,
-            "baseline": {k: base[k] for k in ("test_auroc", "test_auprc", "test_f1_tuned")}}
+            "reference": {k: base[k] for k in ("test_auroc", "test_auprc", "test_f1_tuned")}}
 
 
 def main(argv=None) -> int:

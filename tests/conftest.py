@@ -14,7 +14,7 @@ TINY_ARCH = "esm2_t2_tiny"  # 2 layers, 64-dim, 4 heads
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-init 2-layer 64-dim ESM-2 written by fedesm in fair-esm's own format."""
-    from fedesm.model import make_random_checkpoint
+    from fedesm.model.checkpoint import make_random_checkpoint
 
     return make_random_checkpoint(TINY_ARCH, tmp_path_factory.mktemp("ckpt") / f"{TINY_ARCH}.pt", seed=0)
 

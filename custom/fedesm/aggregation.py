@@ -14,25 +14,22 @@ products exactly and re-factors the result to rank ``r`` without ever forming th
 it back the next round, so nothing is lost over rounds. ``ffa`` (FFA-LoRA) freezes A, which
 makes plain averaging of B exact.
 
-State dicts are flat ``{name: array}`` dicts with PEFT names: LoRA pairs end in
-``.lora_A.weight`` / ``.lora_B.weight`` (an adapter name such as ``.lora_A.default.weight`` is
-accepted too) and share a prefix; every other tensor (e.g. the classification head) is
-weighted-averaged (FedAvg).
+State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.model.keys``): LoRA pairs
+end in ``.lora_A.weight`` / ``.lora_B.weight`` and share a prefix; every other tensor (e.g. the
+classification head) is weighted-averaged (FedAvg).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
+from fedesm.model.keys import lora_pairs
+from fedesm.settings import STRATEGIES
 
-_LORA_A_RE = re.compile(r"^(?P<prefix>.+)\.lora_A(?P<adapter>\.[^.]+)?\.weight$")
-_LORA_B_RE = re.compile(r"^(?P<prefix>.+)\.lora_B(?P<adapter>\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -168,28 +165,6 @@ def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank:
 # --------------------------------------------------------------------------------------------
 # state-dict level entry point
 # --------------------------------------------------------------------------------------------
-
-
-def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Map each LoRA module name (prefix incl. adapter name) to its ``(lora_A key, lora_B key)``."""
-    keys = list(keys)
-    key_set = set(keys)
-    pairs: dict[str, tuple[str, str]] = {}
-    for key in keys:
-        m = _LORA_A_RE.match(key)
-        if m:
-            adapter = m.group("adapter") or ""
-            b_key = f"{m.group('prefix')}.lora_B{adapter}.weight"
-            if b_key not in key_set:
-                raise ValueError(f"LoRA key {key!r} has no matching {b_key!r}")
-            pairs[m.group("prefix") + adapter] = (key, b_key)
-        else:
-            m = _LORA_B_RE.match(key)
-            if m:
-                a_key = f"{m.group('prefix')}.lora_A{m.group('adapter') or ''}.weight"
-                if a_key not in key_set:
-                    raise ValueError(f"LoRA key {key!r} has no matching {a_key!r}")
-    return pairs
 
 
 def _check_sites(site_states: Sequence[dict[str, Any]]) -> list[str]:

@@ -20,12 +20,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from fedesm.errors import FedesmError
-from fedesm.fileio import atomic_write_text
+from fedesm.fileio import atomic_path, atomic_write_text
 
 S3_SCHEME = "s3://"
 ENDPOINT_ENV = "FEDESM_S3_ENDPOINT_URL"
@@ -265,40 +264,25 @@ def _is_fresh(target: Path, meta_path: Path, info: dict) -> bool:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
 def _download(client, uri: str, bucket: str, key: str, target: Path, meta_path: Path, info: dict) -> None:
     """Download to a temp file next to ``target``, check its size, then rename into place."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        os.close(fd)
-    except OSError as exc:
-        raise FedesmError(f"{uri}: cannot write into the cache at {target.parent}: {exc.strerror or exc}") from None
-    try:
-        # s3transfer pins the download to one ETag (IfMatch) and uses ranged parallel GETs for big files.
-        client.download_file(bucket, key, tmp)
-        size = os.path.getsize(tmp)
-        if size != info["size"]:
-            raise FedesmError(f"{uri}: downloaded {size} bytes, expected {info['size']} (object changed? retry)")
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".part") as tmp:
+            # s3transfer pins the download to one ETag (IfMatch) and uses ranged parallel GETs for big files.
+            client.download_file(bucket, key, str(tmp))
+            size = os.path.getsize(tmp)
+            if size != info["size"]:
+                raise FedesmError(f"{uri}: downloaded {size} bytes, expected {info['size']} (object changed? retry)")
     except FedesmError:
-        Path(tmp).unlink(missing_ok=True)
         raise
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise FedesmError(f"{uri}: cannot write {target}: {exc.strerror or exc}") from None
     except Exception as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise _s3_error(uri, exc) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     meta = dict(info, uri=uri, mtime_ns=target.stat().st_mtime_ns)
-    _atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
+    meta_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta_path, json.dumps(meta, sort_keys=True))
 
 
 def _fetch_object(client, uri: str, bucket: str, key: str, cache_dir: Path, info: dict | None = None) -> Path:

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from fedesm.cli import main
-from fedesm.dp import compute_epsilon
+from fedesm.training.privacy.accountant import compute_epsilon
 from fedesm.errors import FedesmError
-from fedesm.experiments.experiment import load_config, parse_config
+from fedesm.experiments.config import load_config, parse_config
 
 SMALL = {
     "name": "small",
@@ -21,20 +21,21 @@ SMALL = {
     "sites": 2,
     "data": {"synthetic": {"n": 120, "families": 12, "pos_rate": 0.1, "min_len": 60, "max_len": 120},
              "val_frac": 0.15, "test_frac": 0.1, "site_val_frac": 0.2},
-    "backbone": {"arch": "esm2_t2_tiny", "source": "random"},
+    "model": {"arch": "esm2_t2_tiny", "backbone": "random"},
     "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
     "training": {"rounds": 1, "steps_per_round": 5, "batch_size": 4, "lr": 0.003, "max_len": 128},
     "runtime": {"device": "cpu", "cpu_threads": 1, "simulator_timeout": 300},
     "experiments": [
         {"id": "exp1", "title": "IID", "split": "iid", "job": "esm2_fra_lora",
-         "arms": [{"id": "fra", "strategy": "fra"}, {"id": "centralized", "kind": "centralized"}]},
+         "arms": [{"id": "fra", "federation": {"strategy": "fra"}}, {"id": "centralized", "kind": "centralized"}]},
         {"id": "exp2", "title": "skew + noise", "split": "skew", "job": "esm2_fra_lora_skew_dp",
          "training": {"grad_noise_std": 1.0e-4},
-         "arms": [{"id": "ffa", "strategy": "ffa", "training": {"freeze_lora_a": True}},
+         "arms": [{"id": "ffa", "federation": {"strategy": "ffa"}, "training": {"freeze_lora_a": True}},
                   {"id": "centralized", "kind": "centralized"},
-                  {"id": "dpsgd", "strategy": "fra",
+                  {"id": "dpsgd",
                    "training": {"grad_noise_std": 0.0, "dp_noise_multiplier": 1.2, "dp_max_grad_norm": 0.5,
                                 "dp_delta": 1.0e-4}}]},
+        {"id": "exp3", "title": "cyclic", "split": "iid", "job": "esm2_cyclic", "arms": [{"id": "cyclic"}]},
     ],
 }
 
@@ -71,6 +72,44 @@ def test_config_errors_are_one_line(tmp_path):
     assert cfg.training["rounds"] == 2 and cfg.experiments[1].training["grad_noise_std"] == 0.001
     with pytest.raises(FedesmError, match="no entry with id 'nope'"):
         load_config("cpu", ["experiments.nope.training.rounds=2"])
+    bad = yaml.safe_load(yaml.safe_dump(SMALL))
+    bad["training"]["lr"] = -1
+    with pytest.raises(FedesmError, match="training.lr: the learning rate must be > 0"):
+        parse_config(bad)
+    bad = yaml.safe_load(yaml.safe_dump(SMALL))
+    bad["training"]["seed"] = 3
+    with pytest.raises(FedesmError, match="training.seed: set by the experiment for every arm; use the top-level"):
+        parse_config(bad)
+
+
+@pytest.mark.parametrize("job", ["esm2_fra_lora", "esm2_fra_lora_skew_dp", "esm2_cyclic"])
+def test_an_experiment_can_use_every_shipped_job(job, capsys):
+    """Each job exports with an experiment's settings (the cyclic job once lacked keys and failed here)."""
+    cfg = load_config("cpu", [f"experiments.exp1_iid.job={job}"])
+    assert cfg.experiments[0].job == job
+    from fedesm.experiments.plan import dry_run
+
+    assert "  checked: 6 job export(s) accept their settings" in dry_run(cfg)
+
+
+def test_both_set_flags_parse_values_alike(tmp_path):
+    """`experiment run --set` and `job export --set` read a value the same way (YAML): numbers, null,
+    booleans, lists, and text."""
+    from fedesm.launch.jobs import export_job, read_job_settings
+
+    items = {"training.lr": "1e-3", "training.warmup_steps": "null", "training.freeze_lora_a": "true",
+             "training.class_weights": "[1, 9]", "lora.targets": "[q_proj, v_proj]", "training.schedule": "linear"}
+    assignments = [f"{k}={v}" for k, v in items.items()]
+    cfg = load_config("cpu", assignments)
+    job = read_job_settings(export_job("esm2_fra_lora", tmp_path, assignments, include_package=False))
+    from fedesm.experiments.config import arm_settings
+
+    exp_side = arm_settings(cfg, cfg.experiments[0], cfg.experiments[0].arms[0])
+    for key in items:
+        block, name = key.split(".")
+        assert getattr(getattr(exp_side, block), name) == getattr(getattr(job, block), name), key
+    assert job.training.lr == 1e-3 and job.training.warmup_steps is None and job.training.freeze_lora_a is True
+    assert job.training.class_weights == [1.0, 9.0] and job.lora.targets == ("q_proj", "v_proj")
 
 
 @pytest.mark.slow
@@ -84,7 +123,7 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
 
     split = json.loads((out / "data" / "skew" / "split.json").read_text())
     for exp, arm in (("exp1", "fra"), ("exp1", "centralized"), ("exp2", "ffa"), ("exp2", "centralized"),
-                     ("exp2", "dpsgd")):
+                     ("exp2", "dpsgd"), ("exp3", "cyclic")):
         info = json.loads((out / exp / arm / "arm.json").read_text())
         assert info["status"] == "done" and info["wall_seconds"] > 0
         held = _rows(out / exp / arm / "heldout.jsonl")
@@ -110,9 +149,9 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "ε spent" in report
     for exp in ("exp1", "exp2"):  # the sequence-only reference, on each experiment's pooled training data
-        base = json.loads((out / exp / "baseline.json").read_text())
+        base = json.loads((out / exp / "reference.json").read_text())
         assert base["test_auroc"] > 0.5 and base["pr_curve"]["recall"]
-    assert "*baseline: logistic regression, one-hot ±7 window*" in report
+    assert "*reference: logistic regression, one-hot ±7 window*" in report
     assert (out / "plots" / "exp1_test_pr_curves.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     eps = summary["experiments"]["exp2"]["arms"]["dpsgd"]["epsilon"]

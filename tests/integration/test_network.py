@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 import pytest
 
-from fedesm.flare.network import LocalNetwork
+from fedesm.launch.network import LocalNetwork
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def prepare_fedesm_sites(tmp: Path, net: LocalNetwork) -> Path:
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
     from fedesm.site_config import write_site_config
-    from fedesm.model import make_random_checkpoint
+    from fedesm.model.checkpoint import make_random_checkpoint
 
     records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=2)
     write_split(split_records(records, "iid", 2, seed=2, site_val_frac=0.15), tmp / "data", overwrite=True)
@@ -147,20 +147,20 @@ def prepare_fedesm_sites(tmp: Path, net: LocalNetwork) -> Path:
 
 def _fedesm_job(tmp: Path, net: LocalNetwork, **overrides) -> Path:
     """The real esm2_fra_lora bundle, exported self-contained (fedesm in app/custom) with small settings."""
-    from fedesm.jobs import export_job
+    from fedesm.launch.jobs import export_job
 
     ckpt = prepare_fedesm_sites(tmp, net)
-    settings = {"arch": "esm2_t2_tiny", "backbone": "random:esm2_t2_tiny", "backbone_hint": str(ckpt),
-                "num_rounds": FEDESM_ROUNDS, "steps_per_round": 20, "lora_r": 4, "max_len": 200}
+    settings = {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt), "training.rounds": FEDESM_ROUNDS,
+                "training.steps_per_round": 20, "lora.r": 4, "training.max_len": 200}
     settings.update(overrides)
     return export_job("esm2_fra_lora", tmp / "jobs", settings)
 
 
 def _check_fedesm_result(result: Path) -> None:
-    from fedesm.metrics_log import read_rows
+    from fedesm.tables import read_table
 
     out = result / "workspace" / "fedesm"
-    rows = read_rows(out / "metrics.jsonl")
+    rows = read_table(out / "metrics.jsonl")
     for rnd in range(1, FEDESM_ROUNDS + 1):
         assert {r["site"] for r in rows if r["round"] == rnd and r.get("f1") is not None} == {"site-1", "site-2"}
     assert {r["site"] for r in rows if r["round"] == FEDESM_ROUNDS and r.get("global_f1") is not None} == {
@@ -237,7 +237,7 @@ def test_admin_abort_ends_job_aborted(both_sites, tmp_path):
 
 def test_admin_abort_of_fedesm_job_stops_sites_between_steps(both_sites, tmp_path):
     net = both_sites
-    job = _fedesm_job(tmp_path, net, num_rounds=3, steps_per_round=100_000)  # would run for hours
+    job = _fedesm_job(tmp_path, net, **{"training.rounds": 3, "training.steps_per_round": 100_000})  # hours
     job_id = net.submit(job)
     wait_for_text(net.job_log("site-1", job_id), "validation sequences; backbone", timeout=120)
     time.sleep(2)  # inside the local steps of round 0

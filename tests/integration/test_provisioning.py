@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from cryptography.x509.oid import NameOID
 
 from fedesm.cli import poc
-from fedesm.flare.network import DEFAULT_PROJECT_FILE, NetworkError, provision, render_project
+from fedesm.launch.network import DEFAULT_PROJECT_FILE, NetworkError, provision, render_project
 
 SERVER_NAME = "fl.fedesm.example"
 FL_PORT = 18002

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fedesm.cli import main
-from fedesm.metrics_log import read_rows
+from fedesm.tables import read_table
 
 pytestmark = pytest.mark.slow
 
@@ -16,17 +16,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fra_run(tmp_path_factory):
     """The demo pipeline (what `make demo` runs) with 2 sites x 2 rounds, on learnable synthetic motifs."""
-    from fedesm.experiments.demo import run_demo
+    from fedesm.experiments.demo import DEMO, run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, dataset="synthetic", rounds=2, steps_per_round=60, sites=2, n_sequences=400,
-                       max_len=256, echo=lambda *a: None)
+    settings = DEMO.with_overrides({"rounds": 2, "steps_per_round": 60, "max_len": 256})
+    summary = run_demo(out, dataset="synthetic", settings=settings, n_sequences=400, echo=lambda *a: None)
     return out, summary
 
 
 def test_global_model_improves_and_every_site_reports_each_round(fra_run):
     out, summary = fra_run
-    rows = read_rows(out / "workspace/server/simulate_job/fedesm/metrics.jsonl")
+    rows = read_table(out / "workspace/server/simulate_job/fedesm/metrics.jsonl")
     sites = {"site-1", "site-2"}
     for rnd in (1, 2):
         reported = {r["site"] for r in rows if r["round"] == rnd and r.get("f1") is not None}
@@ -55,7 +55,7 @@ def test_global_adapters_saved_in_peft_layout(fra_run):
         assert (res / sub / "adapter_model.safetensors").is_file(), sub
     card = json.loads((res / "best" / "fedesm_model.json").read_text())
     assert card["extra"]["best_round"] in (1, 2) and card["extra"]["best_metric"] == "auprc"
-    rows = read_rows(res / "metrics.jsonl")
+    rows = read_table(res / "metrics.jsonl")
     thresholds = [r["global_threshold_tuned"] for r in rows
                   if r["round"] == card["extra"]["best_round"] and "global_threshold_tuned" in r]
     assert len(thresholds) == 2 and card["threshold"] == pytest.approx(sum(thresholds) / 2)
@@ -63,7 +63,9 @@ def test_global_adapters_saved_in_peft_layout(fra_run):
 
 
 def test_sites_send_only_adapters_and_head(fra_run):
-    from fedesm.model import LoraSettings, build_lora_model, count_parameters, load_backbone
+    from fedesm.model.adapters import build_lora_model, count_parameters
+    from fedesm.model.backbone import load_backbone
+    from fedesm.settings import LoraSettings
 
     out, _ = fra_run
     res = out / "workspace/server/simulate_job/fedesm"
@@ -74,7 +76,7 @@ def test_sites_send_only_adapters_and_head(fra_run):
     for site, info in manifest.items():
         assert info["parameters"] == trainable
         assert all((".lora_A." in n) or (".lora_B." in n) or ".classifier." in n for n in info["tensors"]), site
-    rows = read_rows(res / "metrics.jsonl")
+    rows = read_table(res / "metrics.jsonl")
     sent = [r["sent_parameters"] for r in rows if "sent_parameters" in r]
     assert len(sent) == 4 and set(sent) == {trainable}
 
@@ -99,19 +101,20 @@ def test_demo_plots_written(fra_run):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_on_real_atp_data_scores_the_test_split_beside_the_baseline(tmp_path):
-    """`make demo`'s real path, shortened: GPSite ATP over 2 sites, the official test split, the LR baseline."""
-    from fedesm.experiments.demo import run_demo
+def test_demo_on_real_atp_data_scores_the_test_split_beside_the_reference(tmp_path):
+    """`make demo`'s real path, shortened: GPSite ATP over 2 sites, the official test split, the LR reference."""
+    from fedesm.experiments.demo import DEMO, run_demo
 
     lines = []
-    summary = run_demo(tmp_path, rounds=1, steps_per_round=10, max_len=256, echo=lines.append)
+    settings = DEMO.with_overrides({"rounds": 1, "steps_per_round": 10, "max_len": 256})
+    summary = run_demo(tmp_path, settings=settings, echo=lines.append)
     text = "\n".join(lines)
-    assert "gpsite:ATP" in text and "test 79 chains" in text and "baseline (LR)" in text
+    assert "gpsite:ATP" in text and "test 79 chains" in text and "reference (LR)" in text
     split = json.loads((tmp_path / "data" / "split.json").read_text())
     assert split["test"]["sequences"] == 79 and split["test"]["residues"] == 39_459
     pool = sum(v["train"]["sequences"] + v["val"]["sequences"] for v in split["sites"].values())
     assert pool + split["val"]["sequences"] == 347
-    base, final = summary["baseline_test"], summary["global_final_test"]
+    base, final = summary["reference_test"], summary["global_final_test"]
     assert base["test_auroc"] > 0.65 and base["test_auprc"] > 0.1  # the reference on the same split
     for k in ("test_auroc", "test_auprc", "test_f1", "test_f1_tuned", "test_mcc_tuned", "threshold_tuned"):
         assert 0 <= final[k] <= 1, k
@@ -124,19 +127,19 @@ def test_cyclic_job_runs(tmp_path):
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
     from fedesm.site_config import write_site_config
-    from fedesm.experiments.simulate import run_simulator
-    from fedesm.jobs import export_job
-    from fedesm.model import make_random_checkpoint
+    from fedesm.launch.simulate import run_simulator
+    from fedesm.launch.jobs import export_job
+    from fedesm.model.checkpoint import make_random_checkpoint
 
     records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=1)
     write_split(split_records(records, "iid", 2, seed=1, site_val_frac=0.15), tmp_path / "data")
     ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt")
     cfg = write_site_config(tmp_path / "site.yaml", ckpt, tmp_path / "data")
-    job = export_job("esm2_cyclic", tmp_path / "jobs", {"arch": "esm2_t2_tiny", "backbone": str(ckpt),
-                                                         "num_rounds": 2, "steps_per_round": 20, "lora_r": 4,
-                                                         "max_len": 200})
+    job = export_job("esm2_cyclic", tmp_path / "jobs", {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt),
+                                                         "training.rounds": 2, "training.steps_per_round": 20,
+                                                         "lora.r": 4, "training.max_len": 200})
     result = run_simulator(job, tmp_path / "ws", n_clients=2, site_config=cfg, timeout=600)
-    rows = read_rows(result / "fedesm" / "metrics.jsonl")
+    rows = read_table(result / "fedesm" / "metrics.jsonl")
     # each of the 2 rounds relays through both sites, one after the other
     assert {(r["round"], r["site"]) for r in rows if r.get("f1") is not None} == {
         (1, "site-1"), (1, "site-2"), (2, "site-1"), (2, "site-2")}
@@ -145,14 +148,14 @@ def test_cyclic_job_runs(tmp_path):
 
 def test_missing_site_data_fails_that_site_clearly(tmp_path):
     from fedesm.errors import FedesmError
-    from fedesm.experiments.simulate import run_simulator
-    from fedesm.jobs import export_job
+    from fedesm.launch.simulate import run_simulator
+    from fedesm.launch.jobs import export_job
 
     cfg = tmp_path / "site.yaml"
     cfg.write_text("backbone: random:esm2_t2_tiny\ndata:\n  train: /nonexistent/{site}/train.fa\n"
                    "  val: /nonexistent/{site}/val.fa\n")
-    job = export_job("esm2_fra_lora", tmp_path / "jobs", {"arch": "esm2_t2_tiny", "num_rounds": 1,
-                                                           "steps_per_round": 5, "lora_r": 4})
+    job = export_job("esm2_fra_lora", tmp_path / "jobs", {"model.arch": "esm2_t2_tiny", "training.rounds": 1,
+                                                           "training.steps_per_round": 5, "lora.r": 4})
     with pytest.raises(FedesmError, match="simulator failed|no such file"):
         run_simulator(job, tmp_path / "ws", n_clients=2, site_config=cfg, timeout=300)
     import re

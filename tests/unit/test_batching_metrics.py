@@ -7,7 +7,7 @@ import pytest
 
 from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer, eval_batches, tile_windows
 from fedesm.data.records import Record
-from fedesm.metrics import best_f1_threshold, binary_metrics
+from fedesm.evaluation.metrics import best_f1_threshold, binary_metrics
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,8 @@ def test_throughput_loops_train_the_same_parameters_on_the_same_batches():
 
 
 def test_plain_loop_only_trains_lora_and_head():
-    from fedesm.model import LoraSettings, load_backbone
+    from fedesm.model.backbone import load_backbone
+    from fedesm.settings import LoraSettings
 
     loop = bench_throughput.PlainLoop(load_backbone("random:esm2_t2_tiny").model, LoraSettings(r=4), 1e-3, 0.0,
                                       torch.device("cpu"))
@@ -49,7 +50,8 @@ def test_cuda_rows_are_skipped_without_a_gpu():
 
 
 def test_payload_sizes_computed_match_serialized():
-    from fedesm.model import LoraSettings, parameter_report
+    from fedesm.model.adapters import parameter_report
+    from fedesm.settings import LoraSettings
 
     row = bench_comm.payload_row("esm2_t2_tiny", lora_r=4, measure_full_max_params=1e9)
     for dtype in ("float32", "float16"):

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedesm.dp import (PerSampleGradients, PoissonBatchSampler, RDPAccountant, clip_and_sum,
-                       compute_epsilon, noise_multiplier_for)
+from fedesm.training.privacy.accountant import RDPAccountant, compute_epsilon, noise_multiplier_for
+from fedesm.training.privacy.dpsgd import PerSampleGradients, PoissonBatchSampler, clip_and_sum
 from fedesm.errors import FedesmError
-from fedesm.model import LoraSettings, build_lora_model, load_backbone
-from fedesm.train import LocalTrainer, TrainConfig
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.backbone import load_backbone
+from fedesm.settings import LoraSettings, TrainConfig
+from fedesm.training.trainer import LocalTrainer
 
 
 def _trainer(checkpoint, records, **cfg):
@@ -26,9 +28,9 @@ def _trainer(checkpoint, records, **cfg):
 
 
 def _per_sample(trainer, tokens, labels):
-    dp = trainer.privacy
+    dp = trainer.gradients
     dp.grads.enabled = True
-    dp.per_sample_losses(trainer, tokens, labels).sum().backward()
+    dp.per_sample_losses(trainer.token_losses, tokens, labels).sum().backward()
     dp.grads.enabled = False
     return dp.grads.compute(tokens.shape[0])
 
@@ -45,7 +47,7 @@ def test_per_sample_gradients_equal_one_sequence_at_a_time(tiny_checkpoint, synt
     for i in range(tokens.shape[0]):
         n = int(lengths[i])
         trainer.optimizer.zero_grad()
-        trainer.privacy.per_sample_losses(trainer, tokens[i : i + 1, :n], labels[i : i + 1, :n]).sum().backward()
+        trainer.gradients.per_sample_losses(trainer.token_losses, tokens[i : i + 1, :n], labels[i : i + 1, :n]).sum().backward()
         for p, grads in per_sample:
             torch.testing.assert_close(grads[i], p.grad, rtol=1e-4, atol=1e-7)
 
@@ -75,9 +77,9 @@ def test_noise_has_std_sigma_c_over_expected_batch(tiny_checkpoint, synth_data):
     train, _ = synth_data
     sigma, clip = 2.0, 0.5
     trainer = _trainer(tiny_checkpoint, train, dp_noise_multiplier=sigma, dp_max_grad_norm=clip)
-    dp = trainer.privacy
+    dp = trainer.gradients
     empty = torch.zeros((0, 2), dtype=torch.long)
-    dp.backward(trainer, empty, empty)  # an empty Poisson draw: the update is pure noise
+    dp.backward(trainer.token_losses, empty, empty)  # an empty Poisson draw: the update is pure noise
     noise = torch.cat([p.grad.flatten() for p in trainer.params])
     expected = sigma * clip / (trainer.config.batch_size)  # expected batch = q * n = batch_size
     assert noise.numel() > 2000

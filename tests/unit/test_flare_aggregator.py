@@ -11,6 +11,7 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.aggregation import AggregationState, aggregate
+from fedesm.errors import FedesmError
 from fedesm.flare.aggregator import FraLoraAggregator
 from fedesm.flare.payload import (
     make_weights_shareable,
@@ -31,6 +32,11 @@ KEYS = {
     "base_model.model.head.bias": (2,),
 }
 A_KEY, B_KEY = f"{P}.q_proj.lora_A.weight", f"{P}.q_proj.lora_B.weight"
+
+
+def make(strategy="fra", r=R, weigh_by="steps", **federation):
+    """The aggregator as a job configures it: the lora and federation blocks."""
+    return FraLoraAggregator(lora={"r": r}, federation={"strategy": strategy, "weigh_by": weigh_by, **federation})
 
 
 def replaced(key, value):
@@ -65,7 +71,7 @@ def context(round_=3, global_weights=None):
 
 
 def test_accepts_good_contributions_and_keeps_metrics():
-    agg = FraLoraAggregator(rank=R)
+    agg = make()
     fl_ctx = context(global_weights=site_weights(0))
     assert agg.accept(contribution(site_weights(1), "site-1", metrics={"val_f1": 0.5}), fl_ctx)
     assert agg.accept(contribution(site_weights(2), "site-2", metrics={"val_f1": 0.7}), fl_ctx)
@@ -88,7 +94,7 @@ def test_accepts_good_contributions_and_keeps_metrics():
     ],
 )
 def test_rejects_with_reason(make_bad, reason):
-    agg = FraLoraAggregator()
+    agg = make()
     fl_ctx = context(global_weights=site_weights(0))
     bad = make_bad()
     if bad.get_cookie(AppConstants.CONTRIBUTION_ROUND) is None:
@@ -98,7 +104,7 @@ def test_rejects_with_reason(make_bad, reason):
 
 
 def test_rejects_error_return_code():
-    agg = FraLoraAggregator()
+    agg = make()
     s = contribution(site_weights(1), "site-1")
     s.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
     assert not agg.accept(s, context())
@@ -106,7 +112,7 @@ def test_rejects_error_return_code():
 
 
 def test_rejects_duplicate_site_and_mismatch_with_first_contribution():
-    agg = FraLoraAggregator()
+    agg = make()
     fl_ctx = context()  # no global model: the first accepted contribution is the reference
     assert agg.accept(contribution(site_weights(1), "site-1"), fl_ctx)
     assert not agg.accept(contribution(site_weights(2), "site-1"), fl_ctx)
@@ -125,7 +131,7 @@ def test_rejects_duplicate_site_and_mismatch_with_first_contribution():
 
 @pytest.mark.parametrize("strategy", ["fra", "fedit", "fra-ef"])
 def test_aggregate_weighs_by_steps_and_matches_library(strategy):
-    agg = FraLoraAggregator(strategy=strategy, rank=R, weigh_by="steps")
+    agg = make(strategy)
     fl_ctx = context(global_weights=site_weights(0))
     sites = {"site-1": (site_weights(1), 10), "site-2": (site_weights(2), 30), "site-3": (site_weights(3), 60)}
     for name, (w, steps) in sites.items():
@@ -144,7 +150,7 @@ def test_aggregate_weighs_by_steps_and_matches_library(strategy):
 
 def test_weigh_by_samples_and_uniform():
     for weigh_by, expected in (("samples", {"a": 0.2, "b": 0.8}), ("uniform", {"a": 0.5, "b": 0.5})):
-        agg = FraLoraAggregator(weigh_by=weigh_by)
+        agg = make(weigh_by=weigh_by)
         fl_ctx = context()
         assert agg.accept(contribution(site_weights(1), "a", steps=99, n_samples=100), fl_ctx)
         assert agg.accept(contribution(site_weights(2), "b", steps=1, n_samples=400), fl_ctx)
@@ -153,7 +159,7 @@ def test_weigh_by_samples_and_uniform():
 
 
 def test_fra_ef_state_survives_reset():
-    agg = FraLoraAggregator(strategy="fra-ef", rank=2)
+    agg = make("fra-ef", r=2)
     for round_ in (0, 1):
         fl_ctx = context(round_=round_)
         for i in (1, 2, 3):
@@ -166,7 +172,7 @@ def test_fra_ef_state_survives_reset():
 
 def test_ffa_uses_global_a():
     glob = site_weights(0)
-    agg = FraLoraAggregator(strategy="ffa")
+    agg = make("ffa")
     fl_ctx = context(global_weights=glob)
     for i in (1, 2):
         w = site_weights(i)
@@ -177,18 +183,20 @@ def test_ffa_uses_global_a():
 
 
 def test_constructor_validates_config():
-    with pytest.raises(ValueError, match="valid: fra, fra-ef, fedit, ffa"):
-        FraLoraAggregator(strategy="fedavg")
-    with pytest.raises(ValueError, match="weigh_by"):
-        FraLoraAggregator(weigh_by="loss")
+    with pytest.raises(FedesmError, match="federation.strategy: 'fedavg' is not one of fra, fra-ef, fedit, ffa"):
+        make("fedavg")
+    with pytest.raises(FedesmError, match="federation.weigh_by"):
+        make(weigh_by="loss")
     with pytest.raises(ValueError, match="expected_data_kind"):
         FraLoraAggregator(expected_data_kind="WEIGHT_DIFF")
-    with pytest.raises(ValueError, match="rank"):
-        FraLoraAggregator(rank=0)
+    with pytest.raises(FedesmError, match="lora.r: the LoRA rank must be a positive integer"):
+        make(r=0)
+    with pytest.raises(FedesmError, match="unknown federation setting 'stratgy'"):
+        FraLoraAggregator(federation={"stratgy": "fra"})
 
 
 def test_aggregate_without_contributions_returns_empty_weights():
-    assert from_shareable(FraLoraAggregator().aggregate(context())).data == {}
+    assert from_shareable(make().aggregate(context())).data == {}
 
 
 # ------------------------------------------------------------------------------------ payload
@@ -222,7 +230,7 @@ def test_payload_round_trip_fp32_and_fp16():
 @pytest.mark.parametrize("strategy", ["fra", "ffa"])
 def test_fp16_contribution_is_decoded_and_accepted(strategy):
     glob = site_weights(0)
-    agg = FraLoraAggregator(strategy=strategy)
+    agg = make(strategy)
     fl_ctx = context(global_weights=glob)
     for i, transfer in ((1, "float16"), (2, "float32")):
         w = site_weights(i)

@@ -1,4 +1,4 @@
-"""Job bundles: valid NVFLARE configs, overrides in one place, self-contained export."""
+"""Job bundles: one definition per shipped job, settings blocks in both configs, checked overrides, export."""
 
 from __future__ import annotations
 
@@ -8,53 +8,105 @@ import pytest
 
 from fedesm.cli import main
 from fedesm.errors import FedesmError
-from fedesm.jobs import export_job, job_values, jobs_root, list_jobs
+from fedesm.launch.jobs import (CLIENT_CONFIG, JOBS, META, SERVER_CONFIG, export_job, job_settings, jobs_root,
+                                list_jobs, read_job_settings, render_job)
 
 
-def test_three_jobs_with_plain_config_values():
+def test_three_jobs_with_the_papers_settings():
     assert list_jobs() == ["esm2_cyclic", "esm2_fra_lora", "esm2_fra_lora_skew_dp"]
-    values = job_values(jobs_root() / "esm2_fra_lora")
-    server, client = values["config_fed_server.json"], values["config_fed_client.json"]
-    assert server["arch"] == "esm2_t12_35M_UR50D" and server["lora_r"] == 16 and server["num_rounds"] == 30
-    assert server["strategy"] == "fra" and client["steps_per_round"] == 5000 and client["max_len"] == 1000
-    assert job_values(jobs_root() / "esm2_fra_lora_skew_dp")["config_fed_client.json"]["grad_noise_std"] == 1e-4
+    s = job_settings("esm2_fra_lora")
+    assert s.model.arch == "esm2_t12_35M_UR50D" and s.lora.r == 16 and s.training.rounds == 30
+    assert s.federation.strategy == "fra" and s.training.steps_per_round == 5000 and s.training.max_len == 1000
+    assert job_settings("esm2_fra_lora_skew_dp").training.grad_noise_std == 1e-4
+    # every shipped job carries every setting: none can lack what another has (the cyclic job once lacked DP keys)
+    assert {n: job_settings(n).to_dict().keys() for n in list_jobs()} == {n: s.to_dict().keys() for n in list_jobs()}
 
 
-@pytest.mark.parametrize("job", ["esm2_fra_lora", "esm2_fra_lora_skew_dp", "esm2_cyclic"])
-def test_every_var_reference_resolves(job):
-    """Each "{name}" in a component's args names a top-level value of the same file."""
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_the_jobs_folder_is_the_rendering_of_the_definitions(job):
+    """jobs/ is written by `fedesm job render`; a hand edit there (or a definition changed without
+    re-rendering) fails here."""
+    for rel, content in render_job(JOBS[job]).items():
+        assert json.loads((jobs_root() / job / rel).read_text()) == content, (job, rel)
+    assert read_job_settings(jobs_root() / job) == JOBS[job].settings
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_var_reference_resolves_and_numbers_follow_the_blocks(job):
+    """Each "{name}" in a component's args names a top-level block of the same file; NVFLARE's own
+    numbers (rounds, minimum sites) are the blocks' values."""
     import re
 
-    for cfg in ("config_fed_server.json", "config_fed_client.json"):
-        text = (jobs_root() / job / "app" / "config" / cfg).read_text()
-        data = json.loads(text)
+    files = render_job(JOBS[job])
+    for cfg in (SERVER_CONFIG, CLIENT_CONFIG):
+        text = json.dumps(files[cfg])
         refs = set(re.findall(r'"\{(\w+)\}"', text))
-        assert refs and refs <= set(data), (cfg, refs - set(data))
+        assert refs and refs <= set(files[cfg]), (cfg, refs - set(files[cfg]))
+    flow = files[SERVER_CONFIG]["workflows"][0]["args"]
+    s = JOBS[job].settings
+    assert flow["num_rounds"] == s.training.rounds
+    assert files[META]["min_clients"] == s.federation.min_clients == flow.get("min_clients", s.federation.min_clients)
 
 
-def test_export_applies_overrides_and_carries_the_package(tmp_path):
-    dest = export_job("esm2_fra_lora", tmp_path, {"num_rounds": 3, "strategy": "fra-ef", "lr": 0.002,
-                                                  "min_clients": 1})
-    server = json.loads((dest / "app/config/config_fed_server.json").read_text())
-    client = json.loads((dest / "app/config/config_fed_client.json").read_text())
-    assert server["num_rounds"] == 3 and server["strategy"] == "fra-ef" and client["lr"] == 0.002
-    assert json.loads((dest / "meta.json").read_text())["min_clients"] == 1
+def test_export_applies_overrides_in_every_place_and_carries_the_package(tmp_path):
+    dest = export_job("esm2_fra_lora", tmp_path, ["training.rounds=3", "strategy=fra-ef", "lr=0.002",
+                                                  "federation.min_clients=1"])
+    server = json.loads((dest / SERVER_CONFIG).read_text())
+    client = json.loads((dest / CLIENT_CONFIG).read_text())
+    for cfg in (server, client):
+        assert cfg["training"]["rounds"] == 3 and cfg["federation"]["strategy"] == "fra-ef"
+        assert cfg["training"]["lr"] == 0.002 and cfg["federation"]["min_clients"] == 1
+    assert server["workflows"][0]["args"]["num_rounds"] == 3 and server["workflows"][0]["args"]["min_clients"] == 1
+    assert json.loads((dest / META).read_text())["min_clients"] == 1
+    assert read_job_settings(dest).training.lr == 0.002
     assert (dest / "app/custom/fedesm/flare/executor.py").is_file()
     assert not list((dest / "app/custom").rglob("__pycache__"))
-    # NVFLARE's own job validation accepts it
+    # NVFLARE's own job validation accepts it, and its config resolution hands the blocks to our components
     from nvflare.fuel.utils.config_factory import ConfigFactory
 
-    assert ConfigFactory.load_config(str(dest / "app/config/config_fed_server.json")) is not None
+    assert ConfigFactory.load_config(str(dest / SERVER_CONFIG)) is not None
 
 
-def test_unknown_override_is_refused_and_nothing_written(tmp_path):
-    with pytest.raises(FedesmError, match="unknown job setting"):
-        export_job("esm2_fra_lora", tmp_path, {"num_round": 3})
+def test_a_job_folder_exports_through_the_same_settings(tmp_path):
+    """A job folder (here one exported before) is read back, overridden and re-synced the same way."""
+    first = export_job("esm2_cyclic", tmp_path / "a", ["training.rounds=2"], include_package=False)
+    second = export_job(first, tmp_path / "b", ["lora.r=4"], include_package=False)
+    s = read_job_settings(second)
+    assert s.training.rounds == 2 and s.lora.r == 4
+    assert json.loads((second / SERVER_CONFIG).read_text())["workflows"][0]["args"]["num_rounds"] == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    (["num_round=3"], "unknown job setting 'num_round'"),
+    (["training.lr_=3"], "unknown training setting 'lr_'"),
+    (["lora.r=0"], "lora.r: the LoRA rank must be a positive integer"),
+    (["training.lr=-1"], "training.lr: the learning rate must be > 0"),
+    (["strategy=fedavg"], "federation.strategy: 'fedavg' is not one of fra, fra-ef, fedit, ffa"),
+    (["federation.strategy=ffa"], "set training.freeze_lora_a: true"),
+])
+def test_bad_overrides_are_refused_and_nothing_written(tmp_path, override, message):
+    with pytest.raises(FedesmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export_job("esm2_fra_lora", tmp_path, override)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_whose_configs_disagree_is_refused(tmp_path):
+    dest = export_job("esm2_fra_lora", tmp_path, include_package=False)
+    client = json.loads((dest / CLIENT_CONFIG).read_text())
+    client["lora"]["r"] = 4
+    (dest / CLIENT_CONFIG).write_text(json.dumps(client))
+    with pytest.raises(FedesmError, match="carry different settings"):
+        read_job_settings(dest)
+
+
 def test_job_cli(tmp_path, capsys):
-    assert main(["job", "export", "esm2_cyclic", "--out", str(tmp_path), "--set", "num_rounds=2"]) == 0
-    assert json.loads((tmp_path / "esm2_cyclic/app/config/config_fed_server.json").read_text())["num_rounds"] == 2
+    assert main(["job", "export", "esm2_cyclic", "--out", str(tmp_path), "--set", "training.rounds=2"]) == 0
+    assert json.loads((tmp_path / "esm2_cyclic" / SERVER_CONFIG).read_text())["training"]["rounds"] == 2
+    capsys.readouterr()
+    assert main(["job", "show", "esm2_fra_lora_skew_dp"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["grad_noise_std"] == 1e-4
     assert main(["job", "export", "nope", "--out", str(tmp_path)]) == 2
     assert "not a job folder" in capsys.readouterr().err
+    assert main(["job", "export", "esm2_cyclic", "--out", str(tmp_path), "--set", "lora.r=0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedesm: error: lora.r: the LoRA rank must be a positive integer, got 0"]

@@ -10,20 +10,12 @@ import torch
 
 from fedesm.cli import main
 from fedesm.errors import FedesmError
-from fedesm.model import (
-    LoraSettings,
-    build_lora_model,
-    count_parameters,
-    export_merged,
-    get_exchanged_state,
-    load_backbone,
-    load_exported,
-    load_trained_model,
-    make_random_checkpoint,
-    parameter_report,
-    save_adapters,
-    set_exchanged_state,
-)
+from fedesm.model.adapters import build_lora_model, count_parameters, get_exchanged_state, parameter_report, set_exchanged_state
+from fedesm.model.backbone import load_backbone
+from fedesm.model.cards import ModelCard, load_trained_model, save_adapters
+from fedesm.model.checkpoint import make_random_checkpoint
+from fedesm.model.export import export_merged, load_exported
+from fedesm.settings import LoraSettings
 
 
 def _tokens(alphabet, seqs):
@@ -131,11 +123,14 @@ def _perturbed_model(checkpoint):
 
 def test_adapter_save_load_roundtrip_peft_layout(tiny_checkpoint, tmp_path):
     model = _perturbed_model(tiny_checkpoint)
-    out = save_adapters(model, tmp_path / "adapters", threshold=0.3, max_len=128)
+    backbone = load_backbone(str(tiny_checkpoint))
+    card = ModelCard.describe(backbone.source, backbone.arch, LoraSettings(r=4), threshold=0.3, max_len=128)
+    out = save_adapters(model, card, tmp_path / "adapters")
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    loaded, card = load_trained_model(out)
+    loaded, alphabet, card = load_trained_model(out)
     assert card.threshold == 0.3 and card.max_len == 128 and card.backbone == str(tiny_checkpoint)
-    tokens = _tokens(loaded.fedesm_backbone.alphabet, ["MKTAYIAKQRQISFVKSHFSRQ", "GAVLIK"])
+    assert card.lora_settings == LoraSettings(r=4)
+    tokens = _tokens(alphabet, ["MKTAYIAKQRQISFVKSHFSRQ", "GAVLIK"])
     with torch.no_grad():
         assert torch.allclose(model(tokens), loaded(tokens), atol=1e-6)
     # PEFT itself reads the folder (standard layout)
@@ -146,8 +141,10 @@ def test_adapter_save_load_roundtrip_peft_layout(tiny_checkpoint, tmp_path):
 
 def test_save_adapters_replaces_atomically(tiny_checkpoint, tmp_path):
     model = _perturbed_model(tiny_checkpoint)
-    save_adapters(model, tmp_path / "m")
-    save_adapters(model, tmp_path / "m")
+    backbone = load_backbone(str(tiny_checkpoint))
+    card = ModelCard.describe(backbone.source, backbone.arch, LoraSettings(r=4))
+    save_adapters(model, card, tmp_path / "m")
+    save_adapters(model, card, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

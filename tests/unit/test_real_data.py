@@ -14,8 +14,8 @@ from fedesm.data.batching import Tokenizer, tile_windows
 from fedesm.data.catalog import SETS, list_sets, parse_name, resolve
 from fedesm.data.readers import read_records
 from fedesm.data.records import Record
-from fedesm.errors import DataError
-from fedesm.metrics import binary_metrics, metrics_with_val_threshold
+from fedesm.errors import DataError, FedesmError
+from fedesm.evaluation.metrics import binary_metrics, metrics_with_val_threshold
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE_MD = REPO / "data" / "gpsite" / "SOURCE.md"
@@ -126,8 +126,11 @@ def test_a_1500_residue_chain_is_scored_once_per_residue_by_its_window(tiny_chec
     """Every residue's probability is the model's output for it in exactly one window (tiling), no average."""
     import torch
 
-    from fedesm.model import LoraSettings, build_lora_model, load_backbone
-    from fedesm.train import evaluate_probabilities, predict_proba
+    from fedesm.model.adapters import build_lora_model
+    from fedesm.model.backbone import load_backbone
+    from fedesm.settings import LoraSettings
+    from fedesm.evaluation.scoring import evaluate_probabilities
+    from fedesm.training.inference import predict_proba
 
     backbone = load_backbone(str(tiny_checkpoint))
     model = build_lora_model(backbone, LoraSettings(r=4), seed=0).eval()
@@ -151,13 +154,17 @@ def test_a_1500_residue_chain_is_scored_once_per_residue_by_its_window(tiny_chec
 
 
 def test_max_len_beyond_esm2_window_is_refused(tiny_checkpoint, synth_data):
-    from fedesm.model import LoraSettings, build_lora_model, load_backbone
-    from fedesm.train import LocalTrainer, TrainConfig
+    from fedesm.model.adapters import build_lora_model
+    from fedesm.model.backbone import load_backbone
+    from fedesm.settings import LoraSettings, TrainConfig
+    from fedesm.training.inference import predict_proba
 
+    with pytest.raises(FedesmError, match="training.max_len: ESM-2 takes 1 to 1022 residues"):
+        TrainConfig(max_len=1500)
     backbone = load_backbone(str(tiny_checkpoint))
     model = build_lora_model(backbone, LoraSettings(r=4), seed=0)
-    with pytest.raises(ValueError, match="1 to 1022 residues"):
-        LocalTrainer(model, backbone.alphabet, synth_data[0], TrainConfig(max_len=1500))
+    with pytest.raises(ValueError, match="1 to 1022 residues"):  # and where a window length is given directly
+        predict_proba(model, Tokenizer(backbone.alphabet), ["ACD"], 1500)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -211,7 +218,7 @@ def test_focal_loss_and_class_weights():
     import torch
     import torch.nn.functional as F
 
-    from fedesm.train import token_losses
+    from fedesm.training.losses import token_losses
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 2, generator=g)
@@ -232,7 +239,7 @@ def test_focal_loss_and_class_weights():
 
 
 def test_window_features_encode_the_neighbourhood():
-    from fedesm.baseline import window_features
+    from fedesm.evaluation.reference import window_features
 
     x = window_features("ACD", half_window=1).toarray()
     assert x.shape == (3, 3 * 21) and (x.sum(1) == 3).all()
@@ -242,7 +249,7 @@ def test_window_features_encode_the_neighbourhood():
 
 
 def test_baseline_learns_a_motif_and_scores_real_atp_above_chance():
-    from fedesm.baseline import WindowLogReg
+    from fedesm.evaluation.reference import WindowLogReg
     from fedesm.data.synth import synth_records
 
     recs = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=0)

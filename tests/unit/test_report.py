@@ -61,7 +61,7 @@ def run_dir(tmp_path):
     ])
     (run / "e1" / "fed" / "test_pr_curve.json").write_text(json.dumps({"precision": [0.04, 0.5, 1.0],
                                                                      "recall": [1.0, 0.5, 0.0]}))
-    (run / "e1" / "baseline.json").write_text(json.dumps({
+    (run / "e1" / "reference.json").write_text(json.dumps({
         "model": "logistic regression on one-hot windows of +-7 residues (scikit-learn)", "test_auroc": 0.7,
         "test_auprc": 0.4, "test_f1_tuned": 0.45, "test_mcc_tuned": 0.35, "test_precision_tuned": 0.4,
         "test_recall_tuned": 0.5, "threshold_tuned": 0.2, "test_f1": 0.1, "test_mcc": 0.05,
@@ -114,11 +114,11 @@ def test_heldout_table_numbers(run_dir):
     assert "AUPRC -0.100 vs centralized" in md  # test AUPRC 0.5 - 0.6
 
 
-def test_test_table_puts_the_baseline_beside_the_arms(run_dir):
+def test_test_table_puts_the_reference_beside_the_arms(run_dir):
     md = build_report(run_dir).read_text()
     rows = {r["arm"]: r for r in _table(md, "arm", "F1@thr")}
     fed, central = rows["FRA-LoRA"], rows["centralized"]
-    base = rows["*baseline: logistic regression, one-hot ±7 window*"]
+    base = rows["*reference: logistic regression, one-hot ±7 window*"]
     assert (fed["AUROC"], fed["AUPRC"], fed["F1@thr"], fed["MCC@thr"], fed["thr"], fed["F1@0.5"]) == (
         "0.750", "0.500", "0.520", "0.450", "0.300", "0.440")
     assert (central["AUROC"], central["AUPRC"], central["precision@thr"]) == ("0.800", "0.600", "0.600")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedesm.errors import FedesmError
-from fedesm.model import load_backbone
+from fedesm.model.backbone import load_backbone
 from fedesm.site_config import load_site_config, resolve_site_path
 from tests.s3_server import s3, s3_server  # noqa: F401 (fixtures)
 

@@ -1,4 +1,4 @@
-"""The local trainer, the centralized baseline and the train/predict commands on synthetic data."""
+"""The local trainer, the centralized run and the train/predict commands on synthetic data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 
 from fedesm.cli import main
 from fedesm.data.readers import write_records
-from fedesm.model import LoraSettings, build_lora_model, load_backbone
-from fedesm.train import LocalTrainer, TrainConfig
+from fedesm.evaluation.scoring import evaluate_probabilities, score_trainer
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.backbone import load_backbone
+from fedesm.settings import LoraSettings, TrainConfig
+from fedesm.training.trainer import LocalTrainer
 
 
 def _trainer(checkpoint, records, **cfg):
@@ -24,9 +27,9 @@ def _trainer(checkpoint, records, **cfg):
 def test_short_training_clearly_beats_untrained(tiny_checkpoint, synth_data):
     train, val = synth_data
     trainer = _trainer(tiny_checkpoint, train, rounds=1, steps_per_round=150)
-    before = trainer.evaluate(val)
+    before = score_trainer(trainer, val)
     stats = trainer.train_steps(150)
-    after = trainer.evaluate(val)
+    after = score_trainer(trainer, val)
     assert stats.steps == 150 and stats.residues > 0 and np.isfinite(stats.loss)
     assert after["f1"] > before["f1"] + 0.3, (before["f1"], after["f1"])
     assert after["auroc"] > 0.9
@@ -70,7 +73,7 @@ def test_gradient_noise_and_ffa_freeze(tiny_checkpoint, synth_data):
     plain = _trainer(tiny_checkpoint, train).train_steps(3).loss
     noisy = _trainer(tiny_checkpoint, train, grad_noise_std=0.5)
     noisy.train_steps(3)
-    assert noisy.privacy is not None and noisy.privacy.std == 0.5
+    assert noisy.gradients.noise is not None and noisy.gradients.noise.std == 0.5
     ffa = _trainer(tiny_checkpoint, train, freeze_lora_a=True)
     a_before = {n: p.detach().clone() for n, p in ffa.model.named_parameters() if "lora_A" in n}
     ffa.train_steps(3)
@@ -88,7 +91,7 @@ def test_long_sequences_are_cropped_in_training_and_tiled_in_evaluation(tiny_che
     assert tokens.shape[1] <= 66
     probs = trainer.predict_proba([long.sequence])
     assert probs[0].shape == (500,) and np.all((probs[0] > 0) & (probs[0] < 1))
-    assert trainer.evaluate([long])["residues"] == 500
+    assert evaluate_probabilities([long], probs)["residues"] == 500
 
 
 def test_class_weights_balanced(tiny_checkpoint, synth_data):

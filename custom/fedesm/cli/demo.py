@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from fedesm.settings import FederationSettings, LoraSettings, TrainConfig, add_arguments, from_arguments
+
 
 def register(sub) -> None:
+    from fedesm.experiments.demo import DEMO
+
     p = sub.add_parser("demo", help="federated FRA-LoRA fine-tuning on a real binding-site set in the NVFLARE "
                        "simulator (CPU, minutes)",
                        description="Split a shipped real binding-site set (GPSite ATP by default; `fedesm data "
@@ -12,34 +16,34 @@ def register(sub) -> None:
                        "with small settings, run it with `nvflare simulator`, then print per round each site's "
                        "local model and the global model on the set's test split (AUROC, AUPRC, F1/MCC/precision/"
                        "recall at 0.5 and at the threshold tuned on validation) beside a sequence-only logistic-"
-                       "regression baseline, and write plots. Random weights cannot be expected to beat the "
-                       "baseline: the demo shows the system, pretrained weights bring the accuracy.")
+                       "regression reference, and write plots. Random weights cannot be expected to beat the "
+                       "reference: the demo shows the system, pretrained weights bring the accuracy. Every "
+                       "training and LoRA setting has a flag; the defaults shown are the demo's.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--dataset", default="ATP",
                    help="shipped set: ATP, HEM, DNA, RNA, PEP, PRO (default ATP), or 'synthetic' (planted motifs)")
-    p.add_argument("--rounds", type=int, default=4, help="federated rounds (default 4)")
-    p.add_argument("--steps-per-round", type=int, default=80, help="local steps per round (default 80)")
-    p.add_argument("--sites", type=int, default=2, help="number of sites (default 2)")
-    p.add_argument("--arch", default="esm2_t2_tiny", help="ESM-2 architecture (default esm2_t2_tiny, random init)")
+    p.add_argument("--sites", type=int, default=DEMO.federation.min_clients,
+                   help=f"number of sites (default {DEMO.federation.min_clients})")
+    p.add_argument("--arch", default=DEMO.model.arch, help=f"ESM-2 architecture (default {DEMO.model.arch}, "
+                   "random init)")
     p.add_argument("--backbone", default=None,
                    help="ESM-2 weights instead of a random init: fair-esm hub name, local .pt or s3:// (give --arch "
                    "to match)")
-    p.add_argument("--max-len", type=int, default=512,
-                   help="residues per window: longer chains are cropped in training, tiled in scoring (default 512)")
-    p.add_argument("--class-weights", default="balanced",
-                   help="loss class weights: 'balanced' (default), 'none', or 'w0,w1'")
-    p.add_argument("--strategy", default="fra", choices=["fra", "fra-ef", "fedit", "ffa"],
-                   help="aggregation strategy (default fra)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the split and the init (default 0)")
+    add_arguments(p, TrainConfig, title="training", defaults=DEMO.training,
+                  skip=("device", "precision"))
+    add_arguments(p, LoraSettings, prefix="lora-", title="LoRA", defaults=DEMO.lora)
+    add_arguments(p, FederationSettings, title="federation", defaults=DEMO.federation,
+                  skip=("min_clients", "keep_rounds", "train_timeout"))
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
-    from fedesm.cli._common import parse_class_weights
-    from fedesm.experiments.demo import run_demo
+    from fedesm.experiments.demo import DEMO, run_demo
 
-    cw = parse_class_weights(args.class_weights)
-    run_demo(args.out, dataset=args.dataset, rounds=args.rounds, steps_per_round=args.steps_per_round,
-             sites=args.sites, arch=args.arch, backbone=args.backbone, max_len=args.max_len, class_weights=cw,
-             strategy=args.strategy, seed=args.seed)
+    settings = DEMO.replace(
+        model=DEMO.model.replace(arch=args.arch, backbone=args.backbone),
+        lora=from_arguments(args, LoraSettings, prefix="lora-", base=DEMO.lora),
+        training=from_arguments(args, TrainConfig, base=DEMO.training),
+        federation=from_arguments(args, FederationSettings, base=DEMO.federation).replace(min_clients=args.sites))
+    run_demo(args.out, dataset=args.dataset, settings=settings)
     return 0

@@ -12,7 +12,7 @@ def register(sub) -> None:
                        "split, FRA-LoRA in the NVFLARE simulator vs centralized), experiment 2 (label-skewed split "
                        "with gradient noise) and the strategy comparison (fra, fra-ef, fedit, ffa, optional DP-SGD); "
                        "then a markdown report with tables and plots. Presets: cpu (tiny random-init model, "
-                       "synthetic data, < 30 min on 2 cores) and paper (ESM-2 35M, GPSite data; for a GPU).")
+                       "real GPSite ATP data, about 25 min on 2 cores) and paper (ESM-2 35M, GPSite data; for a GPU).")
     esub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
 
     q = esub.add_parser("run", help="run a config's experiments and write DIR/report.md",
@@ -64,7 +64,9 @@ def _run(args) -> int:
     from pathlib import Path
 
     from fedesm.errors import FedesmError
-    from fedesm.experiments.experiment import dry_run, load_config, run_experiments
+    from fedesm.experiments.config import load_config
+    from fedesm.experiments.plan import dry_run
+    from fedesm.experiments.run import run_experiments
 
     cfg = load_config(args.config, args.set)
     if args.dry_run:
@@ -91,7 +93,8 @@ def _report(args) -> int:
 
 
 def _presets(args) -> int:
-    from fedesm.experiments.experiment import list_presets, load_config, plan_lines
+    from fedesm.experiments.config import list_presets, load_config
+    from fedesm.experiments.plan import plan_lines
 
     for name in list_presets():
         print("\n".join(plan_lines(load_config(name))))

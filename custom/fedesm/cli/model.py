@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fedesm.cli._common import add_lora_args, lora_from_args
-from fedesm.model import ARCHITECTURES
+from fedesm.model.architectures import ARCHITECTURES
 
 
 def register(sub) -> None:
@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def _make_checkpoint(args) -> int:
-    from fedesm.model import make_random_checkpoint
+    from fedesm.model.checkpoint import make_random_checkpoint
 
     path = make_random_checkpoint(args.arch, args.out, seed=args.seed)
     print(f"wrote {path} (random init, {args.arch}) and {path.with_name(path.stem + '-contact-regression.pt').name}")
@@ -49,7 +49,7 @@ def _make_checkpoint(args) -> int:
 
 
 def _params(args) -> int:
-    from fedesm.model import parameter_report
+    from fedesm.model.adapters import parameter_report
 
     rep = parameter_report(args.arch, lora_from_args(args), num_labels=args.num_labels)
     if args.json:
@@ -64,9 +64,10 @@ def _params(args) -> int:
 
 
 def _export(args) -> int:
-    from fedesm.model import export_merged, load_trained_model
+    from fedesm.model.cards import load_trained_model
+    from fedesm.model.export import export_merged
 
-    model, card = load_trained_model(args.model, backbone_source=args.backbone)
+    model, _, card = load_trained_model(args.model, backbone_source=args.backbone)
     path = export_merged(model, args.out, threshold=card.threshold, max_len=card.max_len)
     print(f"wrote merged checkpoint {path}")
     return 0

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from fedesm.errors import FedesmError
-from fedesm.flare.network import DEFAULT_PROJECT_FILE, LocalNetwork, provision, render_project
+from fedesm.launch.network import DEFAULT_PROJECT_FILE, LocalNetwork, provision, render_project
 
 
 def register(sub) -> None:

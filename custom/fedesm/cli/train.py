@@ -1,4 +1,4 @@
-"""`fedesm train` (the centralized baseline) and `fedesm predict`."""
+"""`fedesm train` (centralized fine-tuning) and `fedesm predict`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,11 @@ import csv
 from pathlib import Path
 
 from fedesm.cli._common import add_lora_args, add_train_args, load_data, lora_from_args, train_config_from_args
-from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="centralized LoRA fine-tuning (the baseline of the federated experiments)",
+    p = sub.add_parser("train", help="centralized LoRA fine-tuning (what the federated arms are compared with)",
                        description="Fine-tune ESM-2 with LoRA on one machine: R rounds of N optimizer steps, each "
                        "step a batch drawn at random from the training data (the same loop every federated site "
                        "runs). Evaluates on the validation set after every round; writes metrics.jsonl/.csv, "
@@ -46,7 +45,7 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
-    from fedesm.centralized import run_centralized
+    from fedesm.training.centralized import run_centralized
 
     train = load_data(args.train)
     val = load_data(args.val)
@@ -66,68 +65,27 @@ def _train(args) -> int:
     return 0
 
 
-def _read_sequences(path: str) -> list[tuple[str, str]]:
-    """(id, sequence) pairs; labels, when present, are ignored."""
-    from fedesm.data.catalog import resolve
-
-    p = Path(resolve(path))
-    if not p.is_file():
-        raise FedesmError(f"{path}: no such file")
-    if p.suffix.lower() in (".fa", ".fasta", ".faa", ".txt"):
-        out, cur_id, line_no = [], None, 0
-        with p.open() as f:
-            for line_no, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith(">"):
-                    cur_id = line[1:].split()[0]
-                    out.append([cur_id, None, line_no])
-                elif cur_id is None:
-                    raise FedesmError(f"{path}:{line_no}: sequence line before any '>id' header")
-                elif out[-1][1] is None:
-                    out[-1][1] = line.upper()
-                elif set(line) <= {"0", "1"}:
-                    continue  # a label line of a 3-line FASTA
-                else:
-                    out[-1][1] += line.upper()  # wrapped sequence
-        seqs = []
-        from fedesm.data.records import ESM_RESIDUES
-
-        for rid, seq, ln in out:
-            if not seq:
-                raise FedesmError(f"{path}:{ln}, record {rid!r}: empty sequence")
-            bad = set(seq) - ESM_RESIDUES
-            if bad:
-                raise FedesmError(f"{path}:{ln}, record {rid!r}: residues not in ESM's alphabet: {''.join(sorted(bad))}")
-            seqs.append((rid, seq))
-        return seqs
-    from fedesm.data.readers import read_records
-
-    return [(r.id, r.sequence) for r in read_records(p)]
-
-
 def _predict(args) -> int:
-
     from fedesm.data.batching import Tokenizer
-    from fedesm.train import predict_proba, resolve_device
+    from fedesm.data.catalog import resolve
+    from fedesm.data.readers import read_sequences
+    from fedesm.training.inference import predict_proba, resolve_device
 
     model_path = Path(args.model)
     if model_path.is_file():
-        from fedesm.model import load_exported
+        from fedesm.model.export import load_exported
 
         model, alphabet, card = load_exported(model_path)
         threshold, max_len = card["threshold"], card["max_len"]
     else:
-        from fedesm.model import load_trained_model
+        from fedesm.model.cards import find_model_dir, load_trained_model
 
-        model, card = load_trained_model(_find_model_dir(model_path), backbone_source=args.backbone)
-        alphabet = model.fedesm_backbone.alphabet
+        model, alphabet, card = load_trained_model(find_model_dir(model_path), backbone_source=args.backbone)
         threshold, max_len = card.threshold, card.max_len
     threshold = args.threshold if args.threshold is not None else threshold
     max_len = args.max_len or max_len
     labelled = _read_labelled(args.input)
-    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else _read_sequences(args.input)
+    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else read_sequences(resolve(args.input))
     device = resolve_device(args.device)
     model.to(device)
     probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
@@ -147,7 +105,7 @@ def _predict(args) -> int:
     if labelled:
         import numpy as np
 
-        from fedesm.metrics import binary_metrics
+        from fedesm.evaluation.metrics import binary_metrics
 
         m = binary_metrics(np.concatenate([r.labels for r in labelled]), np.concatenate(probs), threshold)
         print(f"labelled input ({m['positives']:,} binding residues): AUROC {m['auroc']:.3f}, AUPRC {m['auprc']:.3f}; "
@@ -158,7 +116,7 @@ def _predict(args) -> int:
 
 def _read_labelled(path: str):
     """The input's labelled, valid records, or None: no labels (2-line FASTA, a table without them) or a
-    problem, which `_read_sequences` then reports in its own terms."""
+    problem, which `read_sequences` then reports in its own terms."""
     from fedesm.data.validate import load_dataset
     from fedesm.errors import DataError
 
@@ -166,12 +124,3 @@ def _read_labelled(path: str):
         return load_dataset(path)
     except DataError:
         return None
-
-
-def _find_model_dir(path: Path) -> Path:
-    """A model folder itself, or the one inside a job result / training output (best/ preferred)."""
-    if (path / "fedesm_model.json").exists():
-        return path
-    for candidate in sorted(path.rglob("fedesm_model.json"), key=lambda p: ("best" not in str(p), len(str(p)))):
-        return candidate.parent
-    raise FedesmError(f"{path}: no trained model found (no fedesm_model.json inside)")

@@ -118,6 +118,44 @@ def read_records_with_lines(
     return records, lines
 
 
+def read_sequences(path: PathLike) -> list[tuple[str, str]]:
+    """(id, sequence) pairs of a file to predict on: FASTA with or without label lines (2-line, wrapped
+    or 3-line; label lines are skipped), or a table in any format `read_records` reads. Residues are
+    checked against ESM-2's alphabet."""
+    from fedesm.data.records import ESM_RESIDUES
+
+    path = Path(path)
+    fmt, gz = detect_format(path)
+    if not path.is_file():
+        raise DataError("no such file", path=path)
+    if fmt != "fasta":
+        return [(r.id, r.sequence) for r in read_records(path)]
+    entries: list[list] = []  # [id, sequence or None, header line]
+    for n, text in _numbered_lines(path, gz):
+        line = text.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(">"):
+            entries.append([_parse_header(line)[0], None, n])
+        elif not entries:
+            raise DataError("sequence line before any '>id' header", path=path, line=n)
+        elif entries[-1][1] is None:
+            entries[-1][1] = line.upper()
+        elif _looks_like_labels(line):
+            continue  # the label line of a 3-line FASTA
+        else:
+            entries[-1][1] += line.upper()  # a wrapped sequence
+    out = []
+    for rid, seq, n in entries:
+        if not seq:
+            raise DataError("empty sequence", path=path, record_id=rid, line=n)
+        bad = set(seq) - ESM_RESIDUES
+        if bad:
+            raise DataError(f"residues not in ESM's alphabet: {''.join(sorted(bad))}", path=path, record_id=rid, line=n)
+        out.append((rid, seq))
+    return out
+
+
 def make_record(rid, sequence, labels, family=None, path=None, line=None) -> Record:
     """Normalise raw fields into a Record: id as text, upper-case sequence without whitespace, uint8 labels."""
     rid = "" if rid is None else str(rid).strip()

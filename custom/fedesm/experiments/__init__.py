@@ -1,1 +1,11 @@
-"""Running jobs in the NVFLARE simulator, the paper's experiments, plots and reports."""
+"""The paper's experiments and the demo, from settings to report.
+
+  config   the YAML schema (data, model, settings blocks, experiments, arms) and each arm's full settings
+  plan     the plan in words, and the dry run
+  prepare  the data split per split mode, held-out val and test, the backbone
+  arms     one federated (nvflare simulator) or centralized arm, scored on the held-out data; the reference
+  run      `fedesm experiment run`: all arms, their status, the report
+  layout   the run folder's file names
+  report   report.md and summary.json from a run folder; plots: the figures
+  demo     `make demo`
+"""

@@ -6,7 +6,7 @@ the set's own low-identity test split is every site's test split. A tiny random-
 checkpoint in fair-esm's format stands in for pretrained weights (none can be downloaded here;
 pass `--backbone` with a hub name or a checkpoint to use real ones); the real `esm2_fra_lora` job is
 exported with small settings and run by `nvflare simulator`. Then each round's global model is
-scored on the test split, beside a sequence-only logistic-regression baseline trained on the same
+scored on the test split, beside a sequence-only logistic-regression reference trained on the same
 training data, and a table and plots are written.
 """
 
@@ -16,17 +16,23 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
+from fedesm import results
 from fedesm.data.split import split_records, write_split
-from fedesm.experiments.simulate import run_simulator
-from fedesm.jobs import export_job
-from fedesm.metrics_log import read_rows
+from fedesm.launch.jobs import export_job
+from fedesm.launch.simulate import run_simulator
+from fedesm.settings import FederationSettings, JobSettings, LoraSettings, ModelSettings, TrainConfig
 from fedesm.site_config import write_site_config
+from fedesm.tables import SERVER_ROW, read_table, write_table
 
 log = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"  # dataset name for the synthetic-motif variant (tests)
+
+# What `make demo` runs: a tiny random-init ESM-2, 2 sites x 4 rounds x 80 steps, minutes on 2 CPU cores.
+DEMO = JobSettings(model=ModelSettings(arch="esm2_t2_tiny"), lora=LoraSettings(r=8, alpha=16),
+                   training=TrainConfig(rounds=4, steps_per_round=80, lr=3e-3, max_len=512),
+                   federation=FederationSettings(min_clients=2))
 
 
 def _records(dataset: str, n_sequences: int, seed: int):
@@ -43,17 +49,19 @@ def _records(dataset: str, n_sequences: int, seed: int):
     return train, test, f"{name} (GPSite, BioLiP-derived, MIT): {len(train)} training chains, {len(test)} test chains"
 
 
-def run_demo(out_dir, dataset: str = "ATP", rounds: int = 4, steps_per_round: int = 80, sites: int = 2,
-             arch: str = "esm2_t2_tiny", backbone: Optional[str] = None, n_sequences: int = 600, lr: float = 3e-3,
-             lora_r: int = 8, strategy: str = "fra", class_weights="balanced", max_len: int = 512, seed: int = 0,
+def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequences: int = 600,
              echo=print) -> dict:
-    """Split, train federated in the simulator, score per round on the test split; returns the summary."""
-    from fedesm.evaluation import AdapterEvaluator, baseline_scores
-    from fedesm.model import LoraSettings, make_random_checkpoint
+    """Split over `settings.federation.min_clients` sites, train federated in the simulator, score per round on
+    the test split; returns the summary. `settings.model.backbone` None = a random-init checkpoint of the arch."""
+    from fedesm.evaluation.reference import reference_scores
+    from fedesm.evaluation.scoring import AdapterEvaluator
+    from fedesm.model.checkpoint import make_random_checkpoint
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    t, arch, backbone = settings.training, settings.model.arch, settings.model.backbone
+    seed, sites, rounds = t.seed, settings.federation.min_clients, t.rounds
     records, test, what = _records(dataset, n_sequences, seed)
     split = split_records(records, "iid", sites, val_frac=0.1, test_frac=0.0 if test else 0.1, seed=seed,
                           site_val_frac=0.1)
@@ -65,23 +73,20 @@ def run_demo(out_dir, dataset: str = "ATP", rounds: int = 4, steps_per_round: in
          + ", ".join(f"{n} {len(v)} train / {len(split.site_val[n])} val" for n, v in split.sites.items())
          + f"; held-out val {len(split.val)} chains (picks the call threshold); test {len(split.test)} chains "
          f"-> {out / 'data'}")
-    base = baseline_scores(pooled, split.val, split.test, seed=seed)
-    echo(f"[2/5] baseline, {base['model']} on the same {len(pooled)} training chains: test AUROC "
+    base = reference_scores(pooled, split.val, split.test, seed=seed)
+    echo(f"[2/5] reference, {base['model']} on the same {len(pooled)} training chains: test AUROC "
          f"{base['test_auroc']:.3f}, AUPRC {base['test_auprc']:.3f}, F1 {base['test_f1_tuned']:.3f} "
          f"(threshold {base['threshold_tuned']:.3f} from the held-out val)")
     if backbone is None:
         backbone = str(make_random_checkpoint(arch, out / f"{arch}.pt", seed=seed))
         echo(f"[3/5] backbone: random-init ESM-2 ({arch}) in fair-esm format, {backbone} (no pretrained weights: "
-             "expect the baseline to win; pass --backbone esm2_t12_35M_UR50D or a checkpoint for real ones)")
+             "expect the reference to win; pass --backbone esm2_t12_35M_UR50D or a checkpoint for real ones)")
     else:
         echo(f"[3/5] backbone: {backbone} ({arch})")
     site_cfg = write_site_config(out / "site_config.yaml", backbone, out / "data", test=out / "data" / "test.fa")
-    overrides = {"arch": arch, "backbone_hint": backbone, "backbone": backbone, "num_rounds": rounds,
-                 "min_clients": sites, "steps_per_round": steps_per_round, "lr": lr, "lora_r": lora_r,
-                 "lora_alpha": 2 * lora_r, "max_len": max_len, "strategy": strategy, "class_weights": class_weights,
-                 "seed": seed}
-    job = export_job("esm2_fra_lora", out / "jobs", overrides)
-    echo(f"[4/5] job {job}: `nvflare simulator`, {sites} sites x {rounds} rounds x {steps_per_round} steps "
+    settings = settings.replace(model=settings.model.replace(backbone=backbone))
+    job = export_job("esm2_fra_lora", out / "jobs", settings=settings)
+    echo(f"[4/5] job {job}: `nvflare simulator`, {sites} sites x {rounds} rounds x {t.steps_per_round} steps "
          f"(log: {out / 'simulator.log'})")
 
     def on_round(n, rows):
@@ -92,37 +97,37 @@ def run_demo(out_dir, dataset: str = "ATP", rounds: int = 4, steps_per_round: in
 
     result = run_simulator(job, out / "workspace", n_clients=sites, site_config=site_cfg,
                            log_path=out / "simulator.log", on_round=on_round)
-    site_rows = read_rows(result / "fedesm" / "metrics.jsonl")
+    site_rows = read_table(results.output_dir(result) / results.METRICS)
     echo(f"[5/5] scoring each round's global model on the test split (threshold from the held-out val)")
-    evaluator = AdapterEvaluator(backbone, LoraSettings(r=lora_r, alpha=2 * lora_r), seed=seed)
+    evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed)
     global_rows = []
-    round_dirs = sorted((result / "fedesm" / "rounds").glob("round_*"))
+    round_dirs = results.round_dirs(results.output_dir(result))
     for rd in round_dirs:
-        m = evaluator.evaluate(rd, split.val, max_len, split.test, curve=rd == round_dirs[-1])
-        global_rows.append({"round": int(rd.name.split("_")[1]), "site": "global", **m})
+        m = evaluator.evaluate(rd, split.val, t.max_len, split.test, curve=rd == round_dirs[-1])
+        global_rows.append({"round": results.round_number(rd), "site": "global", **m})
     final = global_rows[-1]
     table = demo_table(site_rows, global_rows, base)
     echo(table)
     plots = demo_plots(site_rows, global_rows, base, out / "plots")
     summary = {
-        "dataset": what, "rounds": rounds, "steps_per_round": steps_per_round, "sites": sites, "backbone": backbone,
+        "dataset": what, "rounds": rounds, "steps_per_round": t.steps_per_round, "sites": sites, "backbone": backbone,
         "global_final_test": {k: v for k, v in final.items() if k != "pr_curve"},
         "global_round0_test": {k: v for k, v in global_rows[0].items() if k != "pr_curve"},
-        "baseline_test": {k: v for k, v in base.items() if k != "pr_curve"},
+        "reference_test": {k: v for k, v in base.items() if k != "pr_curve"},
         "site_final_test": {r["site"]: {k: r.get(k) for k in ("test_auroc", "test_auprc", "test_f1_tuned")}
                             for r in site_rows if r["round"] == rounds and r.get("test_auroc") is not None},
         **timing(site_rows),
         "wall_seconds": time.perf_counter() - t0, "result_dir": str(result), "plots": [str(p) for p in plots],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "global_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in global_rows))
+    write_table(out / "global_test.jsonl", [{k: v for k, v in r.items() if k != "pr_curve"} for r in global_rows])
     echo(f"final global model on the test split ({len(split.test)} chains): AUROC {final['test_auroc']:.3f}, "
          f"AUPRC {final['test_auprc']:.3f}, F1 {final['test_f1_tuned']:.3f}, MCC {final['test_mcc_tuned']:.3f} "
-         f"(threshold {final['threshold_tuned']:.3f}); baseline AUROC {base['test_auroc']:.3f}, AUPRC "
+         f"(threshold {final['threshold_tuned']:.3f}); reference AUROC {base['test_auroc']:.3f}, AUPRC "
          f"{base['test_auprc']:.3f}, F1 {base['test_f1_tuned']:.3f}")
     echo(f"round wall time {summary['mean_round_seconds']:.1f}s = local training {summary['mean_train_seconds']:.1f}s "
          f"+ evaluation and everything else {summary['mean_overhead_seconds']:.1f}s")
-    echo(f"adapters: {result / 'fedesm' / 'best'} (predict with `fedesm predict --model {result} --input FASTA "
+    echo(f"adapters: {results.output_dir(result) / results.BEST} (predict with `fedesm predict --model {result} --input FASTA "
          f"--out preds.csv`)")
     echo(f"plots: {out / 'plots'}; total {summary['wall_seconds']:.0f}s")
     return summary
@@ -133,37 +138,37 @@ COLUMNS = (("test_auroc", "AUROC"), ("test_auprc", "AUPRC"), ("test_f1", "F1@0.5
            ("threshold_tuned", "thr"))
 
 
-def demo_table(site_rows: list[dict], global_rows: list[dict], baseline: dict) -> str:
-    """Per round: each site's local model and the global model on the test split; the baseline last."""
+def demo_table(site_rows: list[dict], global_rows: list[dict], reference: dict) -> str:
+    """Per round: each site's local model and the global model on the test split; the reference last."""
     head = f"{'round':>5}  {'model':<16}" + "".join(f"{label:>9}" for _, label in COLUMNS)
     fmt = lambda v: f"{v:9.3f}" if isinstance(v, (int, float)) else f"{'-':>9}"  # noqa: E731
     lines = ["metrics on the test split (thr = F1-maximising threshold on the model's validation split: the "
-             "site's own val for local models, the held-out val for the global model and the baseline)",
+             "site's own val for local models, the held-out val for the global model and the reference)",
              head, "-" * len(head)]
     by_round: dict[int, list[tuple[str, dict]]] = {}
     for r in site_rows:
-        if r.get("test_auroc") is not None and r.get("site") != "server":
+        if r.get("test_auroc") is not None and r.get("site") != SERVER_ROW:
             by_round.setdefault(r["round"], []).append((f"{r['site']} (local)", r))
     for r in global_rows:
         by_round.setdefault(r["round"], []).append(("global", r))
     for rnd in sorted(by_round):
         for name, r in sorted(by_round[rnd], key=lambda x: (x[0] == "global", x[0])):
             lines.append(f"{rnd:>5}  {name:<16}" + "".join(fmt(r.get(k)) for k, _ in COLUMNS))
-    lines.append(f"{'':>5}  {'baseline (LR)':<16}" + "".join(fmt(baseline.get(k)) for k, _ in COLUMNS))
+    lines.append(f"{'':>5}  {'reference (LR)':<16}" + "".join(fmt(reference.get(k)) for k, _ in COLUMNS))
     return "\n".join(lines)
 
 
-def demo_plots(site_rows: list[dict], global_rows: list[dict], baseline: dict, out_dir: Path) -> list[Path]:
+def demo_plots(site_rows: list[dict], global_rows: list[dict], reference: dict, out_dir: Path) -> list[Path]:
     from fedesm.experiments.plots import plot_pr_curves, plot_test_metric
 
     out = []
     for metric in ("test_auroc", "test_auprc", "test_f1_tuned"):
         out.append(plot_test_metric(site_rows, global_rows, metric, out_dir / f"demo_{metric}.png",
-                                    baseline=baseline.get(metric)))
-    curves = {"global model (last round)": global_rows[-1].get("pr_curve"), "baseline (LR, ±7 window)":
-              baseline.get("pr_curve")}
+                                    reference=reference.get(metric)))
+    curves = {"global model (last round)": global_rows[-1].get("pr_curve"), "reference (LR, ±7 window)":
+              reference.get("pr_curve")}
     out.append(plot_pr_curves(curves, out_dir / "demo_pr_curve.png", "demo: precision-recall on the test split",
-                              prevalence=baseline.get("test_positive_fraction")))
+                              prevalence=reference.get("test_positive_fraction")))
     return out
 
 

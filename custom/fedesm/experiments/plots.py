@@ -16,10 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedesm.experiments.layout import CENTRAL, HELDOUT  # noqa: E402
 from fedesm.fileio import atomic_path  # noqa: E402
-
-CENTRAL = "centralized"
-HELDOUT = "held-out"  # rows of the global model evaluated on the global held-out val split (experiments)
+from fedesm.tables import SERVER_ROW  # noqa: E402
 
 
 def _series(rows, site: str, metric: str):
@@ -31,14 +30,14 @@ def _global_mean(rows, metric: str):
     by_round: dict[int, list] = {}
     for r in rows:
         v = r.get(f"global_{metric}")
-        if v is not None and r.get("site") not in ("server", CENTRAL):
+        if v is not None and r.get("site") not in (SERVER_ROW, CENTRAL):
             by_round.setdefault(r["round"], []).append(v)
     xs = sorted(by_round)
     return xs, [sum(by_round[x]) / len(by_round[x]) for x in xs]
 
 
 def sites_of(rows) -> list[str]:
-    return sorted({r["site"] for r in rows if r.get("site") not in ("server", CENTRAL)})
+    return sorted({r["site"] for r in rows if r.get("site") not in (SERVER_ROW, CENTRAL)})
 
 
 def plot_metric(rows: Sequence[dict], metric: str, out_path, title: str,
@@ -134,8 +133,8 @@ def plot_run(rows: Sequence[dict], out_dir, name: str, central_rows: Optional[Se
 
 
 def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], metric: str, out_path,
-                     baseline: Optional[float] = None, title: Optional[str] = None) -> Path:
-    """A test-split metric per round: each site's local model, the global model, the baseline as a line."""
+                     reference: Optional[float] = None, title: Optional[str] = None) -> Path:
+    """A test-split metric per round: each site's local model, the global model, the reference as a line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for site in sites_of(site_rows):
         xs, ys = _series(site_rows, site, metric)
@@ -144,8 +143,8 @@ def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], met
     pts = sorted((r["round"], r[metric]) for r in global_rows if r.get(metric) is not None)
     if pts:
         ax.plot(*zip(*pts), color="black", lw=2, marker="s", ms=3, label="global model")
-    if baseline is not None:
-        ax.axhline(baseline, color="tab:gray", ls=":", lw=1.5, label="baseline (LR on ±7 windows)")
+    if reference is not None:
+        ax.axhline(reference, color="tab:gray", ls=":", lw=1.5, label="reference (LR on ±7 windows)")
     name = metric.replace("test_", "").replace("_tuned", " (val-tuned threshold)").upper().replace("THRESHOLD", "threshold")
     return _save_round_plot(fig, ax, metric, title or f"{name} on the test split", out_path)
 
@@ -157,7 +156,7 @@ def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[floa
     for name, c in curves.items():
         if not c or not c.get("recall"):
             continue
-        if name.startswith("baseline"):
+        if name.startswith("reference"):
             style = dict(color="tab:gray", ls=":")
         elif name.startswith(CENTRAL):
             style = dict(color="tab:red", ls="--")
@@ -189,7 +188,7 @@ def format_round_table(rows: Sequence[dict]) -> str:
     lines = [head, "-" * len(head)]
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, (int, float)) else f"{'-':>6}"
     for r in sorted(rows, key=lambda r: (r["round"], r["site"])):
-        if r.get("site") == "server":
+        if r.get("site") == SERVER_ROW:
             continue
         g = r.get("global_f1")
         lines.append(f"{r['round']:>5}  {r['site']:<12} {fmt(r.get('accuracy'))} {fmt(r.get('precision'))} "

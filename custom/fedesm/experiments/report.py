@@ -1,6 +1,6 @@
 """`fedesm experiment report DIR`: report.md, plots and summary.json from a run folder.
 
-Reads only files (layout in `fedesm.experiments.experiment`), so a report can be rebuilt at any
+Reads only files (`fedesm.experiments.layout`), so a report can be rebuilt at any
 time, with another `--target-f1`, or into another folder (e.g. `docs/results/cpu`).
 
 Two yardsticks, kept apart in every table:
@@ -23,18 +23,12 @@ from typing import Optional
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.experiments import layout
+from fedesm.experiments.layout import CENTRAL, HELDOUT
 from fedesm.fileio import atomic_write_text
+from fedesm.tables import SERVER_ROW, read_table
 
-HELDOUT = "held-out"
 TUNED = ("f1_tuned", "mcc_tuned", "precision_tuned", "recall_tuned")
-CENTRAL = "centralized"
-SERVER = "server"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclass
@@ -66,7 +60,7 @@ class ArmResult:
         return sorted((r for r in self.heldout_rows if r.get("split", "val") == split), key=lambda r: r["round"])
 
     def sites(self) -> list[str]:
-        return sorted({r["site"] for r in self.site_rows if r.get("site") not in (SERVER, CENTRAL, HELDOUT)}
+        return sorted({r["site"] for r in self.site_rows if r.get("site") not in (SERVER_ROW, CENTRAL, HELDOUT)}
                       - ({self.id} if not self.federated else set()))
 
     def site_series(self, site: str) -> list[dict]:
@@ -74,9 +68,9 @@ class ArmResult:
 
 
 def load_arm(arm_dir: Path) -> ArmResult:
-    info = json.loads((arm_dir / "arm.json").read_text())
-    arm = ArmResult(info, read_jsonl(arm_dir / "metrics.jsonl"), read_jsonl(arm_dir / "heldout.jsonl"))
-    curve = arm_dir / "test_pr_curve.json"
+    info = json.loads((arm_dir / layout.ARM).read_text())
+    arm = ArmResult(info, read_table(arm_dir / layout.METRICS), read_table(arm_dir / layout.HELDOUT_TABLE))
+    curve = arm_dir / layout.PR_CURVE
     arm.pr_curve = json.loads(curve.read_text()) if curve.is_file() else None
     return arm
 
@@ -133,14 +127,14 @@ def slowest_site_train_seconds(rows: list[dict]) -> Optional[float]:
     from a federated run's metrics table."""
     by_round: dict[int, list] = {}
     for r in rows:
-        if r.get("site") not in (SERVER, CENTRAL, HELDOUT) and r.get("train_seconds") is not None:
+        if r.get("site") not in (SERVER_ROW, CENTRAL, HELDOUT) and r.get("train_seconds") is not None:
             by_round.setdefault(r["round"], []).append(r["train_seconds"])
     return mean(max(v) for v in by_round.values())
 
 
 def mean_round_seconds(rows: list[dict]) -> Optional[float]:
     """Mean server-side round wall time, from a federated run's metrics table."""
-    return mean(r.get("round_seconds") for r in rows if r.get("site") == SERVER)
+    return mean(r.get("round_seconds") for r in rows if r.get("site") == SERVER_ROW)
 
 
 def train_seconds_per_round(arm: ArmResult) -> Optional[float]:
@@ -240,28 +234,28 @@ def _eps(arm_sum: dict) -> str:
 class ExperimentResult:
     info: dict
     arms: list[ArmResult] = field(default_factory=list)
-    baseline: Optional[dict] = None  # baseline.json: the sequence-only reference on the same training data
+    reference: Optional[dict] = None  # reference.json: the sequence-only reference on the same training data
 
 
 def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
     run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
+    if not (run_dir / layout.RUN).is_file():
         raise FedesmError(f"{run_dir}: not an experiment run folder (no run.json)")
-    run = json.loads((run_dir / "run.json").read_text())
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    run = json.loads((run_dir / layout.RUN).read_text())
+    cfg = yaml.safe_load((run_dir / layout.CONFIG).read_text()) if (run_dir / layout.CONFIG).is_file() else {}
     order = [e["id"] for e in cfg.get("experiments", [])]
-    exp_dirs = [run_dir / e for e in order if (run_dir / e / "experiment.json").is_file()]
-    exp_dirs += sorted(p.parent for p in run_dir.glob("*/experiment.json") if p.parent not in exp_dirs)
+    exp_dirs = [run_dir / e for e in order if (run_dir / e / layout.EXPERIMENT).is_file()]
+    exp_dirs += sorted(p.parent for p in run_dir.glob(f"*/{layout.EXPERIMENT}") if p.parent not in exp_dirs)
     experiments = []
     for d in exp_dirs:
-        info = json.loads((d / "experiment.json").read_text())
+        info = json.loads((d / layout.EXPERIMENT).read_text())
         exp = ExperimentResult(info)
         arm_order = info.get("arms") or []
-        arm_dirs = [d / a for a in arm_order if (d / a / "arm.json").is_file()]
-        arm_dirs += sorted(p.parent for p in d.glob("*/arm.json") if p.parent not in arm_dirs)
+        arm_dirs = [d / a for a in arm_order if (d / a / layout.ARM).is_file()]
+        arm_dirs += sorted(p.parent for p in d.glob(f"*/{layout.ARM}") if p.parent not in arm_dirs)
         exp.arms = [load_arm(a) for a in arm_dirs]
-        if (d / "baseline.json").is_file():
-            exp.baseline = json.loads((d / "baseline.json").read_text())
+        if (d / layout.REFERENCE).is_file():
+            exp.reference = json.loads((d / layout.REFERENCE).read_text())
         experiments.append(exp)
     return run, cfg, experiments
 
@@ -294,11 +288,11 @@ def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
     if curves:
         from fedesm.experiments.plots import plot_pr_curves
 
-        if exp.baseline:
-            curves["baseline (LR, ±7 window)"] = exp.baseline.get("pr_curve")
+        if exp.reference:
+            curves["reference (LR, ±7 window)"] = exp.reference.get("pr_curve")
         compare.append(plot_pr_curves(curves, plots_dir / f"{eid}_test_pr_curves.png",
                                       f"{eid}: final models, precision-recall on test",
-                                      prevalence=(exp.baseline or {}).get("test_positive_fraction")))
+                                      prevalence=(exp.reference or {}).get("test_positive_fraction")))
     out["_compare"] = compare
     central = _central_rows(exp)
     for arm in done:
@@ -319,7 +313,7 @@ def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
         lines += [run["description"], ""]
     lines += ["```"] + run.get("plan", []) + ["```", ""]
     splits = []
-    for mode_dir in sorted((run_dir / "data").glob("*/split.json")):
+    for mode_dir in sorted((run_dir / layout.DATA).glob(f"*/{layout.SPLIT}")):
         s = json.loads(mode_dir.read_text())
         parts = [f"held-out val {s['val']['sequences']} seqs ({s['val']['positive_fraction']:.1%} positive), "
                  f"test {s['test']['sequences']} seqs"]
@@ -346,7 +340,7 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     run, cfg, experiments = load_run(run_dir)
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
-    plots_dir = out / "plots"
+    plots_dir = out / layout.PLOTS
     title = run.get("title") or run.get("name") or "fedesm experiments"
     lines = [f"# {title}", ""]
     if run.get("caption"):
@@ -388,14 +382,14 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     lines += body
     lines += _notes(experiments)
     lines += _setup_section(run, cfg, run_dir)
-    report = out / "report.md"
+    report = out / layout.REPORT
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")
     return report
 
 
 def _test_table(exp: ExperimentResult, sums: dict) -> list[str]:
-    """The final model of every arm on the test split, and the sequence-only baseline beside them."""
+    """The final model of every arm on the test split, and the sequence-only reference beside them."""
     cols = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("f1_tuned", "F1@thr"), ("mcc_tuned", "MCC@thr"),
             ("precision_tuned", "precision@thr"), ("recall_tuned", "recall@thr"), ("threshold_tuned", "thr"),
             ("f1", "F1@0.5"), ("mcc", "MCC@0.5")]
@@ -406,14 +400,14 @@ def _test_table(exp: ExperimentResult, sums: dict) -> list[str]:
             rows.append([arm.label] + [f3(t.get(k)) for k, _ in cols])
     if not rows:
         return []
-    if exp.baseline:
-        b = exp.baseline
-        rows.append(["*baseline: logistic regression, one-hot ±7 window*"]
+    if exp.reference:
+        b = exp.reference
+        rows.append(["*reference: logistic regression, one-hot ±7 window*"]
                     + [f3(b.get(k if k == "threshold_tuned" else f"test_{k}")) for k, _ in cols])
-    prevalence = (exp.baseline or {}).get("test_positive_fraction")
+    prevalence = (exp.reference or {}).get("test_positive_fraction")
     note = f" Chance level: AUROC 0.5, AUPRC = the positive rate, {prevalence:.1%}." if prevalence else ""
     return ["**Test split** (final model of each arm; thr = the F1-maximising threshold on the held-out val "
-            "split; the baseline is trained on the same pooled site training data)." + note, "",
+            "split; the reference is trained on the same pooled site training data)." + note, "",
             md_table(["arm"] + [c for _, c in cols], rows), ""]
 
 
@@ -519,9 +513,9 @@ def _key_results(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
                                  if v.get("epsilon") is not None)
             text += f"; ε = {per_site or f3(s['epsilon'])} at δ={s['dp_delta']:g}"
         lines.append(text)
-    if exp.baseline:
-        b = exp.baseline
-        lines.append(f"  - reference, {b.get('model', 'baseline')}: test AUROC {f3(b.get('test_auroc'))}, AUPRC "
+    if exp.reference:
+        b = exp.reference
+        lines.append(f"  - reference, {b.get('model', 'logistic regression')}: test AUROC {f3(b.get('test_auroc'))}, AUPRC "
                      f"{f3(b.get('test_auprc'))}, F1@thr {f3(b.get('test_f1_tuned'))}, MCC@thr "
                      f"{f3(b.get('test_mcc_tuned'))}")
     return lines
@@ -541,7 +535,7 @@ def _notes(experiments: list[ExperimentResult]) -> list[str]:
                      "gradient; without per-sample clipping it has no (ε, δ) guarantee, so no ε is shown for it.")
     if dp:
         t = dp[0].info["training"]
-        lines.append(f"- DP-SGD (`fedesm.dp`): Poisson sampling with q = batch size / site training sequences, "
+        lines.append(f"- DP-SGD (`fedesm.training.privacy.dpsgd`): Poisson sampling with q = batch size / site training sequences, "
                      f"per-sample clipping of the LoRA + head gradient to C = {t['dp_max_grad_norm']:g}, Gaussian "
                      f"noise σ·C with σ = {t['dp_noise_multiplier']:g}; ε per site from an RDP accountant (checked "
                      f"against Opacus') at δ = {t['dp_delta']:g}, counting every local step so far. Each site's "

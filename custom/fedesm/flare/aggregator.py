@@ -22,11 +22,8 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm import aggregation
-from fedesm.flare.payload import TRANSFER_DTYPE_KEY, read_weights_shareable
-
-N_SAMPLES_KEY = "n_samples"
-METRICS_KEY = "metrics"
-WEIGH_BY = ("steps", "samples", "uniform")
+from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, TRANSFER_DTYPE_KEY, read_weights_shareable
+from fedesm.settings import FederationSettings, LoraSettings
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -36,38 +33,28 @@ def _is_positive_number(value: Any) -> bool:
 
 
 class FraLoraAggregator(Aggregator):
-    def __init__(
-        self,
-        strategy: str = "fra",
-        rank: int | None = None,
-        expected_data_kind: str = DataKind.WEIGHTS,
-        weigh_by: str = "steps",
-        max_residual_rank: int | None = None,
-    ):
+    def __init__(self, lora: dict | LoraSettings | None = None, federation: dict | FederationSettings | None = None,
+                 expected_data_kind: str = DataKind.WEIGHTS):
         """Aggregate the sites' PEFT LoRA state dicts with a strategy from ``fedesm.aggregation``.
 
         Args:
-            strategy: "fra" | "fra-ef" | "fedit" | "ffa".
-            rank: output LoRA rank for fra/fra-ef; default: the rank of the sites' lora_A.
+            lora: the job's LoRA block; ``r`` is the rank fra/fra-ef re-factor to.
+            federation: the job's federation block: ``strategy`` (fra | fra-ef | fedit | ffa),
+                ``weigh_by`` (samples: meta "n_samples"; steps: meta NUM_STEPS_CURRENT_ROUND; uniform),
+                ``max_residual_rank`` (fra-ef: cap on the kept residual's rank, default K*r).
             expected_data_kind: only "WEIGHTS": LoRA products are not linear in factor differences,
                 so factor diffs (WEIGHT_DIFF) cannot be re-factored.
-            weigh_by: "steps" (meta NUM_STEPS_CURRENT_ROUND), "samples" (meta "n_samples") or "uniform".
-            max_residual_rank: fra-ef only: cap on the rank of the kept residual (default K*r).
         """
         super().__init__()
-        if strategy not in aggregation.STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(aggregation.STRATEGIES)}")
-        if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if expected_data_kind != DataKind.WEIGHTS:
             raise ValueError(f"expected_data_kind must be {DataKind.WEIGHTS.value!r}, got {expected_data_kind!r}")
-        if weigh_by not in WEIGH_BY:
-            raise ValueError(f"weigh_by must be one of {WEIGH_BY}, got {weigh_by!r}")
-        self.strategy = strategy
-        self.rank = None if rank is None else int(rank)
+        self.lora = LoraSettings.from_dict(lora, where="FraLoraAggregator")
+        self.federation = FederationSettings.from_dict(federation, where="FraLoraAggregator")
+        self.strategy = self.federation.strategy
+        self.rank = self.lora.r
+        self.weigh_by = self.federation.weigh_by
         self.expected_data_kind = DataKind.WEIGHTS
-        self.weigh_by = weigh_by
-        self.ef_state = aggregation.AggregationState(max_residual_rank=max_residual_rank)
+        self.ef_state = aggregation.AggregationState(max_residual_rank=self.federation.max_residual_rank)
         self.last_round_metrics: dict[str, dict] = {}
         self.last_round_weights: dict[str, float] = {}
         self.last_reject_reason: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from dataclasses import replace
 from typing import Optional
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
@@ -15,42 +16,23 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.errors import FedesmError
-from fedesm.flare.payload import make_weights_shareable, read_weights_shareable, to_torch_dict
+from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
+                                  read_weights_shareable, to_torch_dict)
+from fedesm.settings import JobSettings
 
-METRICS_KEY = "metrics"  # DXO meta key holding the site's metrics for this round
-N_SAMPLES_KEY = "n_samples"
-# Metrics per evaluated model (fedesm.metrics.metrics_with_val_threshold): accuracy, precision, recall, F1,
-# MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that split); and,
-# when the site config names a test split, `test_<metric>` at 0.5 and `test_{precision,recall,f1,mcc}_tuned`
-# at the tuned threshold. The received global model's are prefixed `global_`.
+# Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
+# recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
+# split); and, when the site config names a test split, `test_<metric>` at 0.5 and
+# `test_{precision,recall,f1,mcc}_tuned` at the tuned threshold. The received global model's are prefixed `global_`.
 
 
 class EsmLoraExecutor(Executor):
     def __init__(
         self,
-        backbone: str = "esm2_t12_35M_UR50D",
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        lora_targets: Optional[list] = None,
-        steps_per_round: int = 100,
-        batch_size: int = 8,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_steps: Optional[int] = None,
-        schedule: str = "cosine",
-        grad_clip: float = 1.0,
-        class_weights="balanced",
-        focal_gamma: float = 0.0,
-        max_len: int = 1000,
-        grad_noise_std: float = 0.0,
-        freeze_lora_a: bool = False,
-        dp_noise_multiplier: float = 0.0,
-        dp_max_grad_norm: float = 1.0,
-        dp_delta: float = 1e-5,
-        seed: int = 0,
-        transfer_dtype: str = "float32",
-        evaluate_global: bool = True,
+        model: Optional[dict] = None,
+        lora: Optional[dict] = None,
+        training: Optional[dict] = None,
+        federation: Optional[dict] = None,
         analytic_sender_id: str = "analytic_sender",
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
@@ -58,38 +40,19 @@ class EsmLoraExecutor(Executor):
     ):
         """ESM-2 LoRA client executor.
 
-        Everything here is the job's; where the data and the checkpoint live is the site's own
-        business (`fedesm.site_config`): `backbone` is only the default when the site names none.
-        The model, optimizer and schedule are built on the first task and kept in memory between
-        rounds, so a site keeps its optimizer state.
+        The settings blocks are the job's (`fedesm.settings`; the job's config carries them); where the
+        data and the checkpoint live is the site's own business (`fedesm.site_config`): `model.backbone`
+        is only the default when the site names none. The model, optimizer and schedule are built on
+        the first task and kept in memory between rounds, so a site keeps its optimizer state.
 
         Args:
-            backbone: default ESM-2 source if the site config names none (hub name, path, s3://, random:ARCH).
-            lora_r, lora_alpha, lora_dropout, lora_targets: LoRA settings (must match the server's).
-            steps_per_round: local optimizer steps N per round, each on a batch drawn at random.
-            class_weights: "balanced" (default, from the site's positive rate), [w0, w1], or None = plain CE.
-            focal_gamma: > 0 for focal loss (down-weights easy, mostly negative, residues).
-            freeze_lora_a: train only LoRA B (the `ffa` strategy).
-            grad_noise_std: the paper's DP mode, Gaussian noise on every gradient at every step.
-            dp_noise_multiplier, dp_max_grad_norm, dp_delta: formal DP-SGD (`fedesm.dp`) when the
-                multiplier is > 0; the site's epsilon so far is streamed each round as `epsilon`.
-            transfer_dtype: "float32" or "float16" for the adapters sent back.
-            evaluate_global: also evaluate the received global model on the local validation (and test) split.
+            model, lora, training, federation: the job's settings blocks (dicts or settings objects);
+                this executor uses model, lora, training, and federation.transfer_dtype / evaluate_global.
+            analytic_sender_id: the AnalyticsSender component that streams metrics to the server.
         """
         super().__init__()
-        from fedesm.model import LoraSettings
-        from fedesm.train import TrainConfig
-
-        self.default_backbone = backbone
-        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets)
-        self.train_config = TrainConfig(
-            steps_per_round=steps_per_round, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, schedule=schedule, grad_clip=grad_clip, class_weights=class_weights,
-            focal_gamma=focal_gamma,
-            max_len=max_len, grad_noise_std=grad_noise_std, freeze_lora_a=freeze_lora_a, seed=seed,
-            dp_noise_multiplier=dp_noise_multiplier, dp_max_grad_norm=dp_max_grad_norm, dp_delta=dp_delta)
-        self.transfer_dtype = transfer_dtype
-        self.evaluate_global = evaluate_global
+        self.settings = JobSettings.from_dict({"model": model, "lora": lora, "training": training,
+                                               "federation": federation}, where="EsmLoraExecutor")
         self.analytic_sender_id = analytic_sender_id
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
@@ -104,12 +67,11 @@ class EsmLoraExecutor(Executor):
     # ------------------------------------------------------------------ set-up, once per job
 
     def _setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
-        from dataclasses import replace
-
         from fedesm.data.validate import load_dataset
-        from fedesm.model import build_lora_model, load_backbone
+        from fedesm.model.adapters import build_lora_model
+        from fedesm.model.backbone import load_backbone
         from fedesm.site_config import load_site_config, resolve_site_path
-        from fedesm.train import LocalTrainer
+        from fedesm.training.trainer import LocalTrainer
 
         self.site = fl_ctx.get_identity_name()
         workspace_root = fl_ctx.get_engine().get_workspace().get_root_dir()
@@ -122,12 +84,14 @@ class EsmLoraExecutor(Executor):
         self.train_records = load_dataset(resolve_site_path(cfg, cfg.train))
         self.val_records = load_dataset(resolve_site_path(cfg, cfg.val))
         self.test_records = load_dataset(resolve_site_path(cfg, cfg.test)) if cfg.test else None
-        backbone_source = cfg.backbone or self.default_backbone
+        backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
-        model = build_lora_model(backbone, self.lora, seed=self.train_config.seed)
-        tc = replace(self.train_config, device=cfg.device, rounds=num_rounds or 1)
-        self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, tc)
+        training = self.settings.training
+        model = build_lora_model(backbone, self.settings.lora, num_labels=self.settings.model.num_labels,
+                                 seed=training.seed)
+        training = replace(training, device=cfg.device, rounds=num_rounds or training.rounds)
+        self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
         self.num_rounds = num_rounds
         test = f" and {len(self.test_records)} test" if self.test_records else ""
         self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training, {len(self.val_records)} "
@@ -158,14 +122,18 @@ class EsmLoraExecutor(Executor):
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
     def _load_global(self, shareable: Shareable) -> None:
-        from fedesm.model import set_exchanged_state
+        from fedesm.model.adapters import set_exchanged_state
 
         weights, _ = read_weights_shareable(shareable)
         set_exchanged_state(self.trainer.model, to_torch_dict(weights))
 
-    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        from fedesm.model import get_exchanged_state
+    def _reply(self, meta: dict) -> Shareable:
+        from fedesm.model.adapters import get_exchanged_state
 
+        return make_weights_shareable(get_exchanged_state(self.trainer.model), meta,
+                                      self.settings.federation.transfer_dtype)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
         self._ensure_setup(fl_ctx, num_rounds)
@@ -174,7 +142,7 @@ class EsmLoraExecutor(Executor):
         self._load_global(shareable)
         metrics = {}
         rounds_before = self.rounds_done
-        if self.evaluate_global:
+        if self.settings.federation.evaluate_global:
             metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -196,15 +164,14 @@ class EsmLoraExecutor(Executor):
         self.log_info(fl_ctx, f"{self.site} round {current_round}: loss {stats.loss:.4f}, val AUPRC "
                               f"{metrics['auprc']:.3f} F1 {metrics['f1']:.3f} (global model AUPRC "
                               f"{metrics.get('global_auprc', float('nan')):.3f}), {stats.seconds:.1f}s training")
-        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, N_SAMPLES_KEY: len(self.train_records),
-                METRICS_KEY: metrics, "site": self.site}
-        reply = make_weights_shareable(get_exchanged_state(self.trainer.model), meta, self.transfer_dtype)
+        reply = self._reply({MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, N_SAMPLES_KEY: len(self.train_records),
+                             METRICS_KEY: metrics, SITE_KEY: self.site})
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)
         return reply
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         """Evaluate the model in the task (e.g. the final global model) on the local validation split."""
-        from fedesm.model import get_exchanged_state, set_exchanged_state
+        from fedesm.model.adapters import get_exchanged_state, set_exchanged_state
 
         self._ensure_setup(fl_ctx, None)
         saved = get_exchanged_state(self.trainer.model)
@@ -223,17 +190,14 @@ class EsmLoraExecutor(Executor):
 
     def _evaluate(self) -> dict:
         """The model in memory on the local val split (and test split, threshold tuned on val)."""
-        from fedesm.train import evaluate_with_test
+        from fedesm.evaluation.scoring import score_trainer
 
-        return evaluate_with_test(self.trainer, self.val_records, self.test_records)
+        return score_trainer(self.trainer, self.val_records, self.test_records)
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        from fedesm.model import get_exchanged_state
-
         if self.trainer is None:
             return make_reply(ReturnCode.EMPTY_RESULT)
-        return make_weights_shareable(get_exchanged_state(self.trainer.model), {"site": self.site},
-                                      self.transfer_dtype)
+        return self._reply({SITE_KEY: self.site})
 
     # ------------------------------------------------------------------ metrics streaming
 

@@ -13,7 +13,6 @@ the names of the tensors each site sent: adapters and head only.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -27,16 +26,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 
-from fedesm.fileio import atomic_path, atomic_write_text
-from fedesm.flare.persistor import OUTPUT_DIR
-
-SERVER_ROW = "server"
+from fedesm import results
+from fedesm.fileio import atomic_write_text
+from fedesm.tables import SERVER_ROW, write_table
 
 
 class MetricsRecorder(AnalyticsReceiver):
-    def __init__(self, file_name: str = "metrics", events: Optional[list] = None):
+    def __init__(self, events: Optional[list] = None):
         super().__init__(events=events or ["fed.analytix_log_stats"])
-        self.file_name = file_name
         self.rows: dict[tuple[int, str], dict] = {}
         self.out_dir: Optional[Path] = None
         self._round_started: dict[int, float] = {}
@@ -44,7 +41,7 @@ class MetricsRecorder(AnalyticsReceiver):
 
     def initialize(self, fl_ctx: FLContext):
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-        self.out_dir = Path(run_dir) / OUTPUT_DIR
+        self.out_dir = results.output_dir(run_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -71,7 +68,7 @@ class MetricsRecorder(AnalyticsReceiver):
         self._write()
         best = self.best_round("global_auprc")
         if best:
-            self.log_info(fl_ctx, f"metrics table: {self.out_dir / self.file_name}.csv; best global model after "
+            self.log_info(fl_ctx, f"metrics table: {self.out_dir / results.METRICS}; best global model after "
                                   f"round {best[0]} (mean validation AUPRC {best[1]:.4f})")
 
     def _record_payload(self, fl_ctx: FLContext) -> None:
@@ -127,15 +124,6 @@ class MetricsRecorder(AnalyticsReceiver):
     def _write(self) -> None:
         if self.out_dir is None:
             return
-        rows = self.table()
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
-        stem = self.out_dir / self.file_name
-        atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-        with atomic_path(stem.with_suffix(".csv")) as tmp, tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
+        write_table(self.out_dir / results.METRICS, self.table())
         if self.manifest:
-            atomic_write_text(self.out_dir / "payload_manifest.json", json.dumps(self.manifest, indent=1))
+            atomic_write_text(self.out_dir / results.PAYLOAD_MANIFEST, json.dumps(self.manifest, indent=1))

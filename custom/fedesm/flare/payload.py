@@ -1,4 +1,4 @@
-"""Convert between torch state dicts, dicts of numpy arrays and NVFLARE WEIGHTS Shareables.
+"""What travels: torch state dicts <-> dicts of numpy arrays <-> NVFLARE WEIGHTS Shareables, and the meta keys.
 
 Weights travel as a ``DXO(WEIGHTS)`` whose data is ``{name: np.ndarray}``. Floating arrays are
 sent as float32 by default; ``transfer_dtype="float16"`` halves the payload, and the receiver
@@ -16,8 +16,13 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
-TRANSFER_DTYPE_KEY = "fedesm_transfer_dtype"
-TRANSFER_DTYPES = ("float32", "float16")
+from fedesm.settings import TRANSFER_DTYPES
+
+# DXO meta keys of a site's contribution, shared by the executor (writer) and the aggregator (reader).
+TRANSFER_DTYPE_KEY = "fedesm_transfer_dtype"  # how floats were sent (float32 | float16)
+METRICS_KEY = "metrics"  # the site's metrics for this round
+N_SAMPLES_KEY = "n_samples"  # the site's training sequences (weights by samples)
+SITE_KEY = "site"
 
 
 def to_numpy_dict(state_dict: dict[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ import psutil
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_project(project_file: str | os.PathLike) -> dict:
@@ -101,7 +96,7 @@ def render_project(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Generated from {Path(src).resolve()} by fedesm (server name and ports substituted).\n"
-    _write_atomic(dest, header + yaml.safe_dump(project, sort_keys=False))
+    atomic_write_text(dest, header + yaml.safe_dump(project, sort_keys=False))
     return dest
 
 
@@ -140,7 +135,7 @@ def use_private_server_storage(server_kit: Path) -> Path:
         found += 1
     if found != 2:
         raise NetworkError(f"{local}/resources.json.default: no job_manager or snapshot storage to relocate")
-    _write_atomic(local / "resources.json", json.dumps(cfg, indent=2))
+    atomic_write_text(local / "resources.json", json.dumps(cfg, indent=2))
     return store
 
 
@@ -348,7 +343,7 @@ class LocalNetwork:
             cfg = json.loads(cfg_path.read_text())
             for s in cfg["servers"]:
                 s["heart_beat_timeout"] = int(math.ceil(self.heart_beat_timeout))
-            _write_atomic(cfg_path, json.dumps(cfg, indent=2))
+            atomic_write_text(cfg_path, json.dumps(cfg, indent=2))
         self.state = NetworkState(
             workspace=str(self.workspace), project_file=str(rendered), kits=str(kits), server=server,
             clients=clients, admin=admin, fl_port=fl_port, admin_port=admin_port,
@@ -367,7 +362,7 @@ class LocalNetwork:
         return net
 
     def _save(self) -> None:
-        _write_atomic(self.workspace / STATE_FILE, self.state.to_json())
+        atomic_write_text(self.workspace / STATE_FILE, self.state.to_json())
 
     def _require_state(self) -> NetworkState:
         if self.state is None:
@@ -398,7 +393,7 @@ class LocalNetwork:
         shim = bin_dir / "python3"
         text = f'#!/bin/sh\nexec "{sys.executable}" "$@"\n'
         if not shim.is_file() or shim.read_text() != text:
-            _write_atomic(shim, text)
+            atomic_write_text(shim, text)
             shim.chmod(0o755)
         return bin_dir
 

@@ -1,4 +1,4 @@
-"""The centralized baseline: the same trainer on pooled data, R rounds of N steps, evaluated per round."""
+"""The centralized run: the same trainer on pooled data, R rounds of N steps, evaluated after each round."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fedesm.data.records import Record
-from fedesm.metrics_log import MetricsLog
-from fedesm.model import LoraSettings, build_lora_model, load_backbone, save_adapters
-from fedesm.train import LocalTrainer, TrainConfig, evaluate_with_test
+from fedesm.evaluation.metrics import METRIC_NAMES
+from fedesm.evaluation.scoring import score_trainer
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.backbone import load_backbone
+from fedesm.model.cards import ModelCard, save_adapters
+from fedesm.settings import LoraSettings, TrainConfig
+from fedesm.tables import TableLog
+from fedesm.training.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +31,11 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lora = lora or LoraSettings()
     backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
-    model = build_lora_model(backbone, lora or LoraSettings(), seed=config.seed)
+    model = build_lora_model(backbone, lora, seed=config.seed)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
-    metrics = MetricsLog(out / "metrics.jsonl")
+    table = TableLog(out / "metrics.jsonl")
     writer = None
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -39,20 +45,25 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     started = time.perf_counter()
 
     def record(round_num: int, stats=None) -> dict:
-        row = {"arm": arm, "site": arm, "round": round_num, **evaluate_with_test(trainer, val)}
+        row = {"arm": arm, "site": arm, "round": round_num, **score_trainer(trainer, val)}
         if stats is not None:
             row.update(train_loss=stats.loss, steps=stats.steps, samples=stats.samples,
                        train_seconds=stats.seconds, residues_per_second=stats.residues_per_second, lr=stats.lr)
         row["elapsed_seconds"] = time.perf_counter() - started
-        metrics.append(row)
+        table.append(row)
         rows.append(row)
         if writer is not None:
-            for k in ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "threshold_tuned",
-                      "train_loss"):
+            for k in (*METRIC_NAMES, "threshold_tuned", "train_loss"):
                 if row.get(k) is not None:
                     writer.add_scalar(f"{arm}/{k}", row[k], round_num)
             writer.flush()
         return row
+
+    def card(row: dict, round_num: int) -> ModelCard:
+        return ModelCard.describe(backbone.source, backbone.arch, lora, threshold=row["threshold_tuned"],
+                                  max_len=config.max_len,
+                                  extra={"round": round_num, "val_auprc": row["auprc"], "val_f1": row["f1"],
+                                         "threshold_source": "maximises F1 on the validation data"})
 
     record(0)
     for r in range(1, config.rounds + 1):
@@ -61,15 +72,11 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
         log.info("round %d/%d  loss %.4f  AUROC %.3f  AUPRC %.3f  acc %.3f  prec %.3f  rec %.3f  F1 %.3f", r,
                  config.rounds, stats.loss, row["auroc"], row["auprc"], row["accuracy"], row["precision"],
                  row["recall"], row["f1"])
-        score = row["auprc"] if row["auprc"] == row["auprc"] else row["f1"]  # NaN when val has one class
-        if score > best:
-            best = score
-            save_adapters(model, out / "best", threshold=row["threshold_tuned"], max_len=config.max_len,
-                          extra={"round": r, "val_auprc": row["auprc"], "val_f1": row["f1"],
-                                 "threshold_source": "maximises F1 on the validation data"})
-    save_adapters(model, out / "last", threshold=rows[-1]["threshold_tuned"], max_len=config.max_len,
-                  extra={"round": config.rounds, "val_auprc": rows[-1]["auprc"], "val_f1": rows[-1]["f1"],
-                         "threshold_source": "maximises F1 on the validation data"})
+        value = row["auprc"] if row["auprc"] == row["auprc"] else row["f1"]  # NaN when val has one class
+        if value > best:
+            best = value
+            save_adapters(model, card(row, r), out / "best")
+    save_adapters(model, card(rows[-1], config.rounds), out / "last")
     if writer is not None:
         writer.close()
     return rows

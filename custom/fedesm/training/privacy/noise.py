@@ -1,7 +1,7 @@
-"""Privacy mechanisms applied to a site's local updates.
+"""The paper's privacy mode: Gaussian noise of a fixed scale on every trainable gradient at every step.
 
-`GradientNoise` is the paper's mode: Gaussian noise of a fixed scale added to every trainable
-gradient at every local step. It gives no formal guarantee by itself; see `dp_sgd` for that.
+It gives no formal guarantee by itself (no bound on a sample's influence); DP-SGD
+(`fedesm.training.privacy.dpsgd`) does.
 """
 
 from __future__ import annotations

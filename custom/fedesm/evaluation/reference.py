@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from fedesm.data.records import STANDARD_AA, Record
+from fedesm.evaluation.scoring import score
 
 HALF_WINDOW = 7
 _SYMBOLS = len(STANDARD_AA) + 1  # index 20: any other residue, or a position outside the chain
@@ -56,11 +57,11 @@ class WindowLogReg:
         from sklearn.linear_model import LogisticRegression
 
         if not records:
-            raise ValueError("no training records for the baseline")
+            raise ValueError("no training records for the reference model")
         x = _stack([r.sequence for r in records], self.half_window)
         y = np.concatenate([r.labels for r in records]).astype(np.int64)
         if y.min() == y.max():
-            raise ValueError("the baseline needs both positive and negative residues in its training data")
+            raise ValueError("the reference model needs both positive and negative residues in its training data")
         self.model_ = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=2000,
                                          solver="lbfgs", random_state=self.seed)
         self.model_.fit(x, y)
@@ -71,3 +72,13 @@ class WindowLogReg:
             return []
         p = self.model_.predict_proba(_stack(list(sequences), self.half_window))[:, 1]
         return np.split(p, np.cumsum([len(s) for s in sequences])[:-1])
+
+
+def reference_scores(train: Sequence[Record], val: Sequence[Record], test: Sequence[Record], seed: int = 0) -> dict:
+    """The window logistic regression trained on `train`, scored like the models (threshold from `val`)."""
+    model = WindowLogReg(seed=seed).fit(train)
+    out = score(val, model.predict_proba([r.sequence for r in val]), test,
+                model.predict_proba([r.sequence for r in test]), curve=True)
+    out.update(model=f"logistic regression on one-hot windows of +-{HALF_WINDOW} residues (scikit-learn)",
+               train_sequences=len(train), train_residues=int(sum(len(r) for r in train)))
+    return out

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from fedesm import results
 from fedesm.errors import FedesmError
+from fedesm.tables import SERVER_ROW
 
 SERVER_RESULT = Path("server") / "simulate_job"
 
@@ -51,7 +53,7 @@ def run_simulator(job_dir, workspace, n_clients: int, threads: Optional[int] = N
     run_env.update(env or {})
     if site_config:
         run_env["FEDESM_SITE_CONFIG"] = str(Path(site_config).resolve())
-    metrics = result_dir(workspace) / "fedesm" / "metrics.jsonl"
+    metrics = results.output_dir(result_dir(workspace)) / results.METRICS
     seen: set = set()
     start = time.monotonic()
     with log_path.open("w") as log:
@@ -77,15 +79,16 @@ def run_simulator(job_dir, workspace, n_clients: int, threads: Optional[int] = N
 
 
 def _num_rounds(job_dir) -> Optional[int]:
-    cfg = Path(job_dir) / "app" / "config" / "config_fed_server.json"
+    from fedesm.launch.jobs import read_job_settings
+
     try:
-        return int(json.loads(cfg.read_text())["num_rounds"])
-    except (OSError, KeyError, ValueError, TypeError):
+        return read_job_settings(job_dir).training.rounds
+    except FedesmError:
         return None
 
 
 def _rounds_saved(out: Path) -> Optional[int]:
-    card = out / "fedesm" / "last" / "fedesm_model.json"
+    card = results.output_dir(out) / results.LAST / "fedesm_model.json"
     try:
         return int(json.loads(card.read_text())["extra"]["rounds"])
     except (OSError, KeyError, ValueError, TypeError):
@@ -102,9 +105,9 @@ def _emit_new_rows(path: Path, seen: set, on_round) -> None:
         return  # being rewritten; next poll
     for row in rows:
         n = row.get("round")
-        if row.get("site") == "server" and n not in seen:
+        if row.get("site") == SERVER_ROW and n not in seen:
             seen.add(n)
-            on_round(n, [r for r in rows if r.get("round") == n and r.get("site") != "server"])
+            on_round(n, [r for r in rows if r.get("round") == n and r.get("site") != SERVER_ROW])
 
 
 def _kill(proc: subprocess.Popen) -> None:

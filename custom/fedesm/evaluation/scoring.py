@@ -1,10 +1,11 @@
-"""Scoring saved models on held-out data the way the field reports it, beside the sequence-only baseline.
+"""Scoring a model's predictions the way the field reports them.
 
-Used after a run (the demo, the experiments): the global model of each round is loaded from its
-saved adapters and scored on a validation split held out from all training data, where the
-F1-maximising threshold is chosen, and on the test split at 0.5 and at that threshold
-(`fedesm.metrics.metrics_with_val_threshold`). The reference is `fedesm.baseline.WindowLogReg`
-trained on the same training data.
+`score` turns one model's probabilities on a validation split (and optionally a test split) into
+the report of `fedesm.evaluation.metrics.metrics_with_val_threshold`: metrics at 0.5, the
+F1-maximising threshold of the validation split, and the test metrics at both. The same function
+serves a model in memory (`score_trainer`: a site every round, the centralized run) and saved
+adapters (`AdapterEvaluator`: each round's global model in the demo and the experiments), so all
+of them are scored alike.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from fedesm.data.batching import Tokenizer
 from fedesm.data.records import Record
-from fedesm.metrics import metrics_with_val_threshold
+from fedesm.evaluation.metrics import binary_metrics, metrics_with_val_threshold
+from fedesm.model.adapters import build_lora_model, set_exchanged_state
+from fedesm.model.backbone import load_backbone
+from fedesm.model.cards import read_adapter_state
+from fedesm.training.inference import autocast_dtype, predict_proba, resolve_device
 
 
 def labels_of(records: Sequence[Record]) -> np.ndarray:
@@ -50,35 +56,36 @@ def score(val: Sequence[Record], val_probs, test: Optional[Sequence[Record]] = N
     return out
 
 
+def evaluate_probabilities(records: Sequence[Record], probs: Sequence[np.ndarray], threshold: float = 0.5) -> dict:
+    """Metrics at one fixed threshold (no tuning)."""
+    return binary_metrics(labels_of(records), _cat(probs), threshold)
+
+
+def score_trainer(trainer, val: Sequence[Record], test: Optional[Sequence[Record]] = None) -> dict:
+    """`score` for the model in a `LocalTrainer`: validation metrics, and test metrics when `test` is given."""
+    def probs(records):
+        return trainer.predict_proba([r.sequence for r in records]) if records else []
+
+    return score(val, probs(val), test, probs(test) if test else None)
+
+
 class AdapterEvaluator:
     """One ESM-2 + LoRA model in memory; scores saved adapters (per-round global models, a centralized
     run's last/) exactly as sites score theirs (same windows, threshold rule and metrics)."""
 
     def __init__(self, backbone_source: str, lora, seed: int = 0, device: str = "auto"):
-        import torch
-
-        from fedesm.data.batching import Tokenizer
-        from fedesm.model import build_lora_model, load_backbone
-        from fedesm.train import resolve_device
-
         backbone = load_backbone(backbone_source)
         self.device = resolve_device(device)
         self.model = build_lora_model(backbone, lora, seed=seed).to(self.device)
         self.tokenizer = Tokenizer(backbone.alphabet)
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast = autocast_dtype(self.device)
 
     def load(self, adapter_dir) -> None:
-        from safetensors.torch import load_file
-
-        from fedesm.model import set_exchanged_state
-
-        set_exchanged_state(self.model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+        set_exchanged_state(self.model, read_adapter_state(Path(adapter_dir)))
 
     def probabilities(self, records: Sequence[Record], max_len: int) -> list[np.ndarray]:
-        from fedesm.train import predict_proba
-
         return predict_proba(self.model, self.tokenizer, [r.sequence for r in records], max_len, self.device,
-                             autocast_dtype=self.autocast)
+                             autocast=self.autocast)
 
     def evaluate(self, adapter_dir, val: Sequence[Record], max_len: int, test: Optional[Sequence[Record]] = None,
                  curve: bool = False) -> dict:
@@ -86,15 +93,3 @@ class AdapterEvaluator:
         if test:
             return score(val, self.probabilities(val, max_len), test, self.probabilities(test, max_len), curve)
         return score(val, self.probabilities(val, max_len))
-
-
-def baseline_scores(train: Sequence[Record], val: Sequence[Record], test: Sequence[Record], seed: int = 0) -> dict:
-    """The window logistic regression trained on `train`, scored like the models (threshold from `val`)."""
-    from fedesm.baseline import HALF_WINDOW, WindowLogReg
-
-    model = WindowLogReg(seed=seed).fit(train)
-    out = score(val, model.predict_proba([r.sequence for r in val]), test,
-                model.predict_proba([r.sequence for r in test]), curve=True)
-    out.update(model=f"logistic regression on one-hot windows of +-{HALF_WINDOW} residues (scikit-learn)",
-               train_sequences=len(train), train_residues=int(sum(len(r) for r in train)))
-    return out

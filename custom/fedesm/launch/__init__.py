@@ -1,0 +1,1 @@
+"""Running fedesm jobs: the job bundles (render, export), the NVFLARE simulator, a local provisioned network."""

@@ -1,0 +1,88 @@
+"""Load an ESM-2 encoder from wherever a site keeps it.
+
+Sources (`load_backbone`):
+  * ``esm2_t12_35M_UR50D``        a fair-esm hub name, downloaded when online (model weights only,
+                                  never the contact-regression file, which fedesm does not use)
+  * ``/path/esm2_x.pt``           a local checkpoint in fair-esm's format (air-gapped sites)
+  * ``s3://bucket/key.pt``        a checkpoint fetched with boto3 into a local cache
+  * ``random:esm2_t6_8M_UR50D``   a named architecture with a seeded random init (tests, demos)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fedesm.errors import FedesmError
+from fedesm.model.architectures import ARCHITECTURES, EsmArchitecture, architecture_of, get_architecture, new_esm2
+from fedesm.model.checkpoint import build_from_checkpoint, read_checkpoint
+
+HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+
+
+@dataclass
+class Backbone:
+    """A loaded ESM-2 encoder and where it came from (recorded in saved model cards)."""
+
+    model: nn.Module
+    alphabet: object
+    source: str
+    arch: EsmArchitecture
+
+
+def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -> Backbone:
+    """Load an ESM-2 encoder from a hub name, a local .pt, an s3:// URI or `random:ARCH` (see module doc)."""
+    source = str(source)
+    if source.startswith("random:"):
+        arch_name = source.split(":", 1)[1]
+        esm2, alphabet = new_esm2(get_architecture(arch_name), seed=0)
+        return Backbone(esm2, alphabet, source, get_architecture(arch_name))
+
+    if source.startswith("s3://"):
+        from fedesm import storage
+
+        cache = Path(cache_dir or Path.home() / ".cache" / "fedesm")
+        local = storage.fetch(source, cache, policy=policy, endpoint_url=endpoint_url)
+        return _load_local(local, origin=source)
+
+    path = Path(source).expanduser()
+    if path.suffix == ".pt" or path.exists():
+        if policy is not None:
+            policy.check(str(path))
+        if not path.is_file():
+            raise FedesmError(f"{source}: checkpoint file not found")
+        return _load_local(path, origin=source)
+
+    if source in ARCHITECTURES and not ARCHITECTURES[source].on_hub:
+        raise FedesmError(f"{source} has no published weights; use 'random:{source}' for a random init")
+    if source in ARCHITECTURES:
+        return _load_hub(source)
+    raise FedesmError(
+        f"{source!r} is not a checkpoint file, an s3:// URI, 'random:ARCH' or a fair-esm model name "
+        f"({', '.join(n for n, a in ARCHITECTURES.items() if a.on_hub)})"
+    )
+
+
+def _load_local(path: Path, origin: str) -> Backbone:
+    data = read_checkpoint(path)
+    model, alphabet = build_from_checkpoint(Path(path).stem, data, origin)
+    return Backbone(model, alphabet, origin, architecture_of(model))
+
+
+def _load_hub(name: str) -> Backbone:
+    """Download only the model weights (never the contact-regression file)."""
+    url = HUB_URL.format(name=name)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            data = torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu")
+    except Exception as e:
+        raise FedesmError(
+            f"could not download {name} from the fair-esm hub ({type(e).__name__}); offline sites should pass "
+            "a local checkpoint path or an s3:// URI instead"
+        ) from None
+    model, alphabet = build_from_checkpoint(name, data, name)
+    return Backbone(model, alphabet, name, architecture_of(model))

@@ -1,0 +1,1 @@
+"""What protects a site's data in its updates: gradient noise (the paper's mode), DP-SGD, its accountant."""

@@ -1,0 +1,135 @@
+"""The package's shape: no import circles (imports inside functions included), and the boundaries
+docs/architecture.md promises."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "custom" / "fedesm"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        rel = p.relative_to(PACKAGE.parent).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        mods[".".join(parts)] = p
+    return mods
+
+
+def _imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its file (top level or inside functions)."""
+    graph = {m: set() for m in mods}
+    for cur, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = cur.split(".") if path.name == "__init__.py" else cur.split(".")[:-1]
+                    parts = parts[: len(parts) - (node.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                names = {base} | {f"{base}.{a.name}" for a in node.names}
+            else:
+                continue
+            for name in names:
+                while name and name not in mods:
+                    name = name.rpartition(".")[0]
+                # importing a package's face (__init__) from inside it is not a dependency on a module
+                if name and name != cur and not (mods[name].name == "__init__.py" and cur.startswith(name + ".")):
+                    graph[cur].add(name)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = _imports(_modules())
+    assert sum(len(v) for v in graph.values()) > 100  # the walk sees the package's imports
+    assert _cycles(graph) == []
+
+
+def test_the_walk_finds_a_circle_hidden_in_a_function():
+    """The check itself can fail: an import inside a function closes a circle it reports."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": set()}
+    assert _cycles(graph) == []
+    graph["c"].add("a")
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_nvflare_glue_imports_nvflare():
+    importers = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "nvflare" in _third_party(p))
+    assert importers and all(p.startswith(("flare/", "launch/")) for p in importers), importers
+
+
+@pytest.mark.parametrize("module", ["aggregation.py", "settings.py", "model/keys.py", "tables.py", "results.py"])
+def test_framework_free_cores_stay_free(module):
+    """The aggregation maths, the settings and the name rules import neither NVFLARE nor PEFT at the top."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            top.add(node.module.split(".")[0])
+    assert not top & {"nvflare", "peft", "esm"}, top
+
+
+def test_settings_have_one_home():
+    """The LoRA defaults and the training keys are written once: nowhere else in the package do the
+    literal defaults of LoraSettings appear as keyword defaults."""
+    offenders = []
+    for p in PACKAGE.rglob("*.py"):
+        if p.name == "settings.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args[-len(node.args.defaults):] if node.args.defaults else []
+                for arg, default in zip(args, node.args.defaults):
+                    if arg.arg in ("lora_r", "lora_alpha", "lora_dropout", "steps_per_round", "grad_noise_std"):
+                        offenders.append(f"{p.relative_to(PACKAGE)}:{node.name}({arg.arg}=...)")
+    assert offenders == [], offenders
