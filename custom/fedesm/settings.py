@@ -425,7 +425,8 @@ class JobSettings:
             if parts[1] not in cls.BLOCKS[parts[0]].names():
                 hint = difflib.get_close_matches(parts[1], cls.BLOCKS[parts[0]].names(), n=1)
                 raise SettingError(f"unknown {parts[0]} setting {parts[1]!r}"
-                                   + (f" (did you mean {parts[0]}.{hint[0]}?)" if hint else ""))
+                                   + (f" (did you mean {parts[0]}.{hint[0]}?)" if hint else "")
+                                   + f"; valid: {', '.join(cls.BLOCKS[parts[0]].names())}")
             return parts[0], parts[1]
         if len(parts) == 1:
             owners = [b for b, kind in cls.BLOCKS.items() if key in kind.names()]
