@@ -22,6 +22,7 @@ from fedesm.settings import TrainConfig
 from fedesm.training.gradients import make_gradients
 from fedesm.training.inference import autocast_dtype, predict_proba, resolve_device
 from fedesm.training.losses import class_weights, token_losses
+from fedesm.training.optimizer_state import align_state, reset_lora_moments
 
 
 @dataclass
@@ -129,6 +130,22 @@ class LocalTrainer:
                           loss=float(np.nanmean(losses)) if losses else float("nan"),
                           seconds=time.perf_counter() - t0, aborted=aborted,
                           lr=self.scheduler.get_last_lr()[0], extra=self.gradients.spent())
+
+    def load_global(self, state: dict, policy: str = "keep") -> dict:
+        """Load global adapters + head into the model, handling the optimizer state by `policy`
+        (`fedesm.training.optimizer_state`: keep | reset | align, already resolved from auto). Before the
+        first local step there is nothing to keep or align: the global state is loaded as it is.
+        Returns what was done, for the site's log and metrics."""
+        from fedesm.model.adapters import get_exchanged_state, set_exchanged_state
+
+        info = {"policy": policy if self.global_step else "initial"}
+        if self.global_step and policy == "align":
+            state, aligned, pairs = align_state(get_exchanged_state(self.model), state)
+            info.update(aligned_pairs=aligned, lora_pairs=pairs)
+        set_exchanged_state(self.model, state)
+        if self.global_step and policy == "reset":
+            info["reset_parameters"] = reset_lora_moments(self.model, self.optimizer)
+        return info
 
     def predict_proba(self, sequences: Sequence[str]) -> list[np.ndarray]:
         return predict_proba(self.model, self.tokenizer, sequences, self.config.max_len, self.device,
