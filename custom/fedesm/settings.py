@@ -35,6 +35,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 TRANSFER_DTYPES = ("float32", "float16")
 BEST_METRICS = ("auprc", "auroc", "f1", "mcc")
+OPTIMIZER_STATES = ("auto", "keep", "reset", "align")
 
 
 class SettingError(FedesmError):
@@ -371,6 +372,10 @@ class FederationSettings(Settings):
                                   choices=TRANSFER_DTYPES)
     evaluate_global: bool = setting(True, "sites also score the received global model on their val (and test) "
                                     "split every round")
+    optimizer_state: str = setting("auto", "what a site does with its optimizer state for the LoRA factors when "
+                                   "global adapters arrive: keep, reset (zero moments and step count), align (the "
+                                   "global product in the factorization closest to the site's own factors); auto = "
+                                   "align for fra / fra-ef, keep for fedit / ffa", choices=OPTIMIZER_STATES)
     best_metric: str = setting("auprc", "global-model validation metric (mean over sites) that picks best/",
                                choices=BEST_METRICS)
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")

@@ -91,3 +91,13 @@ def test_flags_are_generated_from_the_fields():
 def test_a_bad_flag_value_is_one_line(capsys):
     assert main(["params", "--lora-r", "0"]) == 2
     assert capsys.readouterr().err.strip() == "fedesm: error: lora.r: the LoRA rank must be a positive integer, got 0"
+
+
+def test_optimizer_state_policy_is_a_federation_setting():
+    from fedesm.training.optimizer_state import resolve_policy
+
+    f = FederationSettings()
+    assert f.optimizer_state == "auto" and resolve_policy(f.optimizer_state, f.strategy) == "align"
+    assert JobSettings().with_overrides(["optimizer_state=reset"]).federation.optimizer_state == "reset"
+    with pytest.raises(FedesmError, match="federation.optimizer_state: 'zero' is not one of auto, keep, reset, align"):
+        FederationSettings(optimizer_state="zero")

@@ -19,6 +19,7 @@ from fedesm.errors import FedesmError
 from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
                                   read_weights_shareable, to_torch_dict)
 from fedesm.settings import JobSettings
+from fedesm.training.optimizer_state import resolve_policy
 
 # Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
 # recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
@@ -121,11 +122,9 @@ class EsmLoraExecutor(Executor):
             self.log_error(fl_ctx, f"task {task_name} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
-    def _load_global(self, shareable: Shareable) -> None:
-        from fedesm.model.adapters import set_exchanged_state
-
+    def _global_state(self, shareable: Shareable) -> dict:
         weights, _ = read_weights_shareable(shareable)
-        set_exchanged_state(self.trainer.model, to_torch_dict(weights))
+        return to_torch_dict(weights)
 
     def _reply(self, meta: dict) -> Shareable:
         from fedesm.model.adapters import get_exchanged_state
@@ -139,7 +138,8 @@ class EsmLoraExecutor(Executor):
         self._ensure_setup(fl_ctx, num_rounds)
         self.num_rounds = num_rounds or self.num_rounds
         t0 = time.perf_counter()
-        self._load_global(shareable)
+        f = self.settings.federation
+        self.trainer.load_global(self._global_state(shareable), resolve_policy(f.optimizer_state, f.strategy))
         metrics = {}
         rounds_before = self.rounds_done
         if self.settings.federation.evaluate_global:
@@ -176,7 +176,7 @@ class EsmLoraExecutor(Executor):
         self._ensure_setup(fl_ctx, None)
         saved = get_exchanged_state(self.trainer.model)
         try:
-            self._load_global(shareable)
+            set_exchanged_state(self.trainer.model, self._global_state(shareable))  # to score it, nothing else
             metrics = self._evaluate()
         finally:
             set_exchanged_state(self.trainer.model, saved)  # keep the site's own model for later tasks
