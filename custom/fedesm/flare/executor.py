@@ -88,16 +88,24 @@ class EsmLoraExecutor(Executor):
         backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
-        training = self.settings.training
         model = build_lora_model(backbone, self.settings.lora, num_labels=self.settings.model.num_labels,
-                                 seed=training.seed)
-        training = replace(training, device=cfg.device, rounds=num_rounds or training.rounds)
+                                 seed=self.settings.training.seed)
+        training = self.site_training(self.site, num_rounds, cfg.device)
         self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
         self.num_rounds = num_rounds
         test = f" and {len(self.test_records)} test" if self.test_records else ""
         self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training, {len(self.val_records)} "
                               f"validation{test} sequences; backbone {backbone_source} on {self.trainer.device}; "
                               f"site config {cfg.source}")
+
+    def site_training(self, site: str, num_rounds: Optional[int], device: str = "auto"):
+        """This site's training settings: the job's, with the site's device, the job's round count, and the
+        site's own random streams (batches, crops, dropout, noise) derived from the job seed and its name, so
+        no two sites draw the same numbers."""
+        from fedesm.training.trainer import site_seed
+
+        t = self.settings.training
+        return replace(t, device=device, rounds=num_rounds or t.rounds, seed=site_seed(t.seed, site))
 
     def _ensure_setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
         if self.trainer is None:

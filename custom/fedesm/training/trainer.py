@@ -7,6 +7,7 @@ for its whole life, so a site keeps its optimizer state between rounds.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,13 @@ class RoundStats:
     @property
     def residues_per_second(self) -> float:
         return self.residues / self.seconds if self.seconds else 0.0
+
+
+def site_seed(seed: int, site: str) -> int:
+    """A site's own seed, derived from the job's seed and the site's name: reproducible for the job, and
+    different at every site (independent batches, crops and dropout)."""
+    digest = hashlib.sha256(f"{int(seed)}/{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def lr_factor(cfg: TrainConfig, total: int, warmup: int) -> Callable[[int], float]:

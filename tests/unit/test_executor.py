@@ -1,0 +1,31 @@
+"""The site's executor: its settings per site (own random streams), built from the job's blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from fedesm.flare.executor import EsmLoraExecutor
+from fedesm.launch.jobs import JOBS
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.backbone import load_backbone
+from fedesm.settings import LoraSettings
+from fedesm.training.trainer import LocalTrainer
+
+
+def test_two_sites_with_the_same_job_seed_draw_different_batches(tiny_checkpoint, synth_data):
+    job = JOBS["esm2_fra_lora"].settings.with_overrides({"training.seed": 7, "training.batch_size": 4,
+                                                        "training.max_len": 96})
+    executor = EsmLoraExecutor(**job.to_dict())
+    one, two = (executor.site_training(s, num_rounds=3, device="cpu") for s in ("site-1", "site-2"))
+    assert one.seed != two.seed and one.seed == executor.site_training("site-1", 3, "cpu").seed  # reproducible
+    assert one.rounds == 3 and one.replace(seed=7) == two.replace(seed=7)  # nothing else differs
+    data = synth_data[0]  # the SAME records at both sites: only the streams differ
+
+    def batches(cfg):
+        backbone = load_backbone(str(tiny_checkpoint))
+        trainer = LocalTrainer(build_lora_model(backbone, LoraSettings(r=4)), backbone.alphabet, data, cfg)
+        return [trainer.sampler.next_batch()[0] for _ in range(3)]
+
+    b1, b2 = batches(one), batches(two)
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(b1, b2))
+    assert all(torch.equal(x, y) for x, y in zip(b1, batches(one)))  # same site, same job seed: same batches
