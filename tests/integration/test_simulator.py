@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from fedesm.cli import main
@@ -123,27 +124,73 @@ def test_demo_on_real_atp_data_scores_the_test_split_beside_the_reference(tmp_pa
     assert {p.rsplit("/", 1)[1] for p in summary["plots"]} >= {"demo_pr_curve.png", "demo_test_auprc.png"}
 
 
-def test_cyclic_job_runs(tmp_path):
+def _probed_run(tmp_path, job_name: str, rounds: int, steps: int = 12):
+    """A tiny job on synthetic data with probes recording what each site receives and the server gets back."""
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
-    from fedesm.site_config import write_site_config
-    from fedesm.launch.simulate import run_simulator
     from fedesm.launch.jobs import export_job
+    from fedesm.launch.simulate import run_simulator
     from fedesm.model.checkpoint import make_random_checkpoint
+    from fedesm.site_config import write_site_config
+    from tests.integration.flare_probe import add_probes
 
     records = synth_records(n=200, n_families=10, pos_rate=0.1, min_len=60, max_len=200, seed=1)
     write_split(split_records(records, "iid", 2, seed=1, site_val_frac=0.15), tmp_path / "data")
     ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt")
     cfg = write_site_config(tmp_path / "site.yaml", ckpt, tmp_path / "data")
-    job = export_job("esm2_cyclic", tmp_path / "jobs", {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt),
-                                                         "training.rounds": 2, "training.steps_per_round": 20,
-                                                         "lora.r": 4, "training.max_len": 200})
+    job = export_job(job_name, tmp_path / "jobs", {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt),
+                                                    "training.rounds": rounds, "training.steps_per_round": steps,
+                                                    "lora.r": 4, "training.max_len": 200})
+    add_probes(job, tmp_path / "probe")
     result = run_simulator(job, tmp_path / "ws", n_clients=2, site_config=cfg, timeout=600)
+    return result, tmp_path / "probe"
+
+
+def _same(a: dict, b: dict, atol=0.0):
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k], np.float64), np.asarray(b[k], np.float64), rtol=0, atol=atol,
+                                   err_msg=k)
+
+
+def test_persisted_rounds_are_the_aggregate_of_what_arrived_and_what_sites_start_from(tmp_path):
+    """Checked on the tensors: round N's contributions, aggregated as the server's maths does, are the persisted
+    round_N+1; every site receives exactly the persisted round as its next task."""
+    from fedesm import results
+    from fedesm.aggregation import aggregate
+    from fedesm.model.cards import read_adapter_state
+    from tests.integration.flare_probe import load
+
+    result, probe = _probed_run(tmp_path, "esm2_fra_lora", rounds=3)
+    out = results.output_dir(result)
+    persisted = {n: {k: v.numpy() for k, v in read_adapter_state(results.round_dir(out, n)).items()}
+                 for n in range(4)}
+    for site in ("site-1", "site-2"):
+        _same(load(probe / f"sent_to_{site}_round000.npz")[0], persisted[0])
+    for r in range(3):
+        got = [load(probe / f"received_site-{k}_round{r:03d}.npz") for k in (1, 2)]
+        expected = aggregate([w for w, _ in got], [m["n_samples"] for _, m in got], "fra", rank=4)
+        _same(expected, persisted[r + 1], atol=1e-6)
+        assert not np.allclose(got[0][0][next(iter(expected))], got[1][0][next(iter(expected))])  # sites differ
+        if r + 1 < 3:
+            for site in ("site-1", "site-2"):
+                _same(load(probe / f"sent_to_{site}_round{r + 1:03d}.npz")[0], persisted[r + 1])
+
+
+def test_cyclic_job_relays_each_sites_result_to_the_next(tmp_path):
+    from tests.integration.flare_probe import load
+
+    result, probe = _probed_run(tmp_path, "esm2_cyclic", rounds=2, steps=20)
     rows = read_table(result / "fedesm" / "metrics.jsonl")
     # each of the 2 rounds relays through both sites, one after the other
     assert {(r["round"], r["site"]) for r in rows if r.get("f1") is not None} == {
         (1, "site-1"), (1, "site-2"), (2, "site-1"), (2, "site-2")}
     assert (result / "fedesm" / "rounds" / "round_002" / "adapter_model.safetensors").is_file()
+    for r in range(2):  # site-2 starts from site-1's result of the same round; site-1 from site-2's previous one
+        _same(load(probe / f"sent_to_site-2_round{r:03d}.npz")[0], load(probe / f"received_site-1_round{r:03d}.npz")[0])
+        if r:
+            _same(load(probe / f"sent_to_site-1_round{r:03d}.npz")[0],
+                  load(probe / f"received_site-2_round{r - 1:03d}.npz")[0])
 
 
 def test_missing_site_data_fails_that_site_clearly(tmp_path):
