@@ -107,7 +107,7 @@ def test_demo_on_real_atp_data_scores_the_test_split_beside_the_reference(tmp_pa
     from fedesm.experiments.demo import DEMO, run_demo
 
     lines = []
-    settings = DEMO.with_overrides({"rounds": 1, "steps_per_round": 10, "max_len": 256})
+    settings = DEMO.with_overrides({"rounds": 2, "steps_per_round": 40, "max_len": 256})
     summary = run_demo(tmp_path, settings=settings, echo=lines.append)
     text = "\n".join(lines)
     assert "gpsite:ATP" in text and "test 79 chains" in text and "reference (LR)" in text
@@ -119,6 +119,10 @@ def test_demo_on_real_atp_data_scores_the_test_split_beside_the_reference(tmp_pa
     assert base["test_auroc"] > 0.65 and base["test_auprc"] > 0.1  # the reference on the same split
     for k in ("test_auroc", "test_auprc", "test_f1", "test_f1_tuned", "test_mcc_tuned", "threshold_tuned"):
         assert 0 <= final[k] <= 1, k
+    # it learns: 80 steps per site lift the global model's test AUROC well above the untrained round 0
+    # (measured 0.514 -> 0.609 on this seed)
+    first = summary["global_round0_test"]
+    assert first["test_auroc"] < 0.55 and final["test_auroc"] > first["test_auroc"] + 0.05
     assert final["test_positive_fraction"] == pytest.approx(0.031, abs=0.001)
     assert set(summary["site_final_test"]) == {"site-1", "site-2"}
     assert {p.rsplit("/", 1)[1] for p in summary["plots"]} >= {"demo_pr_curve.png", "demo_test_auprc.png"}
