@@ -17,7 +17,7 @@ SMALL = {
     "name": "small",
     "title": "small end-to-end",
     "caption": "SYNTHETIC",
-    "seed": 0,
+    "seeds": [0],
     "sites": 2,
     "data": {"synthetic": {"n": 120, "families": 12, "pos_rate": 0.1, "min_len": 60, "max_len": 120},
              "val_frac": 0.15, "test_frac": 0.1, "site_val_frac": 0.2},
@@ -27,7 +27,8 @@ SMALL = {
     "runtime": {"device": "cpu", "cpu_threads": 1, "simulator_timeout": 300},
     "experiments": [
         {"id": "exp1", "title": "IID", "split": "iid", "job": "esm2_fra_lora",
-         "arms": [{"id": "fra", "federation": {"strategy": "fra"}}, {"id": "centralized", "kind": "centralized"}]},
+         "arms": [{"id": "fra", "federation": {"strategy": "fra"}}, {"id": "centralized", "kind": "centralized"},
+                  {"id": "alone", "kind": "site-alone"}]},
         {"id": "exp2", "title": "skew + noise", "split": "skew", "job": "esm2_fra_lora_skew_dp",
          "training": {"grad_noise_std": 1.0e-4},
          "arms": [{"id": "ffa", "federation": {"strategy": "ffa"}, "training": {"freeze_lora_a": True}},
@@ -35,7 +36,6 @@ SMALL = {
                   {"id": "dpsgd",
                    "training": {"grad_noise_std": 0.0, "dp_noise_multiplier": 1.2, "dp_max_grad_norm": 0.5,
                                 "dp_delta": 1.0e-4}}]},
-        {"id": "exp3", "title": "cyclic", "split": "iid", "job": "esm2_cyclic", "arms": [{"id": "cyclic"}]},
     ],
 }
 
@@ -48,15 +48,16 @@ def _rows(path):
 def test_presets_dry_run(preset, capsys):
     assert main(["experiment", "run", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"6 simulator run(s), {4 if preset == 'cpu' else 2} centralized run(s)" in out
+    sims, central = (24, 21) if preset == "cpu" else (18, 15)  # 3 seeds each
+    assert f"{sims} simulator run(s), {central} centralized run(s)" in out and "3 seed(s)" in out
     assert "job export(s) accept their settings" in out
-    for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "fra-dpsgd"):
+    for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "central-2x", "alone", "fra-dpsgd"):
         assert f"- {arm} " in out
     assert "347 labelled sequences + 79 test sequences" in out  # both run on the shipped GPSite ATP set
     if preset == "paper":
         assert "30 rounds x 5000 steps" in out and "r=16" in out and "max_len 1000" in out
     else:
-        assert "class_weights balanced" in out and "- central-focal" in out and "focal_gamma=2.0" in out
+        assert "class_weights balanced" in out and "- fra-keep" in out and "optimizer_state=keep" in out
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -89,7 +90,7 @@ def test_an_experiment_can_use_every_shipped_job(job, capsys):
     assert cfg.experiments[0].job == job
     from fedesm.experiments.plan import dry_run
 
-    assert "  checked: 6 job export(s) accept their settings" in dry_run(cfg)
+    assert "  checked: 8 job export(s) accept their settings" in dry_run(cfg)
 
 
 def test_both_set_flags_parse_values_alike(tmp_path):
@@ -104,7 +105,7 @@ def test_both_set_flags_parse_values_alike(tmp_path):
     job = read_job_settings(export_job("esm2_fra_lora", tmp_path, assignments, include_package=False))
     from fedesm.experiments.config import arm_settings
 
-    exp_side = arm_settings(cfg, cfg.experiments[0], cfg.experiments[0].arms[0])
+    exp_side = arm_settings(cfg, cfg.experiments[0], cfg.experiments[0].arms[0], seed=0)
     for key in items:
         block, name = key.split(".")
         assert getattr(getattr(exp_side, block), name) == getattr(getattr(job, block), name), key
@@ -119,29 +120,39 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["experiment", "run", str(config), "--out", str(out)]) == 0
     log = capsys.readouterr().out
-    assert "[exp1/fra] round 1/1" in log and "[exp2/centralized] round 1/1" in log
+    assert "[exp1/fra seed 0] round 1/1" in log and "[exp2/centralized seed 0] round 1/1" in log
 
-    split = json.loads((out / "data" / "skew" / "split.json").read_text())
-    for exp, arm in (("exp1", "fra"), ("exp1", "centralized"), ("exp2", "ffa"), ("exp2", "centralized"),
-                     ("exp2", "dpsgd"), ("exp3", "cyclic")):
-        info = json.loads((out / exp / arm / "arm.json").read_text())
-        assert info["status"] == "done" and info["wall_seconds"] > 0
-        held = _rows(out / exp / arm / "heldout.jsonl")
-        assert [r["round"] for r in held if r["split"] == "val"] == [0, 1]
-        assert [r["round"] for r in held if r["split"] == "test"] == [1]
-        assert all(0 <= r["f1"] <= 1 for r in held)
-        test = next(r for r in held if r["split"] == "test")
-        assert 0 <= test["f1_tuned"] <= 1 and 0 <= test["auroc"] <= 1 and 0 < test["threshold_tuned"] < 1
-        assert (out / exp / arm / "test_pr_curve.json").is_file()
+    split = json.loads((out / "seed_0" / "data" / "skew" / "split.json").read_text())
+    round0 = {}
+    for exp, arm in (("exp1", "fra"), ("exp1", "centralized"), ("exp1", "alone"), ("exp2", "ffa"),
+                     ("exp2", "centralized"), ("exp2", "dpsgd")):
+        d = out / exp / arm / "seed_0"
+        info = json.loads((d / "arm.json").read_text())
+        assert info["status"] == "done" and info["wall_seconds"] > 0 and info["shared_start"]
+        held = _rows(d / "heldout.jsonl")
+        models = sorted({r.get("model") for r in held}, key=str)
+        assert models == (["site-1", "site-2"] if arm == "alone" else [None])
+        for m in models:
+            mine = [r for r in held if r.get("model") == m]
+            assert [r["round"] for r in mine if r["split"] == "val"] == [0, 1]
+            assert [r["round"] for r in mine if r["split"] == "test"] == [1]
+            assert all(0 <= r["f1"] <= 1 for r in mine)
+            test = next(r for r in mine if r["split"] == "test")
+            assert 0 <= test["f1_tuned"] <= 1 and 0 <= test["auroc"] <= 1 and 0 < test["threshold_tuned"] < 1
+            round0[(exp, arm, m)] = next(r for r in mine if r["round"] == 0 and r["split"] == "val")["auprc"]
+        assert (d / ("site-1_test_pr_curve.json" if arm == "alone" else "test_pr_curve.json")).is_file()
+    # one shared start: before any training, every arm's model is the same, so it scores the same
+    assert len({round(v, 12) for v in round0.values()}) == 1, round0
     # federated metrics: both sites, local + global metrics, bytes sent, and epsilon only under DP-SGD
     for arm in ("fra", "ffa", "dpsgd"):
         exp = "exp1" if arm == "fra" else "exp2"
-        rows = [r for r in _rows(out / exp / arm / "metrics.jsonl") if r["round"] == 1 and r["site"] != "server"]
+        rows = [r for r in _rows(out / exp / arm / "seed_0" / "metrics.jsonl")
+                if r["round"] == 1 and r["site"] != "server"]
         assert sorted(r["site"] for r in rows) == ["site-1", "site-2"]
         for r in rows:
             assert r["sent_bytes"] > 0 and r["steps"] == 5 and r.get("global_f1") is not None
             assert ("epsilon" in r) == (arm == "dpsgd")
-    dp_rows = {r["site"]: r for r in _rows(out / "exp2" / "dpsgd" / "metrics.jsonl") if r.get("epsilon")}
+    dp_rows = {r["site"]: r for r in _rows(out / "exp2" / "dpsgd" / "seed_0" / "metrics.jsonl") if r.get("epsilon")}
     for site, r in dp_rows.items():
         q = 4 / split["sites"][site]["train"]["sequences"]
         assert r["epsilon"] == pytest.approx(compute_epsilon(1.2, q, 5, 1e-4), rel=1e-9)
@@ -149,7 +160,7 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "ε spent" in report
     for exp in ("exp1", "exp2"):  # the sequence-only reference, on each experiment's pooled training data
-        base = json.loads((out / exp / "reference.json").read_text())
+        base = json.loads((out / exp / "seed_0" / "reference.json").read_text())
         assert base["test_auroc"] > 0.5 and base["pr_curve"]["recall"]
     assert "*reference: logistic regression, one-hot ±7 window*" in report
     assert (out / "plots" / "exp1_test_pr_curves.png").is_file()
@@ -157,6 +168,7 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     eps = summary["experiments"]["exp2"]["arms"]["dpsgd"]["epsilon"]
     assert eps == pytest.approx(max(r["epsilon"] for r in dp_rows.values()))
     assert f"{eps:.2f} (δ=0.0001)" in report
+    assert "| site-1 alone |" in report and "Against each site training alone" in report
     for png in (out / "plots").glob("*.png"):
         assert f"(plots/{png.name})" in report and png.stat().st_size < 200_000
     assert (out / "plots" / "exp2_dpsgd_f1.png").is_file() and (out / "plots" / "exp1_arms_auprc.png").is_file()
@@ -166,3 +178,26 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     assert "already done; skipped" in capsys.readouterr().out
     assert main(["experiment", "run", str(config), "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_every_seed_repeats_every_arm_from_its_own_shared_start(tmp_path, capsys):
+    """Two seeds, centralized and site-alone arms (no simulator: seconds): each seed has its own split,
+    backbone and initial adapters, the report gives mean and spread over both."""
+    cfg = yaml.safe_load(yaml.safe_dump(SMALL))
+    cfg["seeds"] = [0, 1]
+    cfg["experiments"] = [{"id": "e", "title": "two seeds", "split": "iid",
+                           "arms": [{"id": "centralized", "kind": "centralized"}, {"id": "alone", "kind": "site-alone"}]}]
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["experiment", "run", str(config), "--out", str(out)]) == 0
+    from fedesm.model.cards import read_adapter_state
+
+    initial = [read_adapter_state(out / f"seed_{s}" / "initial") for s in (0, 1)]
+    assert any(not initial[0][k].equal(initial[1][k]) for k in initial[0])  # each seed its own start
+    for s in (0, 1):
+        assert json.loads((out / "e" / "centralized" / f"seed_{s}" / "arm.json").read_text())["seed"] == s
+    splits = [json.loads((out / f"seed_{s}" / "data" / "iid" / "split.json").read_text()) for s in (0, 1)]
+    assert splits[0]["sites"]["site-1"] != splits[1]["sites"]["site-1"]
+    report = (out / "report.md").read_text()
+    assert "seeds 0, 1" in report and " ± " in report and "| centralized | 2 |" in report

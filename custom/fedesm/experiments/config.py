@@ -1,15 +1,17 @@
 """An experiment config: one YAML file (or a shipped preset) naming the data, the model, the settings and the arms.
 
-Top level: `name`, `title`, `caption`, `description`, `seed`, `sites`, `data` (a shipped set or a
-file, or synthetic generation), `model` (`arch`; `backbone`: random = a random-init checkpoint
-written once and shared by all arms, or a checkpoint / hub name), and the settings blocks of
-`fedesm.settings` -- `lora`, `training`, `federation` -- with the same names as everywhere else;
-`runtime` (device, cpu_threads, simulator_timeout), and `experiments`, each a split mode, a job
-template and a list of arms. An experiment and an arm may each override `training` and
-`federation`; an arm is `federated` (the job in `nvflare simulator`) or `centralized` (the same
-trainer on the pooled site training data). `arm_settings` resolves an arm's full settings: config,
-then experiment, then arm; the experiment's `seed` is every arm's `training.seed` and its `sites`
-their `federation.min_clients`.
+Top level: `name`, `title`, `caption`, `description`, `seeds` (every arm runs once per seed; the
+seed draws the split, the random-init backbone, the initial adapters and training), `sites`, `data`
+(a shipped set or a file, or synthetic generation), `model` (`arch`; `backbone`: random = a
+random-init checkpoint written once per seed and shared by all arms, or a checkpoint / hub name),
+and the settings blocks of `fedesm.settings` -- `lora`, `training`, `federation` -- with the same
+names as everywhere else; `runtime` (device, cpu_threads, simulator_timeout), and `experiments`,
+each a split mode, a job template and a list of arms. An experiment and an arm may each override
+`training` and `federation`. An arm is `federated` (the job in `nvflare simulator`), `centralized`
+(the same trainer on the pooled site training data) or `site-alone` (each site trains on its own
+data only, as it would without federating). `arm_settings` resolves an arm's full settings: config,
+then experiment, then arm; the seed is every arm's `training.seed` and `sites` their
+`federation.min_clients`. Every arm of a seed starts from the same initial adapters and head.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fedesm.settings import (FederationSettings, JobSettings, LoraSettings, Mode
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 REPO_ROOT = Path(__file__).resolve().parents[3]  # relative data paths are also tried from here
 SPLIT_MODES = ("iid", "family", "skew", "dirichlet")
-ARM_KINDS = ("federated", "centralized")
+ARM_KINDS = ("federated", "centralized", "site-alone")
 RANDOM_BACKBONE = "random"  # model.backbone: a random-init checkpoint of model.arch, written once per run
 
 
@@ -76,7 +78,7 @@ class ExperimentConfig:
     federation: dict
     experiments: list[ExperimentSpec]
     sites: int = 2
-    seed: int = 0
+    seeds: list = field(default_factory=lambda: [0])
     caption: str = ""
     description: str = ""
     runtime: dict = field(default_factory=dict)  # device, cpu_threads (per site and centralized run), simulator_timeout
@@ -89,7 +91,7 @@ class ExperimentConfig:
         return d
 
 
-_TOP_KEYS = {"name", "title", "caption", "description", "seed", "sites", "data", "model", "lora", "training",
+_TOP_KEYS = {"name", "title", "caption", "description", "seeds", "sites", "data", "model", "lora", "training",
              "federation", "runtime", "experiments"}
 _DATA_KEYS = {"synthetic", "path", "test_path", "val_frac", "test_frac", "site_val_frac", "alpha"}
 _SYNTH_KEYS = {"n", "families", "pos_rate", "min_len", "max_len", "mutation_rate"}
@@ -97,7 +99,7 @@ _RUNTIME_KEYS = {"device", "cpu_threads", "simulator_timeout"}
 _EXP_KEYS = {"id", "title", "split", "job", "description", "training", "federation", "arms"}
 _ARM_KEYS = {"id", "label", "kind", "training", "federation", "description"}
 # set by the experiment itself, for every arm alike
-_FIXED = {"training": {"seed": "the top-level `seed`", "device": "runtime.device"},
+_FIXED = {"training": {"seed": "the top-level `seeds`", "device": "runtime.device"},
           "federation": {"min_clients": "the top-level `sites`"}}
 
 
@@ -176,10 +178,16 @@ def parse_config(raw: dict, source: str = "<config>") -> ExperimentConfig:
     sites = int(raw.get("sites", 2))
     if sites < 1:
         raise FedesmError(f"{where('sites')}: need at least one site")
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise FedesmError(f"{where('seeds')}: a list of distinct non-negative integers, e.g. [0, 1, 2]; got {seeds!r}")
     cfg = ExperimentConfig(name=str(raw.get("name") or Path(source).stem), title=str(raw.get("title") or ""),
                            caption=str(raw.get("caption") or ""), description=str(raw.get("description") or ""),
                            data=data_spec, model=model, lora=lora, training=training, federation=federation,
-                           experiments=[], sites=sites, seed=int(raw.get("seed", 0)), runtime=runtime, source=source)
+                           experiments=[], sites=sites, seeds=list(seeds), runtime=runtime, source=source)
     seen = set()
     for i, e in enumerate(raw.get("experiments") or []):
         exp = _parse_experiment(where(f"experiments[{i}]"), e, cfg)
@@ -223,9 +231,9 @@ def _parse_experiment(ew: str, e, cfg: ExperimentConfig) -> ExperimentSpec:
                       description=a.get("description", ""))
         if arm.kind not in ARM_KINDS:
             raise FedesmError(f"{aw}: kind must be one of {', '.join(ARM_KINDS)}, got {arm.kind!r}")
-        arm.label = arm.label or (arm.id if arm.kind == "federated" else "centralized")
+        arm.label = arm.label or {"federated": arm.id, "centralized": "centralized", "site-alone": "site alone"}[arm.kind]
         try:
-            arm_settings(cfg, exp, arm)  # every value checked now, where it is read
+            arm_settings(cfg, exp, arm, cfg.seeds[0])  # every value checked now, where it is read
         except SettingError as e:
             raise FedesmError(f"{ew}.arms[{arm.id}]: {e}") from None
         exp.arms.append(arm)
@@ -239,11 +247,11 @@ def _check_id(where: str, value: str) -> None:
         raise FedesmError(f"{where}: id {value!r} may hold only letters, digits, '-' and '_'")
 
 
-def arm_settings(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec,
+def arm_settings(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, seed: int,
                  backbone: Optional[str] = None) -> JobSettings:
-    """The arm's full settings: the config's blocks, then the experiment's, then the arm's own; `backbone`
-    (the prepared checkpoint) replaces `model.backbone`."""
-    training = TrainConfig.from_dict({**cfg.training, **exp.training, **arm.training, "seed": cfg.seed,
+    """The arm's full settings for one seed: the config's blocks, then the experiment's, then the arm's own;
+    `backbone` (the prepared checkpoint) replaces `model.backbone`."""
+    training = TrainConfig.from_dict({**cfg.training, **exp.training, **arm.training, "seed": seed,
                                       "device": cfg.runtime["device"]})
     federation = FederationSettings.from_dict({**cfg.federation, **exp.federation, **arm.federation,
                                                "min_clients": cfg.sites})

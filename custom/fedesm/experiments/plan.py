@@ -10,7 +10,7 @@ from fedesm.experiments.config import RANDOM_BACKBONE, REPO_ROOT, ExperimentConf
 from fedesm.experiments.prepare import load_records
 from fedesm.launch.jobs import export_job
 from fedesm.model.architectures import ARCHITECTURES
-from fedesm.settings import TrainConfig
+from fedesm.settings import FederationSettings, TrainConfig
 
 
 def describe_data(cfg: ExperimentConfig) -> str:
@@ -19,7 +19,7 @@ def describe_data(cfg: ExperimentConfig) -> str:
         s = d.synthetic
         what = (f"SYNTHETIC (fedesm.data.synth): n={s.get('n', 200)}, families={s.get('families', 10)}, "
                 f"pos_rate={s.get('pos_rate', 0.1)}, lengths {s.get('min_len', 60)}-{s.get('max_len', 300)}, "
-                f"seed {cfg.seed}")
+                f"drawn per seed")
     else:
         what = f"{d.path}" + (f" (test: {d.test_path})" if d.test_path else "")
     held = f"held-out val {d.val_frac:.0%}" + (f", test {d.test_frac:.0%}" if not d.test_path else ", test = test file")
@@ -29,7 +29,7 @@ def describe_data(cfg: ExperimentConfig) -> str:
 def describe_backbone(cfg: ExperimentConfig) -> str:
     m = cfg.model
     if m.backbone == RANDOM_BACKBONE:
-        return f"random-init {m.arch} checkpoint in fair-esm format (make_random_checkpoint, seed {cfg.seed})"
+        return f"random-init {m.arch} checkpoint in fair-esm format (make_random_checkpoint, one per seed)"
     return f"{m.backbone} ({m.arch})"
 
 
@@ -60,11 +60,14 @@ def show_path(path: str) -> str:
 
 
 def plan_lines(cfg: ExperimentConfig) -> list[str]:
-    base = TrainConfig.from_dict({**cfg.training, "seed": cfg.seed, "device": cfg.runtime["device"]})
+    seed = cfg.seeds[0]
+    base = TrainConfig.from_dict({**cfg.training, "seed": seed, "device": cfg.runtime["device"]})
     lines = [f"experiment config {cfg.name}: {cfg.title}".rstrip(": "),
              f"  source:   {show_path(cfg.source)}",
              f"  data:     {describe_data(cfg)}",
              f"  sites:    {cfg.sites} ({', '.join(f'site-{i}' for i in range(1, cfg.sites + 1))})",
+             f"  seeds:    {', '.join(map(str, cfg.seeds))} (each draws the split, the backbone, the initial adapters "
+             "shared by all arms, and training)",
              f"  backbone: {describe_backbone(cfg)}",
              f"  LoRA:     r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g} on "
              f"{','.join(cfg.lora.targets)} (+ linear head)",
@@ -74,25 +77,31 @@ def plan_lines(cfg: ExperimentConfig) -> list[str]:
     n_fed = n_central = 0
     steps = 0
     for exp in cfg.experiments:
-        exp_base = TrainConfig.from_dict({**cfg.training, **exp.training, "seed": cfg.seed,
+        exp_base = TrainConfig.from_dict({**cfg.training, **exp.training, "seed": seed,
                                           "device": cfg.runtime["device"]})
         lines.append(f"  {exp.id}: {exp.title} [split {exp.split}, job {exp.job}]")
         if exp.training:
             lines.append(f"      experiment settings: {describe_training(exp_base, base)}")
         for arm in exp.arms:
-            s = arm_settings(cfg, exp, arm)
-            what = (f"federated, nvflare simulator, strategy {s.federation.strategy}" if arm.kind == "federated"
-                    else "centralized on the pooled site training data")
+            s = arm_settings(cfg, exp, arm, seed)
+            what = {"federated": f"federated, nvflare simulator, strategy {s.federation.strategy}",
+                    "centralized": "centralized on the pooled site training data",
+                    "site-alone": "each site alone on its own training data"}[arm.kind]
             diff = describe_training(s.training, exp_base)
-            lines.append(f"      - {arm.id:<14} {what}" + (f"; {diff}" if diff else ""))
+            fed_diff = ", ".join(f"{k}={v}" for k, v in s.federation.to_dict().items()
+                                 if k not in ("strategy", "min_clients") and FederationSettings().to_dict()[k] != v)
+            lines.append(f"      - {arm.id:<14} {what}" + (f"; {diff}" if diff else "")
+                         + (f"; {fed_diff}" if fed_diff and arm.kind == "federated" else ""))
+            local_steps = s.training.rounds * s.training.steps_per_round
             if arm.kind == "federated":
                 n_fed += 1
-                steps += cfg.sites * s.training.rounds * s.training.steps_per_round
+                steps += cfg.sites * local_steps
             else:
-                n_central += 1
-                steps += s.training.rounds * s.training.steps_per_round
-    lines.append(f"  total: {n_fed} simulator run(s), {n_central} centralized run(s), {steps:,} optimizer steps "
-                 f"(all sites together)")
+                n_central += 1 if arm.kind == "centralized" else cfg.sites
+                steps += local_steps * (cfg.sites if arm.kind == "site-alone" else 1)
+    n = len(cfg.seeds)
+    lines.append(f"  total: {n_fed * n} simulator run(s), {n_central * n} centralized run(s), {steps * n:,} optimizer "
+                 f"steps (all sites together, {n} seed(s))")
     return lines
 
 
@@ -100,7 +109,7 @@ def dry_run(cfg: ExperimentConfig) -> list[str]:
     """Check everything that can be checked without training: data readable, backbone named right,
     each federated arm's job exports with its settings. Returns the plan plus what was checked."""
     lines = plan_lines(cfg)
-    records, test = load_records(cfg)
+    records, test = load_records(cfg, cfg.seeds[0])
     lines.append(f"  checked: {len(records)} labelled sequences"
                  + (f" + {len(test)} test sequences" if test is not None else "")
                  + f", {sum(r.n_positive for r in records):,} positive of {sum(len(r) for r in records):,} residues")
@@ -120,7 +129,7 @@ def dry_run(cfg: ExperimentConfig) -> list[str]:
             for arm in exp.arms:
                 if arm.kind == "federated":
                     export_job(exp.job, Path(tmp), job_name=f"{exp.id}-{arm.id}", include_package=False,
-                               settings=arm_settings(cfg, exp, arm))
+                               settings=arm_settings(cfg, exp, arm, cfg.seeds[0]))
                     n += 1
     lines.append(f"  checked: {n} job export(s) accept their settings")
     return lines

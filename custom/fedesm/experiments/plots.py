@@ -168,18 +168,25 @@ def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[floa
     return _save_pr_plot(fig, ax, title, out_path)
 
 
-def plot_arms(series: dict[str, Sequence[tuple[int, float]]], metric: str, out_path, title: str) -> Path:
-    """One line per arm of an experiment: `series` maps an arm's label to (round, value) points."""
+def plot_arms(series: dict[str, Sequence[tuple]], metric: str, out_path, title: str) -> Path:
+    """One line per arm of an experiment: `series` maps an arm's label to (round, mean) or (round, mean,
+    spread) points; the spread over seeds is drawn as a band (mean +- one standard deviation)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colors = iter([f"C{i}" for i in range(10) if i != 3] * 3)  # C3 (red) is the centralized arm's
     for label, points in series.items():
         if not points:
             continue
-        xs, ys = zip(*sorted(points))
+        points = sorted(points)
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
         style = (dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL)
                  else dict(marker="o", color=next(colors)))
         ax.plot(xs, ys, ms=3, label=label, **style)
-    return _save_round_plot(fig, ax, metric, title, out_path)
+        if all(len(p) > 2 and p[2] is not None for p in points) and any(p[2] for p in points):
+            lo = [p[1] - p[2] for p in points]
+            hi = [p[1] + p[2] for p in points]
+            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, lw=0)
+    return _save_round_plot(fig, ax, metric, title + (" (band: +-1 sd over seeds)" if any(
+        len(p) > 2 for pts in series.values() for p in pts) else ""), out_path)
 
 
 def format_round_table(rows: Sequence[dict]) -> str:

@@ -1,14 +1,17 @@
 """`fedesm experiment report DIR`: report.md, plots and summary.json from a run folder.
 
-Reads only files (`fedesm.experiments.layout`), so a report can be rebuilt at any
-time, with another `--target-f1`, or into another folder (e.g. `docs/results/cpu`).
+Reads only files (`fedesm.experiments.layout`), so a report can be rebuilt at any time, with another
+`--target-f1`, or into another folder (e.g. `docs/results/cpu`). Every arm ran once per seed; every
+number is given as the mean and the spread (standard deviation) over seeds, and comparisons between
+arms are paired by seed (the same split, backbone and initial adapters). A difference smaller than the
+spread is called level.
 
 Two yardsticks, kept apart in every table:
-  held-out val  the global val split: the same sequences for every arm, shared with no site. A
-                federated arm's row is its global model after each round; a centralized arm's row
-                its own model after each round.
-  site val      each site's own val split, from the job's metrics table: the global model the site
-                received (`global_*`) and the site's local model after its round of training.
+  held-out val / test  the global val and test splits: the same sequences for every arm, shared with no
+                       site. A federated arm's rows are its global model after each round; a centralized
+                       (or site-alone) arm's rows its own model after each round.
+  site val             each site's own val split, from the job's metrics table: the global model the site
+                       received (`global_*`) and the site's local model after its round of training.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -29,11 +33,51 @@ from fedesm.fileio import atomic_write_text
 from fedesm.tables import SERVER_ROW, read_table
 
 TUNED = ("f1_tuned", "mcc_tuned", "precision_tuned", "recall_tuned")
+TEST_KEYS = ("round", "auroc", "auprc", "f1", "mcc", "precision", "recall", "accuracy", *TUNED, "threshold_tuned")
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def mean(values) -> Optional[float]:
+    values = _finite(values)
+    return sum(values) / len(values) if values else None
+
+
+def spread(values) -> Optional[float]:
+    """Sample standard deviation over seeds (0 for a single value, None for none)."""
+    values = _finite(values)
+    if not values:
+        return None
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(diffs: list[float], spread_a: Optional[float], spread_b: Optional[float]) -> str:
+    """'ahead' / 'level' / 'behind' for paired differences a - b over seeds: level unless the mean
+    difference is larger than the spread of either arm over seeds."""
+    d = mean(diffs)
+    if d is None:
+        return "–"
+    limit = max(v for v in (spread_a, spread_b, 0.0) if v is not None)
+    if abs(d) <= limit:
+        return "level"
+    return "ahead" if d > 0 else "behind"
+
+
+# ---------------------------------------------------------------------------------------------
+# One arm, one seed
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
-class ArmResult:
-    """One arm's files, and the numbers the report shows."""
+class RunResult:
+    """One arm's files for one seed."""
 
     info: dict
     site_rows: list[dict]  # the job's table (federated) or the centralized run's rows
@@ -43,10 +87,6 @@ class ArmResult:
     @property
     def id(self) -> str:
         return self.info["id"]
-
-    @property
-    def label(self) -> str:
-        return self.info.get("label") or self.id
 
     @property
     def federated(self) -> bool:
@@ -67,19 +107,6 @@ class ArmResult:
         return sorted((r for r in self.site_rows if r.get("site") == site), key=lambda r: r["round"])
 
 
-def load_arm(arm_dir: Path) -> ArmResult:
-    info = json.loads((arm_dir / layout.ARM).read_text())
-    arm = ArmResult(info, read_table(arm_dir / layout.METRICS), read_table(arm_dir / layout.HELDOUT_TABLE))
-    curve = arm_dir / layout.PR_CURVE
-    arm.pr_curve = json.loads(curve.read_text()) if curve.is_file() else None
-    return arm
-
-
-# ---------------------------------------------------------------------------------------------
-# Numbers
-# ---------------------------------------------------------------------------------------------
-
-
 def final_row(rows: list[dict], key: str = "f1") -> Optional[dict]:
     """The row of the last round that has `key`."""
     rows = [r for r in rows if r.get(key) is not None]
@@ -98,25 +125,20 @@ def rounds_to_target(rows: list[dict], target: float, key: str = "f1") -> Option
     return min(hits) if hits else None
 
 
-def mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(values) / len(values) if values else None
-
-
-def sent_per_round(arm: ArmResult, site: Optional[str] = None, key: str = "sent_bytes") -> Optional[float]:
+def sent_per_round(run: RunResult, site: Optional[str] = None, key: str = "sent_bytes") -> Optional[float]:
     """Mean over rounds of what one site (or each site, on average) sent the server per round."""
-    sites = [site] if site else arm.sites()
-    return mean(r.get(key) for s in sites for r in arm.site_series(s))
+    sites = [site] if site else run.sites()
+    return mean(r.get(key) for s in sites for r in run.site_series(s))
 
 
-def final_epsilon(arm: ArmResult, site: Optional[str] = None) -> Optional[float]:
+def final_epsilon(run: RunResult, site: Optional[str] = None) -> Optional[float]:
     """A site's epsilon after the last round (the largest over sites when `site` is None)."""
-    if not arm.federated:
-        row = final_row(arm.heldout_series(), "epsilon")
+    if not run.federated:
+        row = final_row(run.heldout_series(), "epsilon")
         return row["epsilon"] if row else None
     values = []
-    for s in [site] if site else arm.sites():
-        row = final_row(arm.site_series(s), "epsilon")
+    for s in [site] if site else run.sites():
+        row = final_row(run.site_series(s), "epsilon")
         if row:
             values.append(row["epsilon"])
     return max(values) if values else None
@@ -137,54 +159,180 @@ def mean_round_seconds(rows: list[dict]) -> Optional[float]:
     return mean(r.get("round_seconds") for r in rows if r.get("site") == SERVER_ROW)
 
 
-def train_seconds_per_round(arm: ArmResult) -> Optional[float]:
-    """Local training time per round: the slowest site's, or the centralized run's."""
-    if not arm.federated:
-        return mean(r.get("train_seconds") for r in arm.site_rows)
-    return slowest_site_train_seconds(arm.site_rows)
+def run_summary(run: RunResult, target: float) -> dict:
+    """The numbers of one arm for one seed (what summary.json holds per seed)."""
+    val = run.heldout_series("val")
+    fin, best = final_row(val, "auprc") or final_row(val), best_row(val)
+    test = final_row(run.heldout_series("test"), "auroc")
+    out = {
+        "seed": run.info.get("seed"), "status": run.info.get("status"), "wall_seconds": run.info.get("wall_seconds"),
+        "heldout_val_final": {k: fin.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auroc",
+                                                       "auprc", "threshold_tuned")} if fin else None,
+        "heldout_val_best_f1": {"round": best["round"], "f1": best["f1"]} if best else None,
+        "heldout_rounds_to_target_f1": rounds_to_target(val, target),
+        "test_final": {k: test.get(k) for k in TEST_KEYS} if test else None,
+        "train_seconds_per_round": (slowest_site_train_seconds(run.site_rows) if run.federated
+                                    else mean(r.get("train_seconds") for r in run.site_rows)),
+        "round_seconds": mean_round_seconds(run.site_rows) if run.federated else None,
+        "epsilon": final_epsilon(run),
+    }
+    if run.federated:
+        out["sites"] = {}
+        for s in run.sites():
+            rows = run.site_series(s)
+            g, lf = final_row(rows, "global_auprc") or final_row(rows, "global_f1"), final_row(rows, "auprc")
+            out["sites"][s] = {
+                "global_final": {k: g.get(f"global_{k}") for k in ("auprc", "auroc", "f1", "precision", "recall")}
+                | {"round": g["round"]} if g else None,
+                "local_final": {k: lf.get(k) for k in ("auprc", "auroc", "f1")} if lf else None,
+                "sent_bytes_per_round": sent_per_round(run, s),
+                "sent_parameters_per_round": sent_per_round(run, s, "sent_parameters"),
+                "epsilon": final_epsilon(run, s),
+            }
+        out["sent_bytes_per_site_per_round"] = sent_per_round(run)
+    return out
 
 
-def round_seconds(arm: ArmResult) -> Optional[float]:
-    return mean_round_seconds(arm.site_rows)
+# ---------------------------------------------------------------------------------------------
+# One arm over seeds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmResult:
+    """One arm (or one site's model of a site-alone arm) over its seeds."""
+
+    id: str
+    label: str
+    kind: str
+    info: dict  # the first seed's arm.json
+    runs: dict[int, RunResult] = field(default_factory=dict)
+
+    @property
+    def federated(self) -> bool:
+        return self.kind == "federated"
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(s for s, r in self.runs.items() if r.done)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.seeds)
+
+    @property
+    def training(self) -> dict:
+        return self.info.get("training", {})
+
+    def first(self) -> Optional[RunResult]:
+        return self.runs[self.seeds[0]] if self.seeds else None
+
+    def per_seed(self, fn: Callable[[RunResult], Optional[float]]) -> dict[int, Optional[float]]:
+        return {s: fn(self.runs[s]) for s in self.seeds}
+
+
+def _test_value(key: str) -> Callable[[RunResult], Optional[float]]:
+    def get(run: RunResult):
+        row = final_row(run.heldout_series("test"), "auroc")
+        return row.get(key) if row else None
+
+    return get
+
+
+def _val_value(key: str) -> Callable[[RunResult], Optional[float]]:
+    def get(run: RunResult):
+        row = final_row(run.heldout_series("val"), "auprc") or final_row(run.heldout_series("val"))
+        return row.get(key) if row else None
+
+    return get
+
+
+def _read_run(run_dir: Path, model: Optional[str] = None) -> RunResult:
+    info = json.loads((run_dir / layout.ARM).read_text())
+    held = read_table(run_dir / layout.HELDOUT_TABLE)
+    if model:
+        held = [r for r in held if r.get("model") == model]
+    curve = run_dir / (f"{model}_{layout.PR_CURVE}" if model else layout.PR_CURVE)
+    site_rows = read_table(run_dir / model / layout.METRICS) if model else read_table(run_dir / layout.METRICS)
+    return RunResult(info, site_rows, held, json.loads(curve.read_text()) if curve.is_file() else None)
+
+
+def load_arms(arm_dir: Path) -> list[ArmResult]:
+    """The arm's results over its seed folders; a site-alone arm becomes one ArmResult per site."""
+    seed_dirs = [d for d in layout.seed_dirs(arm_dir) if (d / layout.ARM).is_file()]
+    if not seed_dirs:
+        return []
+    info = json.loads((seed_dirs[0] / layout.ARM).read_text())
+    kind = info.get("kind", "federated")
+    if kind != "site-alone":
+        arm = ArmResult(info["id"], info.get("label") or info["id"], kind, info)
+        arm.runs = {layout.seed_of(d): _read_run(d) for d in seed_dirs}
+        return [arm]
+    models = sorted({r["model"] for d in seed_dirs for r in read_table(d / layout.HELDOUT_TABLE) if r.get("model")})
+    if not models:  # not run yet (or failed before any site finished): one row that says so
+        arm = ArmResult(info["id"], info.get("label") or info["id"], kind, info)
+        arm.runs = {layout.seed_of(d): _read_run(d) for d in seed_dirs}
+        return [arm]
+    out = []
+    for m in models:
+        arm = ArmResult(f"{info['id']}:{m}", f"{m} alone", kind, info)
+        arm.runs = {layout.seed_of(d): _read_run(d, m) for d in seed_dirs}
+        out.append(arm)
+    return out
+
+
+@dataclass
+class ExperimentResult:
+    info: dict
+    arms: list[ArmResult] = field(default_factory=list)
+    references: dict[int, dict] = field(default_factory=dict)  # seed -> reference.json (logistic regression)
+
+    def comparators(self, arm: ArmResult) -> list[ArmResult]:
+        """The centralized arms `arm` is compared with: same loss and privacy settings, any step count."""
+        keys = ("class_weights", "focal_gamma", "grad_noise_std", "dp_noise_multiplier")
+        return [c for c in self.arms if c.kind == "centralized" and c.done and c is not arm
+                and all(c.training.get(k) == arm.training.get(k) for k in keys)]
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / layout.RUN).is_file():
+        raise FedesmError(f"{run_dir}: not an experiment run folder (no run.json)")
+    run = json.loads((run_dir / layout.RUN).read_text())
+    cfg = yaml.safe_load((run_dir / layout.CONFIG).read_text()) if (run_dir / layout.CONFIG).is_file() else {}
+    order = [e["id"] for e in cfg.get("experiments", [])]
+    exp_dirs = [run_dir / e for e in order if (run_dir / e / layout.EXPERIMENT).is_file()]
+    exp_dirs += sorted(p.parent for p in run_dir.glob(f"*/{layout.EXPERIMENT}") if p.parent not in exp_dirs)
+    experiments = []
+    for d in exp_dirs:
+        info = json.loads((d / layout.EXPERIMENT).read_text())
+        exp = ExperimentResult(info)
+        arm_order = info.get("arms") or []
+        arm_dirs = [d / a for a in arm_order if (d / a).is_dir()]
+        arm_dirs += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("seed_")
+                           and p not in arm_dirs)
+        exp.arms = [a for ad in arm_dirs for a in load_arms(ad)]
+        for sd in layout.seed_dirs(d):
+            if (sd / layout.REFERENCE).is_file():
+                exp.references[layout.seed_of(sd)] = json.loads((sd / layout.REFERENCE).read_text())
+        experiments.append(exp)
+    return run, cfg, experiments
 
 
 def arm_summary(arm: ArmResult, target: float) -> dict:
-    """The numbers of one arm (what summary.json holds)."""
-    val = arm.heldout_series("val")
-    fin, best = final_row(val), best_row(val)
-    test = final_row(arm.heldout_series("test"))
-    out = {
-        "id": arm.id, "label": arm.label, "kind": arm.info.get("kind"), "strategy": arm.info.get("strategy"),
-        "status": arm.info.get("status"), "wall_seconds": arm.info.get("wall_seconds"),
-        "heldout_val_final": {k: fin.get(k) for k in ("round", "f1", "precision", "recall", "accuracy", "auroc",
-                                                       "auprc", "threshold_tuned")} if fin else None,
-        "heldout_val_best": {"round": best["round"], "f1": best["f1"]} if best else None,
-        "heldout_rounds_to_target_f1": rounds_to_target(val, target),
-        "test_final": {k: test.get(k) for k in ("round", "auroc", "auprc", "f1", "mcc", "precision", "recall",
-                                                "accuracy", *TUNED, "threshold_tuned")} if test else None,
-        "train_seconds_per_round": train_seconds_per_round(arm),
-        "round_seconds": round_seconds(arm),
-        "epsilon": final_epsilon(arm),
-        "dp_delta": arm.info.get("training", {}).get("dp_delta") if arm.info.get("training", {}).get(
-            "dp_noise_multiplier") else None,
-    }
+    """The numbers of one arm: per seed, and mean / spread over seeds (what summary.json holds)."""
+    out = {"id": arm.id, "label": arm.label, "kind": arm.kind, "strategy": arm.info.get("strategy"),
+           "seeds": arm.seeds, "per_seed": {s: run_summary(arm.runs[s], target) for s in arm.seeds}}
+    for name, fn in (("test", _test_value), ("heldout_val", _val_value)):
+        out[name] = {}
+        for key in ("auroc", "auprc", "f1", "mcc") + (TUNED if name == "test" else ("f1",)):
+            values = list(arm.per_seed(fn(key)).values())
+            out[name][key] = {"mean": mean(values), "sd": spread(values)}
+    out["wall_seconds"] = mean(r.info.get("wall_seconds") for r in arm.runs.values())
+    out["epsilon"] = mean(final_epsilon(arm.runs[s]) for s in arm.seeds)
+    out["dp_delta"] = arm.training.get("dp_delta") if arm.training.get("dp_noise_multiplier") else None
     if arm.federated:
-        out["sites"] = {}
-        for s in arm.sites():
-            rows = arm.site_series(s)
-            g, lf = final_row(rows, "global_f1"), final_row(rows, "f1")
-            gb = best_row(rows, "global_f1")
-            out["sites"][s] = {
-                "global_final": {k: g.get(f"global_{k}") for k in ("f1", "precision", "recall", "accuracy", "auprc")}
-                | {"round": g["round"]} if g else None,
-                "global_best": {"round": gb["round"], "f1": gb["global_f1"]} if gb else None,
-                "global_rounds_to_target_f1": rounds_to_target(rows, target, "global_f1"),
-                "local_final_f1": lf.get("f1") if lf else None,
-                "sent_bytes_per_round": sent_per_round(arm, s),
-                "sent_parameters_per_round": sent_per_round(arm, s, "sent_parameters"),
-                "epsilon": final_epsilon(arm, s),
-            }
-        out["sent_bytes_per_site_per_round"] = sent_per_round(arm)
+        out["sent_bytes_per_site_per_round"] = mean(sent_per_round(arm.runs[s]) for s in arm.seeds)
     return out
 
 
@@ -195,6 +343,21 @@ def arm_summary(arm: ArmResult, target: float) -> dict:
 
 def f3(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "–"
+
+
+def pm(values, digits: int = 3) -> str:
+    """'mean ± sd' over seeds ('mean' alone for one seed)."""
+    m, s = mean(values), spread(values)
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" if len(_finite(values)) < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def signed_pm(values, digits: int = 3) -> str:
+    m, s = mean(values), spread(values)
+    if m is None:
+        return "–"
+    return f"{m:+.{digits}f}" if len(_finite(values)) < 2 else f"{m:+.{digits}f} ± {s:.{digits}f}"
 
 
 def human_bytes(n) -> str:
@@ -219,10 +382,62 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _eps(arm_sum: dict) -> str:
-    if arm_sum["epsilon"] is None:
-        return "–"
-    return f"{arm_sum['epsilon']:.2f} (δ={arm_sum['dp_delta']:g})"
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def _seeds_text(arm: ArmResult) -> str:
+    return f"{len(arm.seeds)}" if arm.seeds else "0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+def paired(arm: ArmResult, other: ArmResult, fn) -> list[float]:
+    """arm - other per seed both ran."""
+    a, b = arm.per_seed(fn), other.per_seed(fn)
+    return [a[s] - b[s] for s in a if s in b and a[s] is not None and b[s] is not None]
+
+
+def comparison(arm: ArmResult, other: ArmResult, key: str = "auroc") -> dict:
+    fn = _test_value(key)
+    diffs = paired(arm, other, fn)
+    return {"diffs": diffs, "verdict": verdict(diffs, spread(arm.per_seed(fn).values()),
+                                               spread(other.per_seed(fn).values()))}
+
+
+def _steps(arm: ArmResult) -> Optional[int]:
+    return arm.training.get("steps_per_round")
+
+
+def _comparison_rows(exp: ExperimentResult) -> list[list[str]]:
+    rows = []
+    for arm in exp.arms:
+        if arm.kind == "centralized" or not arm.done:
+            continue
+        for c in exp.comparators(arm):
+            au, ap = comparison(arm, c, "auroc"), comparison(arm, c, "auprc")
+            ratio = (_steps(c) or 0) / max(1, _steps(arm) or 1)
+            rows.append([arm.label, f"{c.label} ({'equal steps' if ratio == 1 else f'{ratio:g}x the steps per round'})",
+                         str(len(au["diffs"])), signed_pm(au["diffs"]), au["verdict"], signed_pm(ap["diffs"]),
+                         ap["verdict"]])
+    return rows
+
+
+def _alone_rows(exp: ExperimentResult) -> list[list[str]]:
+    """Federated arms against each site training alone (does federating pay for a site?)."""
+    rows = []
+    alone = [a for a in exp.arms if a.kind == "site-alone" and a.done]
+    for arm in exp.arms:
+        if not arm.federated or not arm.done:
+            continue
+        for a in alone:
+            au, ap = comparison(arm, a, "auroc"), comparison(arm, a, "auprc")
+            rows.append([arm.label, a.label, str(len(au["diffs"])), signed_pm(au["diffs"]), au["verdict"],
+                         signed_pm(ap["diffs"]), ap["verdict"]])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,47 +445,19 @@ def _eps(arm_sum: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ExperimentResult:
-    info: dict
-    arms: list[ArmResult] = field(default_factory=list)
-    reference: Optional[dict] = None  # reference.json: the sequence-only reference on the same training data
-
-
-def load_run(run_dir: Path) -> tuple[dict, dict, list[ExperimentResult]]:
-    run_dir = Path(run_dir)
-    if not (run_dir / layout.RUN).is_file():
-        raise FedesmError(f"{run_dir}: not an experiment run folder (no run.json)")
-    run = json.loads((run_dir / layout.RUN).read_text())
-    cfg = yaml.safe_load((run_dir / layout.CONFIG).read_text()) if (run_dir / layout.CONFIG).is_file() else {}
-    order = [e["id"] for e in cfg.get("experiments", [])]
-    exp_dirs = [run_dir / e for e in order if (run_dir / e / layout.EXPERIMENT).is_file()]
-    exp_dirs += sorted(p.parent for p in run_dir.glob(f"*/{layout.EXPERIMENT}") if p.parent not in exp_dirs)
-    experiments = []
-    for d in exp_dirs:
-        info = json.loads((d / layout.EXPERIMENT).read_text())
-        exp = ExperimentResult(info)
-        arm_order = info.get("arms") or []
-        arm_dirs = [d / a for a in arm_order if (d / a / layout.ARM).is_file()]
-        arm_dirs += sorted(p.parent for p in d.glob(f"*/{layout.ARM}") if p.parent not in arm_dirs)
-        exp.arms = [load_arm(a) for a in arm_dirs]
-        if (d / layout.REFERENCE).is_file():
-            exp.reference = json.loads((d / layout.REFERENCE).read_text())
-        experiments.append(exp)
-    return run, cfg, experiments
-
-
-def _central_rows(exp: ExperimentResult) -> Optional[list[dict]]:
-    """The (first) centralized arm's held-out rows, as plots.py expects them (site 'centralized')."""
-    for arm in exp.arms:
-        if not arm.federated and arm.done:
-            return [{**r, "site": CENTRAL} for r in arm.heldout_series("val")]
-    return None
+def _mean_series(arm: ArmResult, metric: str) -> list[tuple[int, float, float]]:
+    by_round: dict[int, list] = {}
+    for s in arm.seeds:
+        for r in arm.runs[s].heldout_series():
+            if r.get(metric) is not None:
+                by_round.setdefault(r["round"], []).append(r[metric])
+    return [(n, mean(v), spread(v)) for n, v in sorted(by_round.items())]
 
 
 def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
-    """Per experiment: held-out F1 and accuracy per arm; per federated arm: accuracy, F1, precision-recall."""
-    from fedesm.experiments.plots import plot_arms, plot_run
+    """Per experiment: held-out AUPRC / AUROC / F1 per arm (mean and band over seeds) and the first seed's
+    precision-recall curves on test; per federated arm (first seed): per-site accuracy, F1, precision-recall."""
+    from fedesm.experiments.plots import plot_arms, plot_pr_curves, plot_run
 
     eid = exp.info["id"]
     out: dict[str, list[Path]] = {}
@@ -279,32 +466,31 @@ def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
         return out
     compare = []
     for metric in ("auprc", "auroc", "f1"):
-        series = {(a.label if a.federated else f"{CENTRAL}" + ("" if a.label == CENTRAL else f" ({a.label})")):
-                  [(r["round"], r[metric]) for r in a.heldout_series() if r.get(metric) is not None] for a in done}
+        series = {(a.label if a.kind != "centralized" else CENTRAL + ("" if a.label == CENTRAL else f" ({a.label})")):
+                  _mean_series(a, metric) for a in done}
         compare.append(plot_arms(series, metric, plots_dir / f"{eid}_arms_{metric}.png",
                                  f"{eid}: {metric.upper()} on the held-out val split"
                                  + (" (threshold 0.5)" if metric == "f1" else "")))
-    curves = {a.label: a.pr_curve for a in done if a.pr_curve}
+    seed0 = min(s for a in done for s in a.seeds)
+    curves = {a.label: a.runs[seed0].pr_curve for a in done if seed0 in a.runs and a.runs[seed0].pr_curve}
     if curves:
-        from fedesm.experiments.plots import plot_pr_curves
-
-        if exp.reference:
-            curves["reference (LR, ±7 window)"] = exp.reference.get("pr_curve")
+        ref = exp.references.get(seed0)
+        if ref:
+            curves["reference (LR, ±7 window)"] = ref.get("pr_curve")
         compare.append(plot_pr_curves(curves, plots_dir / f"{eid}_test_pr_curves.png",
-                                      f"{eid}: final models, precision-recall on test",
-                                      prevalence=(exp.reference or {}).get("test_positive_fraction")))
+                                      f"{eid}: final models, precision-recall on test (seed {seed0})",
+                                      prevalence=(ref or {}).get("test_positive_fraction")))
     out["_compare"] = compare
-    central = _central_rows(exp)
+    central = next((a for a in done if a.kind == "centralized"), None)
     for arm in done:
         if arm.federated:
-            heldout = [{**r, "site": HELDOUT} for r in arm.heldout_series()]
-            out[arm.id] = plot_run(arm.site_rows, plots_dir, f"{eid}_{arm.id}", central_rows=central,
+            first = arm.first()
+            heldout = [{**r, "site": HELDOUT} for r in first.heldout_series()]
+            c_rows = ([{**r, "site": CENTRAL} for r in central.runs[arm.seeds[0]].heldout_series()]
+                      if central and arm.seeds[0] in central.runs else None)
+            out[arm.id] = plot_run(first.site_rows, plots_dir, f"{eid}_{arm.id}", central_rows=c_rows,
                                    heldout_rows=heldout)
     return out
-
-
-def _rel(path: Path, base: Path) -> str:
-    return os.path.relpath(path, base).replace(os.sep, "/")
 
 
 def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
@@ -313,19 +499,20 @@ def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
         lines += [run["description"], ""]
     lines += ["```"] + run.get("plan", []) + ["```", ""]
     splits = []
-    for mode_dir in sorted((run_dir / layout.DATA).glob(f"*/{layout.SPLIT}")):
-        s = json.loads(mode_dir.read_text())
-        parts = [f"held-out val {s['val']['sequences']} seqs ({s['val']['positive_fraction']:.1%} positive), "
-                 f"test {s['test']['sequences']} seqs"]
-        for name, v in s["sites"].items():
-            parts.append(f"{name} {v['train']['sequences']} train ({v['train']['positive_fraction']:.1%} positive) "
-                         f"/ {v['val']['sequences']} val")
-        if s.get("skew"):
-            parts.append(f"skew: {s['skew']['rule']} (median positive fraction per chain "
-                         f"{s['skew']['median_positive_fraction']:.1%})")
-        splits.append([s["mode"], "; ".join(parts)])
+    for seed_dir in layout.seed_dirs(run_dir):
+        for split_file in sorted((seed_dir / layout.DATA).glob(f"*/{layout.SPLIT}")):
+            s = json.loads(split_file.read_text())
+            parts = [f"held-out val {s['val']['sequences']} seqs ({s['val']['positive_fraction']:.1%} positive), "
+                     f"test {s['test']['sequences']} seqs"]
+            for name, v in s["sites"].items():
+                parts.append(f"{name} {v['train']['sequences']} train ({v['train']['positive_fraction']:.1%} "
+                             f"positive) / {v['val']['sequences']} val")
+            if s.get("skew"):
+                parts.append(f"skew: {s['skew']['rule']} (median positive fraction per chain "
+                             f"{s['skew']['median_positive_fraction']:.1%})")
+            splits.append([str(layout.seed_of(seed_dir)), s["mode"], "; ".join(parts)])
     if splits:
-        lines += [md_table(["split", "sequences per part (token positive rate)"], splits), ""]
+        lines += [md_table(["seed", "split", "sequences per part (token positive rate)"], splits), ""]
     m = run.get("machine") or {}
     where = (f"{m.get('machine', '?')} with {m.get('cpus', '?')} CPU cores" + (f" and a {m['gpu']}" if m.get("gpu")
              else "") + f" (torch {m.get('torch', '?')})") if m else "an unrecorded machine"
@@ -342,43 +529,48 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots_dir = out / layout.PLOTS
     title = run.get("title") or run.get("name") or "fedesm experiments"
+    seeds = cfg.get("seeds") or sorted({s for e in experiments for a in e.arms for s in a.seeds})
     lines = [f"# {title}", ""]
     if run.get("caption"):
         lines += [f"> **{run['caption'].strip()}**", ""]
     lines += [f"Config `{cfg.get('name', run.get('name'))}`; status **{run.get('status', '?')}**"
-              + (f" ({'; '.join(run['failures'])})" if run.get("failures") else "") + ".", ""]
-    summary = {"name": run.get("name"), "target_f1": target_f1, "wall_seconds": run.get("wall_seconds"),
+              + (f" ({'; '.join(run['failures'])})" if run.get("failures") else "")
+              + f"; seeds {', '.join(map(str, seeds))}: every number is the mean ± standard deviation over seeds, "
+              "and arms are compared seed by seed (same split, backbone and initial adapters).", ""]
+    summary = {"name": run.get("name"), "target_f1": target_f1, "seeds": seeds, "wall_seconds": run.get("wall_seconds"),
                "experiments": {}}
-    key_lines = []
-    body = []
+    key_lines, body = [], []
     for exp in experiments:
         eid = exp.info["id"]
         sums = {a.id: arm_summary(a, target_f1) for a in exp.arms}
-        summary["experiments"][eid] = {"title": exp.info.get("title"), "arms": sums}
+        summary["experiments"][eid] = {"title": exp.info.get("title"), "arms": sums,
+                                       "comparisons": _comparisons_json(exp)}
         plots = make_plots(exp, plots_dir)
         body += [f"## {exp.info.get('title', eid)}", ""]
         if exp.info.get("description"):
             body += [exp.info["description"].strip(), ""]
-        body += _test_table(exp, sums)
+        body += _test_table(exp)
+        body += _comparison_section(exp)
         body += _heldout_table(exp, sums, target_f1)
-        body += _site_table(exp, sums, target_f1)
+        body += _site_table(exp)
         body += _round_table(exp)
         if plots.get("_compare"):
-            body += ["Held-out val per round, all arms, and the final models' precision-recall curves on the test "
-                     "split:", ""]
+            body += ["Held-out val per round, all arms (mean over seeds, band ±1 sd), and the final models' "
+                     "precision-recall curves on the test split (first seed):", ""]
             body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots["_compare"]), ""]
         for arm in exp.arms:
             if arm.id in plots:
-                body += [f"**{arm.label}** (`{eid}/{arm.id}`): per site = the site's local model on its own val "
-                         "split; black = global model, mean over the sites' val splits; purple = global model on "
-                         "the held-out val split; red dashed = centralized on the held-out val split.", ""]
+                body += [f"**{arm.label}** (`{eid}/{arm.id}`, seed {arm.seeds[0]}): per site = the site's local model "
+                         "on its own val split; black = global model, mean over the sites' val splits; purple = "
+                         "global model on the held-out val split; red dashed = centralized on the held-out val split.",
+                         ""]
                 body += [" ".join(f"![{p.stem}]({_rel(p, out)})" for p in plots[arm.id]), ""]
-        key_lines += _key_results(exp, sums, target_f1)
+        key_lines += _key_results(exp)
     lines += ["## Key results", "", "All metrics are per residue. AUROC and AUPRC need no threshold; precision, "
               "recall, F1 and MCC are given at 0.5 and at the threshold that maximises F1 on the held-out val split "
-              "(\"@thr\"), which no arm trains on. \"Held-out val\" = the global val split, the same sequences for "
-              "every arm and shared with no site: the federated arms' global model vs the centralized model. "
-              "\"Test\" = the final model of each arm on the test split.", ""] + key_lines + [""]
+              "(\"@thr\"), which no arm trains on. \"Test\" = each arm's final model on the test split, the same "
+              "sequences for every arm. \"Level\" = the mean difference over seeds is within the spread of the arms "
+              "over seeds.", ""] + key_lines + [""]
     lines += body
     lines += _notes(experiments)
     lines += _setup_section(run, cfg, run_dir)
@@ -388,27 +580,63 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
     return report
 
 
-def _test_table(exp: ExperimentResult, sums: dict) -> list[str]:
-    """The final model of every arm on the test split, and the sequence-only reference beside them."""
+def _comparisons_json(exp: ExperimentResult) -> list[dict]:
+    out = []
+    for arm in exp.arms:
+        if arm.kind == "centralized" or not arm.done:
+            continue
+        others = exp.comparators(arm) + ([a for a in exp.arms if a.kind == "site-alone" and a.done]
+                                         if arm.federated else [])
+        for c in others:
+            out.append({"arm": arm.id, "against": c.id, **{k: comparison(arm, c, k) for k in ("auroc", "auprc")}})
+    return out
+
+
+def _reference_row(exp: ExperimentResult, cols) -> Optional[list[str]]:
+    if not exp.references:
+        return None
+    refs = list(exp.references.values())
+    return (["*reference: logistic regression, one-hot ±7 window*", str(len(refs))]
+            + [pm([r.get(k if k == "threshold_tuned" else f"test_{k}") for r in refs]) for k, _ in cols]
+            + [" / ".join(f3(r.get("test_auroc")) for _, r in sorted(exp.references.items()))])
+
+
+def _test_table(exp: ExperimentResult) -> list[str]:
+    """The final model of every arm on the test split (mean ± sd over seeds), the reference beside them."""
     cols = [("auroc", "AUROC"), ("auprc", "AUPRC"), ("f1_tuned", "F1@thr"), ("mcc_tuned", "MCC@thr"),
-            ("precision_tuned", "precision@thr"), ("recall_tuned", "recall@thr"), ("threshold_tuned", "thr"),
-            ("f1", "F1@0.5"), ("mcc", "MCC@0.5")]
+            ("precision_tuned", "precision@thr"), ("recall_tuned", "recall@thr"), ("f1", "F1@0.5")]
     rows = []
     for arm in exp.arms:
-        t = sums[arm.id].get("test_final") or {}
-        if arm.done and t:
-            rows.append([arm.label] + [f3(t.get(k)) for k, _ in cols])
+        if arm.done:
+            per = {k: list(arm.per_seed(_test_value(k)).values()) for k, _ in cols}
+            if _finite(per["auroc"]):
+                rows.append([arm.label, _seeds_text(arm)] + [pm(per[k]) for k, _ in cols]
+                            + [" / ".join(f3(v) for v in per["auroc"])])
     if not rows:
         return []
-    if exp.reference:
-        b = exp.reference
-        rows.append(["*reference: logistic regression, one-hot ±7 window*"]
-                    + [f3(b.get(k if k == "threshold_tuned" else f"test_{k}")) for k, _ in cols])
-    prevalence = (exp.reference or {}).get("test_positive_fraction")
+    ref = _reference_row(exp, cols)
+    if ref:
+        rows.append(ref)
+    prevalence = mean(r.get("test_positive_fraction") for r in exp.references.values())
     note = f" Chance level: AUROC 0.5, AUPRC = the positive rate, {prevalence:.1%}." if prevalence else ""
-    return ["**Test split** (final model of each arm; thr = the F1-maximising threshold on the held-out val "
-            "split; the reference is trained on the same pooled site training data)." + note, "",
-            md_table(["arm"] + [c for _, c in cols], rows), ""]
+    return ["**Test split** (final model of each arm, mean ± sd over seeds; thr = the F1-maximising threshold on "
+            "the held-out val split; the reference is trained on the same pooled site training data)." + note, "",
+            md_table(["arm", "seeds"] + [c for _, c in cols] + ["AUROC per seed"], rows), ""]
+
+
+def _comparison_section(exp: ExperimentResult) -> list[str]:
+    out = []
+    rows = _comparison_rows(exp)
+    if rows:
+        out += ["**Against centralized** (test split, paired by seed: arm − centralized; level = within the "
+                "spread over seeds):", "",
+                md_table(["arm", "centralized arm", "seeds", "Δ AUROC", "AUROC", "Δ AUPRC", "AUPRC"], rows), ""]
+    rows = _alone_rows(exp)
+    if rows:
+        out += ["**Against each site training alone** (does federating pay for a site? test split, paired by seed: "
+                "federated − the site alone):", "",
+                md_table(["federated arm", "site alone", "seeds", "Δ AUROC", "AUROC", "Δ AUPRC", "AUPRC"], rows), ""]
+    return out
 
 
 def _heldout_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
@@ -416,128 +644,123 @@ def _heldout_table(exp: ExperimentResult, sums: dict, target: float) -> list[str
     for arm in exp.arms:
         s = sums[arm.id]
         if not arm.done:
-            rows.append([arm.label, f"**{arm.info.get('status')}**: {arm.info.get('error', '')[:120]}"]
-                        + ["–"] * 11)
+            failed = next((r for r in arm.runs.values() if not r.done), None)
+            status = failed.info.get("status") if failed else "not run"
+            rows.append([arm.label, f"**{status}**: {(failed.info.get('error', '') if failed else '')[:120]}"]
+                        + ["–"] * 7)
             continue
-        fin, best, test = s["heldout_val_final"] or {}, s["heldout_val_best"] or {}, s["test_final"] or {}
-        rt = s["heldout_rounds_to_target_f1"]
+        per = {k: list(arm.per_seed(_val_value(k)).values()) for k in ("auprc", "auroc", "f1", "precision", "recall")}
+        rt = [run_summary(arm.runs[x], target)["heldout_rounds_to_target_f1"] for x in arm.seeds]
+        eps = s["epsilon"]
         rows.append([
-            f"{arm.label}" + (f" ({arm.info['strategy']})" if arm.federated and arm.info.get("strategy") != arm.label
-                              else ""),
-            f"**{f3(fin.get('f1'))}**", f"{f3(best.get('f1'))} (r{best.get('round', '–')})",
-            f3(fin.get("precision")), f3(fin.get("recall")), f3(fin.get("accuracy")), f3(fin.get("auroc")),
-            f3(fin.get("auprc")),
-            str(rt) if rt is not None else "not reached", f3(test.get("f1")),
-            seconds(s["wall_seconds"]),
+            arm.label + (f" ({arm.info['strategy']})" if arm.federated and arm.info.get("strategy") not in
+                         (None, arm.label) else ""),
+            f"**{pm(per['auprc'])}**", pm(per["auroc"]), pm(per["f1"]), pm(per["precision"]), pm(per["recall"]),
+            " / ".join(str(v) if v is not None else "–" for v in rt), seconds(s["wall_seconds"]),
             human_bytes(s.get("sent_bytes_per_site_per_round")) if arm.federated else "–",
-            _eps(s),
+            f"{eps:.2f} (δ={s['dp_delta']:g})" if eps is not None and s["dp_delta"] else "–",
         ])
-    header = ["arm", "final F1", "best F1 (round)", "precision", "recall", "accuracy", "AUROC", "AUPRC",
-              f"rounds to F1 ≥ {target:g}", "test F1", "wall time", "sent / site / round", "ε spent (worst site)"]
+    header = ["arm", "final AUPRC", "AUROC", "F1@0.5", "precision", "recall", f"rounds to F1 ≥ {target:g} per seed",
+              "wall time per seed", "sent / site / round", "ε spent (worst site, mean)"]
     return ["**Held-out val** (the global val split, same sequences for every arm; federated = global model after "
-            "each round, centralized = its model after each round; final = after the last round; F1, precision, "
-            "recall at 0.5; test F1 = final model on the test split at 0.5):", "", md_table(header, rows), ""]
+            "the last round, centralized / site alone = its model after the last round; mean ± sd over seeds):", "",
+            md_table(header, rows), ""]
 
 
-def _site_table(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
+def _site_table(exp: ExperimentResult) -> list[str]:
     rows = []
     for arm in exp.arms:
         if not arm.federated or not arm.done:
             continue
-        for site, s in sums[arm.id]["sites"].items():
-            g, gb = s["global_final"] or {}, s["global_best"] or {}
-            rt = s["global_rounds_to_target_f1"]
-            rows.append([arm.label, site, f"**{f3(g.get('f1'))}**", f"{f3(gb.get('f1'))} (r{gb.get('round', '–')})",
-                         f3(g.get("precision")), f3(g.get("recall")), f3(g.get("accuracy")), f3(g.get("auprc")),
-                         str(rt) if rt is not None else "not reached", f3(s["local_final_f1"]),
-                         human_bytes(s["sent_bytes_per_round"]),
-                         f"{s['sent_parameters_per_round']:,.0f}" if s["sent_parameters_per_round"] else "–",
-                         f"{s['epsilon']:.2f}" if s["epsilon"] is not None else "–"])
+        sites = sorted({s for x in arm.seeds for s in arm.runs[x].sites()})
+        for site in sites:
+            per = [run_summary(arm.runs[x], 0.5)["sites"].get(site) or {} for x in arm.seeds]
+            g = [(p.get("global_final") or {}).get("auprc") for p in per]
+            lf = [(p.get("local_final") or {}).get("auprc") for p in per]
+            rows.append([arm.label, site, f"**{pm(g)}**", pm(lf), human_bytes(mean(p.get("sent_bytes_per_round")
+                                                                                  for p in per)),
+                         f"{mean(p.get('sent_parameters_per_round') for p in per):,.0f}"
+                         if mean(p.get("sent_parameters_per_round") for p in per) else "–",
+                         pm([p.get("epsilon") for p in per], 2) if any(p.get("epsilon") for p in per) else "–"])
     if not rows:
         return []
-    header = ["arm", "site", "global F1 final", "best (round)", "precision", "recall", "accuracy", "AUPRC",
-              f"rounds to F1 ≥ {target:g}", "local model F1 final", "sent / round", "parameters sent", "ε spent"]
-    return ["**Site val** (each site's own val split; global = the aggregated model, local = the site's model "
-            "after its local steps in the last round; sent = serialized adapters + head per round, mean over "
-            "rounds):", "", md_table(header, rows), ""]
+    header = ["arm", "site", "global model AUPRC", "local model AUPRC", "sent / round", "parameters sent", "ε spent"]
+    return ["**Site val** (each site's own val split, after the last round; global = the aggregated model, local = "
+            "the site's model after its local steps; sent = serialized adapters + head per round):", "",
+            md_table(header, rows), ""]
 
 
 def _round_table(exp: ExperimentResult) -> list[str]:
     arms = [a for a in exp.arms if a.done]
     if not arms:
         return []
-    series = {a.id: {r["round"]: r.get("auprc") for r in a.heldout_series()} for a in arms}
+    series = {a.id: {n: m for n, m, _ in _mean_series(a, "auprc")} for a in arms}
     rounds = sorted({r for s in series.values() for r in s})
     rows = [[str(r)] + [f3(series[a.id].get(r)) for a in arms] for r in rounds]
-    extra = []
     tsec = lambda v: f"{v:.1f} s" if v is not None else "–"  # noqa: E731 (a one-line formatter)
-    secs = [[a.label, tsec(train_seconds_per_round(a)), seconds(round_seconds(a))
-             if a.federated else "–", seconds(a.info.get("wall_seconds"))] for a in arms]
-    extra = ["", "Time per arm (training seconds per round: the slowest site's local steps, or the centralized "
-             "steps; round = server-side round wall time incl. evaluation and aggregation):", "",
-             md_table(["arm", "training s / round", "round wall time", "arm wall time (incl. start-up)"], secs)]
-    return ["AUPRC on the held-out val split per round (round 0 = before training):", "",
-            md_table(["round"] + [a.label for a in arms], rows)] + extra + [""]
+    secs = []
+    for a in arms:
+        per = [run_summary(a.runs[x], 0.5) for x in a.seeds]
+        secs.append([a.label, tsec(mean(p["train_seconds_per_round"] for p in per)),
+                     seconds(mean(p["round_seconds"] for p in per)) if a.federated else "–",
+                     seconds(mean(p["wall_seconds"] for p in per))])
+    return ["AUPRC on the held-out val split per round, mean over seeds (round 0 = the shared start):", "",
+            md_table(["round"] + [a.label for a in arms], rows), "",
+            "Time per arm and seed (training seconds per round: the slowest site's local steps, or the centralized "
+            "steps; round = server-side round wall time incl. evaluation and aggregation; the machine was shared):",
+            "", md_table(["arm", "training s / round", "round wall time", "arm wall time (incl. start-up)"], secs), ""]
 
 
-def _key_results(exp: ExperimentResult, sums: dict, target: float) -> list[str]:
+def _relation(v: str) -> str:
+    return {"level": "level with", "ahead": "ahead of", "behind": "behind"}.get(v, v)
+
+
+def _key_results(exp: ExperimentResult) -> list[str]:
     eid = exp.info["id"]
     lines = [f"- **{exp.info.get('title', eid)}**"]
-    central = next((sums[a.id] for a in exp.arms if not a.federated and a.done), None)
-    c_f1 = (central or {}).get("heldout_val_final", {}) or {}
     for arm in exp.arms:
-        s = sums[arm.id]
         if not arm.done:
-            lines.append(f"  - {arm.label}: {arm.info.get('status')}")
+            lines.append(f"  - {arm.label}: not done")
             continue
-        fin = s["heldout_val_final"] or {}
-        test = s.get("test_final") or {}
-        if test:
-            text = (f"  - {arm.label}: test AUROC **{f3(test.get('auroc'))}**, AUPRC **{f3(test.get('auprc'))}**, "
-                    f"F1@thr {f3(test.get('f1_tuned'))}, MCC@thr {f3(test.get('mcc_tuned'))}")
-            c_test = (central or {}).get("test_final") or {}
-            if arm.federated and c_test.get("auprc") is not None and test.get("auprc") is not None:
-                text += f" (AUPRC {test['auprc'] - c_test['auprc']:+.3f} vs centralized)"
-            text += f"; held-out val AUPRC {f3(fin.get('auprc'))} after {fin.get('round')} rounds"
-        else:
-            text = f"  - {arm.label}: held-out val F1 **{f3(fin.get('f1'))}** after {fin.get('round')} rounds"
-            if arm.federated and c_f1.get("f1") is not None and fin.get("f1") is not None:
-                text += f" ({fin['f1'] - c_f1['f1']:+.3f} vs centralized)"
-        if arm.federated:
-            g = [v["global_final"]["f1"] for v in s["sites"].values() if v.get("global_final")]
-            if g:
-                text += f"; global model on the sites' val splits {', '.join(f3(x) for x in g)}"
-        text += f"; wall time {seconds(s['wall_seconds'])}"
-        if s["epsilon"] is not None:
-            per_site = ", ".join(f"{k} {v['epsilon']:.2f}" for k, v in s.get("sites", {}).items()
-                                 if v.get("epsilon") is not None)
-            text += f"; ε = {per_site or f3(s['epsilon'])} at δ={s['dp_delta']:g}"
+        au = list(arm.per_seed(_test_value("auroc")).values())
+        ap = list(arm.per_seed(_test_value("auprc")).values())
+        text = f"  - {arm.label}: test AUROC **{pm(au)}**, AUPRC **{pm(ap)}** ({len(arm.seeds)} seeds)"
+        if arm.kind != "centralized":
+            for c in exp.comparators(arm):
+                cmp_ = comparison(arm, c, "auroc")
+                text += f"; {_relation(cmp_['verdict'])} {c.label} (Δ AUROC {signed_pm(cmp_['diffs'])})"
+        eps = mean(final_epsilon(arm.runs[s]) for s in arm.seeds)
+        if eps is not None and arm.training.get("dp_noise_multiplier"):
+            text += f"; ε = {eps:.2f} per site at δ={arm.training.get('dp_delta'):g}"
         lines.append(text)
-    if exp.reference:
-        b = exp.reference
-        lines.append(f"  - reference, {b.get('model', 'logistic regression')}: test AUROC {f3(b.get('test_auroc'))}, AUPRC "
-                     f"{f3(b.get('test_auprc'))}, F1@thr {f3(b.get('test_f1_tuned'))}, MCC@thr "
-                     f"{f3(b.get('test_mcc_tuned'))}")
+    if exp.references:
+        refs = list(exp.references.values())
+        lines.append(f"  - reference, {refs[0].get('model', 'logistic regression')}: test AUROC "
+                     f"{pm([r.get('test_auroc') for r in refs])}, AUPRC {pm([r.get('test_auprc') for r in refs])}")
     return lines
 
 
 def _notes(experiments: list[ExperimentResult]) -> list[str]:
-    noise = any(a.info.get("training", {}).get("grad_noise_std") for e in experiments for a in e.arms)
-    dp = [a for e in experiments for a in e.arms if a.info.get("training", {}).get("dp_noise_multiplier")]
+    noise = any(a.training.get("grad_noise_std") for e in experiments for a in e.arms)
+    dp = [a for e in experiments for a in e.arms if a.training.get("dp_noise_multiplier")]
     lines = ["## Notes", "",
-             "- Same steps per round: each site runs N local steps per round (the sites at the same time), the "
-             "centralized arm N steps per round on the pooled site training data, with the same model, LoRA rank, "
-             "learning-rate schedule, batch size and seed.",
+             "- Same start: every arm of a seed starts from the same initial adapters and head (the federated job's "
+             "round-0 state, written once per seed); each seed draws its own split, random-init backbone, initial "
+             "adapters and training streams. Each site's batches, crops and dropout come from its own stream "
+             "(derived from the seed and the site's name).",
+             "- Steps: each site runs N local steps per round (the sites at the same time); a centralized arm with the "
+             "same N takes as many sequential steps as one site (equal steps per round, the paper's comparison), one "
+             "with 2N as many as the sites together (equal compute).",
              "- Wall times include each run's start-up (the NVFLARE simulator takes tens of seconds) and the "
              "per-round evaluations; the machine may have been shared, so they are indicative."]
     if noise:
         lines.append("- Gradient noise (the paper's DP mode, `grad_noise_std`) adds N(0, std²) to the batch "
                      "gradient; without per-sample clipping it has no (ε, δ) guarantee, so no ε is shown for it.")
     if dp:
-        t = dp[0].info["training"]
-        lines.append(f"- DP-SGD (`fedesm.training.privacy.dpsgd`): Poisson sampling with q = batch size / site training sequences, "
-                     f"per-sample clipping of the LoRA + head gradient to C = {t['dp_max_grad_norm']:g}, Gaussian "
-                     f"noise σ·C with σ = {t['dp_noise_multiplier']:g}; ε per site from an RDP accountant (checked "
-                     f"against Opacus') at δ = {t['dp_delta']:g}, counting every local step so far. Each site's "
-                     "guarantee covers its own sequences; the backbone is public and frozen.")
+        t = dp[0].training
+        lines.append(f"- DP-SGD (`fedesm.training.privacy.dpsgd`): Poisson sampling with q = batch size / site training "
+                     f"sequences, per-sample clipping of the LoRA + head gradient to C = {t['dp_max_grad_norm']:g}, "
+                     f"Gaussian noise σ·C with σ = {t['dp_noise_multiplier']:g}; ε per site from an RDP accountant "
+                     f"(checked against Opacus') at δ = {t['dp_delta']:g}, counting every local step so far. Each "
+                     "site's guarantee covers its own sequences; the backbone is public and frozen.")
     return lines + [""]

@@ -1,10 +1,10 @@
 """`fedesm experiment run CONFIG --out DIR`: the paper's experiments from one YAML file.
 
-Prepares what all arms share (data split per split mode, held-out val and test, the backbone),
-then runs every arm (`fedesm.experiments.arms`), records its status in the run folder
-(`fedesm.experiments.layout`) so a run can be resumed, and writes the report. Presets live in
-`presets/`: `cpu` (tiny random-init ESM-2, real GPSite ATP data, about 25 minutes on 2 cores) and
-`paper` (ESM-2 35M, r=16, 30 x 5,000 steps; for a GPU).
+For each seed, prepares what all arms share (data split per split mode, held-out val and test, the
+backbone, the initial adapters), then runs every arm (`fedesm.experiments.arms`), records its status
+in the run folder (`fedesm.experiments.layout`) so a run can be resumed, and writes the report (mean
+and spread over seeds). Presets live in `presets/`: `cpu` (tiny random-init ESM-2, real GPSite ATP
+data, 3 seeds, CPU) and `paper` (ESM-2 35M, r=16, 30 x 5,000 steps; for a GPU).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.experiments import layout
-from fedesm.experiments.arms import RUNNERS, run_reference, write_json
+from fedesm.experiments.arms import RUNNERS, Seed, run_reference, write_json
 from fedesm.experiments.config import ExperimentConfig, arm_settings
 from fedesm.experiments.plan import plan_lines
-from fedesm.experiments.prepare import heldout_data, prepare_backbone, prepare_data
+from fedesm.experiments.prepare import heldout_data, prepare_backbone, prepare_data, prepare_initial
 from fedesm.fileio import atomic_write_text
 
 
@@ -89,26 +89,22 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
         import torch
 
         torch.set_num_threads(int(cfg.runtime["cpu_threads"]))
-    split_dirs = prepare_data(cfg, out, echo)
-    backbone = prepare_backbone(cfg, out)
-    heldout = heldout_data(next(iter(split_dirs.values())))
-    from fedesm.evaluation.scoring import AdapterEvaluator
-
-    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=cfg.seed, device=cfg.runtime["device"])
     failures = []
     for exp in cfg.experiments:
-        exp_dir = out / exp.id
-        exp_dir.mkdir(exist_ok=True)
-        write_json(exp_dir / layout.EXPERIMENT, {"id": exp.id, "title": exp.title, "split": exp.split, "job": exp.job,
-                                                 "description": exp.description, "arms": [a.id for a in exp.arms]})
-        echo(f"{exp.id}: {exp.title}")
-        if heldout.get("test"):
-            run_reference(exp, exp_dir, split_dirs[exp.split], heldout, cfg.seed, echo)
-        for arm in exp.arms:
-            failure = _run_arm(cfg, exp, arm, layout.arm_dir(out, exp.id, arm.id), split_dirs[exp.split], backbone,
-                               heldout, evaluator, resume, echo)
-            if failure:
-                failures.append(failure)
+        (out / exp.id).mkdir(exist_ok=True)
+        write_json(out / exp.id / layout.EXPERIMENT, {"id": exp.id, "title": exp.title, "split": exp.split,
+                                                      "job": exp.job, "description": exp.description,
+                                                      "arms": [a.id for a in exp.arms], "seeds": cfg.seeds})
+    for seed in cfg.seeds:
+        shared = prepare_seed(cfg, out, seed, echo)
+        for exp in cfg.experiments:
+            echo(f"{exp.id} (seed {seed}): {exp.title}")
+            if shared.heldout.get("test"):
+                run_reference(exp, layout.reference_path(out, exp.id, seed), shared, echo)
+            for arm in exp.arms:
+                failure = _run_arm(cfg, exp, arm, layout.arm_dir(out, exp.id, arm.id, seed), shared, resume, echo)
+                if failure:
+                    failures.append(failure)
     run_info.update(status="failed" if failures else "done", failures=failures,
                     finished=time.strftime("%Y-%m-%d %H:%M:%S"), wall_seconds=time.perf_counter() - t0)
     write_json(out / layout.RUN, run_info)
@@ -123,18 +119,29 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
     return out
 
 
-def _run_arm(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, heldout: dict, evaluator, resume: bool,
-             echo) -> Optional[str]:
-    """Run one arm into `arm_dir` and record its status in arm.json; returns a failure line or None."""
+def prepare_seed(cfg: ExperimentConfig, out: Path, seed: int, echo) -> Seed:
+    """The split, backbone, initial adapters, held-out data and evaluator every arm of `seed` shares."""
+    from fedesm.evaluation.scoring import AdapterEvaluator
+
+    split_dirs = prepare_data(cfg, out, seed, echo)
+    backbone = prepare_backbone(cfg, out, seed)
+    initial = prepare_initial(cfg, out, seed, backbone)
+    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=seed, device=cfg.runtime["device"])
+    return Seed(seed=seed, split_dirs=split_dirs, backbone=backbone, initial=initial,
+                heldout=heldout_data(next(iter(split_dirs.values()))), evaluator=evaluator)
+
+
+def _run_arm(cfg, exp, arm, arm_dir: Path, shared: Seed, resume: bool, echo) -> Optional[str]:
+    """Run one arm for one seed into `arm_dir` and record its status in arm.json; returns a failure line or None."""
     info_path = arm_dir / layout.ARM
     if resume and info_path.is_file() and json.loads(info_path.read_text()).get("status") == "done":
-        echo(f"  [{exp.id}/{arm.id}] already done; skipped (--resume)")
+        echo(f"  [{exp.id}/{arm.id} seed {shared.seed}] already done; skipped (--resume)")
         return None
     if arm_dir.exists():
         shutil.rmtree(arm_dir)
     arm_dir.mkdir(parents=True)
-    s = arm_settings(cfg, exp, arm)
-    info = {"id": arm.id, "label": arm.label, "kind": arm.kind, "experiment": exp.id,
+    s = arm_settings(cfg, exp, arm, shared.seed)
+    info = {"id": arm.id, "label": arm.label, "kind": arm.kind, "experiment": exp.id, "seed": shared.seed,
             "strategy": s.federation.strategy if arm.kind == "federated" else None, "description": arm.description,
             "split": exp.split, "job": exp.job if arm.kind == "federated" else None,
             "training": s.training.to_dict(), "federation": s.federation.to_dict(), "lora": s.lora.to_dict(),
@@ -143,12 +150,12 @@ def _run_arm(cfg, exp, arm, arm_dir: Path, split_dir: Path, backbone: str, heldo
     start = time.perf_counter()
     failure = None
     try:
-        info.update(RUNNERS[arm.kind](cfg, exp, arm, arm_dir, split_dir, backbone, heldout, evaluator, echo))
+        info.update(RUNNERS[arm.kind](cfg, exp, arm, arm_dir, shared, echo))
         info["status"] = "done"
     except FedesmError as e:
         info.update(status="failed", error=str(e))
-        failure = f"{exp.id}/{arm.id}: {str(e).splitlines()[0]}"
-        echo(f"  [{exp.id}/{arm.id}] FAILED: {e}")
+        failure = f"{exp.id}/{arm.id} seed {shared.seed}: {str(e).splitlines()[0]}"
+        echo(f"  [{exp.id}/{arm.id} seed {shared.seed}] FAILED: {e}")
     info["wall_seconds"] = time.perf_counter() - start
     write_json(info_path, info)
     return failure

@@ -22,8 +22,12 @@ log = logging.getLogger(__name__)
 
 def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_source: str, out_dir,
                     config: TrainConfig, lora: Optional[LoraSettings] = None, arm: str = "centralized",
-                    progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None) -> list[dict]:
+                    progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None,
+                    initial_state: Optional[dict] = None) -> list[dict]:
     """Train for `config.rounds` rounds of `config.steps_per_round` steps; evaluate on `val` after each.
+
+    `initial_state` (adapters + head, e.g. a federated job's round-0 state) replaces PEFT's own init, so a
+    centralized run can start from exactly the model the federated arms start from.
 
     Writes `metrics.jsonl`/`metrics.csv` (round 0 = before training), TensorBoard events under `tb/`,
     and the `best/` (by validation AUPRC) and `last/` adapters in PEFT's layout; their model cards carry
@@ -35,6 +39,8 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
     model = build_lora_model(backbone, lora, seed=config.seed)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
+    if initial_state is not None:
+        trainer.load_global(initial_state)
     table = TableLog(out / "metrics.jsonl")
     writer = None
     if tensorboard:
