@@ -262,21 +262,24 @@ class LoraSettings(Settings):
                           modules_to_save=[CLASSIFIER_NAME], bias="none")
 
 
+CLASS_WEIGHT_MODES = ("balanced", "sqrt")
+
+
 def parse_class_weights(value) -> Any:
-    """'balanced' | None (plain cross-entropy; also 'none') | [w0, w1] (also 'w0,w1')."""
+    """'balanced' | 'sqrt' | None (plain cross-entropy; also 'none') | [w0, w1] (also 'w0,w1')."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         return None
-    if isinstance(value, str) and value.strip() == "balanced":
+    if isinstance(value, str) and value.strip() in CLASS_WEIGHT_MODES:
         return value.strip()
     if isinstance(value, str):
         try:
             value = [float(x) for x in value.split(",")]
         except ValueError:
-            raise SettingError(f"training.class_weights: {value!r} is not balanced, none or 'w0,w1'") from None
+            raise SettingError(f"training.class_weights: {value!r} is not balanced, sqrt, none or 'w0,w1'") from None
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in value):
         return [float(x) for x in value]
-    raise SettingError(f"training.class_weights: {value!r} is not balanced, none or two weights w0,w1 >= 0")
+    raise SettingError(f"training.class_weights: {value!r} is not balanced, sqrt, none or two weights w0,w1 >= 0")
 
 
 @dataclass(frozen=True)
@@ -298,8 +301,9 @@ class TrainConfig(Settings):
     # "balanced" (default): w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
     # binding residues are 3-16% of real sets, and plain CE (None) learns slower and calls nothing at 0.5
     # (docs/results/cpu: test AUROC 0.715 balanced vs 0.658 plain vs 0.654 focal, same steps).
-    class_weights: Any = setting("balanced", "loss class weights: balanced (from the training data's positive "
-                                 "rate), none (plain cross-entropy) or w0,w1", metavar="MODE")
+    class_weights: Any = setting("balanced", "loss class weights from the training data's positive rate: balanced "
+                                 "(both classes weigh the same), sqrt (tempered: the square root of the balanced "
+                                 "ratio), none (plain cross-entropy), or w0,w1", metavar="MODE")
     focal_gamma: float = setting(0.0, "focal loss (1-p_t)^gamma x CE, e.g. 2; 0 = off")
     max_len: int = setting(1000, "context in residues: longer chains are random-cropped in training, tiled in "
                            "evaluation (ESM-2 takes at most 1,022)")

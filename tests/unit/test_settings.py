@@ -32,7 +32,7 @@ def test_values_are_coerced_to_the_fields_type(value, expected):
     (lambda: LoraSettings(dropout=1.5), "lora.dropout: must be in [0, 1)"),
     (lambda: TrainConfig(lr=-1), "training.lr: the learning rate must be > 0"),
     (lambda: TrainConfig(schedule="step"), "training.schedule: 'step' is not one of cosine, linear, constant"),
-    (lambda: TrainConfig(class_weights="heavy"), "training.class_weights: 'heavy' is not balanced, none"),
+    (lambda: TrainConfig(class_weights="heavy"), "training.class_weights: 'heavy' is not balanced, sqrt, none"),
     (lambda: TrainConfig(max_len=2000), "training.max_len: ESM-2 takes 1 to 1022 residues"),
     (lambda: TrainConfig(grad_noise_std=1e-4, dp_noise_multiplier=1.0), "choose one privacy mode"),
     (lambda: TrainConfig(device="gpu"), "training.device: 'gpu' is not auto, cpu, cuda or cuda:N"),

@@ -100,6 +100,19 @@ def test_class_weights_balanced(tiny_checkpoint, synth_data):
     w = t.loss_weight.tolist()
     pos = sum(r.n_positive for r in train) / sum(len(r) for r in train)
     assert w[1] / w[0] == pytest.approx((1 - pos) / pos, rel=1e-4)
+    assert (1 - pos) * w[0] + pos * w[1] == pytest.approx(1.0, rel=1e-5)  # mean weight per residue 1
+
+
+def test_class_weights_sqrt_temper_the_balanced_ratio():
+    from fedesm.data.records import Record
+    from fedesm.training.losses import class_weights
+
+    records = [Record("a", "A" * 100, np.array([1] * 4 + [0] * 96, np.uint8))]  # 4% positive
+    balanced, sqrt = class_weights("balanced", records), class_weights("sqrt", records)
+    assert balanced[1] / balanced[0] == pytest.approx(24.0)
+    assert sqrt[1] / sqrt[0] == pytest.approx(24.0 ** 0.5)
+    assert 0.96 * sqrt[0] + 0.04 * sqrt[1] == pytest.approx(1.0)
+    assert class_weights(None, records) is None and class_weights([1.0, 3.0], records) == [1.0, 3.0]
 
 
 def test_train_and_predict_commands(tiny_checkpoint, synth_data, tmp_path, capsys):
