@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from fedesm.experiments.config import load_config
-from fedesm.experiments.report import build_report, spread
+from fedesm.experiments.report import build_report
 from fedesm.experiments.run import run_experiments
 
 SETS = {  # name -> --set overrides

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from fedesm.errors import FedesmError
-from fedesm.experiments.report import build_report, human_bytes, rounds_to_target, spread, verdict
+from fedesm.experiments.numbers import rounds_to_target, spread, verdict
+from fedesm.experiments.report import build_report, human_bytes
 
 
 def _jsonl(path, rows):

@@ -6,6 +6,7 @@
   arms     one federated (nvflare simulator) or centralized arm, scored on the held-out data; the reference
   run      `fedesm experiment run`: all arms, their status, the report
   layout   the run folder's file names
-  report   report.md and summary.json from a run folder; plots: the figures
+  numbers  a run folder read back: arms over seeds, mean and spread, paired comparisons
+  report   report.md and summary.json from those numbers; plots: the figures
   demo     `make demo`
 """

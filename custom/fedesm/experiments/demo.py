@@ -98,7 +98,7 @@ def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequ
     result = run_simulator(job, out / "workspace", n_clients=sites, site_config=site_cfg,
                            log_path=out / "simulator.log", on_round=on_round)
     site_rows = read_table(results.output_dir(result) / results.METRICS)
-    echo(f"[5/5] scoring each round's global model on the test split (threshold from the held-out val)")
+    echo("[5/5] scoring each round's global model on the test split (threshold from the held-out val)")
     evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed)
     global_rows = []
     round_dirs = results.round_dirs(results.output_dir(result))
@@ -174,7 +174,7 @@ def demo_plots(site_rows: list[dict], global_rows: list[dict], reference: dict, 
 
 def timing(rows: list[dict]) -> dict:
     """Round wall time split into the slowest site's training and everything else (NaN when absent)."""
-    from fedesm.experiments.report import mean_round_seconds, slowest_site_train_seconds
+    from fedesm.experiments.numbers import mean_round_seconds, slowest_site_train_seconds
 
     nan = float("nan")
     round_s = mean_round_seconds(rows)
