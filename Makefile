@@ -14,7 +14,7 @@ help:
 	@echo "make test      install everything into $(VENV) and run the whole test suite"
 	@echo "make test-fast unit tests only (no simulator / network runs)"
 	@echo "make experiments-cpu  the paper's experiments at CPU scale (~11 min), report in experiments_out/cpu"
-	@echo "make jobs      export self-contained job bundles (fedesm inside app/custom) to jobs_export/"
+	@echo "make jobs      export the job bundles (configuration only) to jobs_export/"
 	@echo "make bench     run the benchmarks, write bench/results.json"
 	@echo "make poc       bring up a local provisioned network (server + 2 sites)"
 	@echo "make helm-check lint, render, validate (k8s 1.30) and checkov-scan the Helm charts"

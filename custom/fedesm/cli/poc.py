@@ -69,11 +69,14 @@ def register(sub) -> None:
         "whose kit was provisioned without them: --role site writes authorization.json (no job may bring code), "
         "privacy.json (only adapters, the head and metrics leave) and resources.json (fedesm's class "
         "allow-list, no log streaming, --gpus, the version guard); --role server writes authorization.json and "
-        "resources.json (job store under --server-store, max_jobs 1). --charts rewrites the copies the Helm "
-        "charts mount (helm/*/files/) instead.",
+        "resources.json (job store under --server-store, max_jobs 1); --role simulator writes, into the "
+        "simulator workspace --out, the allow-list and privacy scope that let `nvflare simulator` run "
+        "code-free bundles (NVFLARE keeps WORKSPACE/local between runs). --charts rewrites the copies the "
+        "Helm charts mount (helm/*/files/) instead.",
     )
-    q.add_argument("--out", default=None, help="the kit's local/ folder to write into")
-    q.add_argument("--role", choices=("site", "server"), default="site", help="site (default) or server")
+    q.add_argument("--out", default=None, help="the kit's local/ folder to write into (--role simulator: the workspace)")
+    q.add_argument("--role", choices=("site", "server", "simulator"), default="site",
+                   help="site (default), server or simulator")
     q.add_argument("--gpus", type=int, default=0, help="GPUs the site declares to NVFLARE's resource manager (default 0)")
     q.add_argument("--server-store", default="/var/nvflare/workspace/store",
                    help="server only: absolute folder for the job store and snapshots (default: %(default)s)")
@@ -118,7 +121,7 @@ def _provision(args) -> int:
 
 
 def _policy(args) -> int:
-    from fedesm.launch.policy import write_server_policy, write_site_policy
+    from fedesm.launch.policy import write_server_policy, write_simulator_policy, write_site_policy
 
     if args.charts:
         for path in write_chart_files():
@@ -126,7 +129,9 @@ def _policy(args) -> int:
         return 0
     if not args.out:
         raise FedesmError("give --out LOCAL_DIR (a kit's local/ folder) or --charts")
-    if args.role == "server":
+    if args.role == "simulator":
+        written = [write_simulator_policy(args.out)]
+    elif args.role == "server":
         if not Path(args.server_store).is_absolute():
             raise FedesmError(f"--server-store {args.server_store}: give an absolute path")
         written = write_server_policy(args.out, args.server_store)
