@@ -68,7 +68,7 @@ def result_problem(shareable: Shareable) -> str | None:
             return f"{len(others)} tensor(s) that are neither LoRA factors nor the head, e.g. {others[0]!r}"
         bad = [k for k, v in data.items() if not (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number))]
         return f"non-numeric values for {bad[:3]}" if bad else None
-    return f"a DXO of kind {dxo.data_kind}"
+    return f"a DXO of kind {getattr(dxo.data_kind, 'value', dxo.data_kind)}"
 
 
 class AdaptersOnlyFilter(Filter):
