@@ -3,7 +3,7 @@
 Prepares what all arms share (data split per split mode, held-out val and test, the backbone),
 then runs every arm (`fedesm.experiments.arms`), records its status in the run folder
 (`fedesm.experiments.layout`) so a run can be resumed, and writes the report. Presets live in
-`presets/`: `cpu` (tiny random-init ESM-2, real GPSite ATP data, about 25 minutes on 2 cores) and
+`presets/`: `cpu` (tiny random-init ESM-2, real GPSite ATP data, 23.5 minutes on 2 cores) and
 `paper` (ESM-2 35M, r=16, 30 x 5,000 steps; for a GPU).
 """
 
