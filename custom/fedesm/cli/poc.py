@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fedesm.errors import FedesmError
 from fedesm.launch.network import DEFAULT_PROJECT_FILE, LocalNetwork, load_project, provision, render_project
-from fedesm.launch.policy import apply_to_kits, write_chart_files
+from fedesm.launch.policy import (IMAGE_STORE_ROOT, apply_to_kits, write_chart_files, write_server_policy,
+                                  write_simulator_policy, write_site_policy)
 
 
 def register(sub) -> None:
@@ -39,7 +40,7 @@ def register(sub) -> None:
     q.add_argument("--admin-port", type=int, default=None,
                    help="a separate server port for admin consoles and the nvflare CLI (project admin, org admins, "
                    "leads), e.g. 8003; default: admins share --port (NVFLARE's default)")
-    q.add_argument("--server-store", default="/var/nvflare/workspace/store",
+    q.add_argument("--server-store", default=IMAGE_STORE_ROOT,
                    help="absolute folder, as the server sees it, for its job store and snapshots (default: "
                    "%(default)s, inside the workspace of the fedesm image and the orchestrator chart)")
     q.add_argument("--no-site-policy", action="store_true",
@@ -78,7 +79,7 @@ def register(sub) -> None:
     q.add_argument("--role", choices=("site", "server", "simulator"), default="site",
                    help="site (default), server or simulator")
     q.add_argument("--gpus", type=int, default=0, help="GPUs the site declares to NVFLARE's resource manager (default 0)")
-    q.add_argument("--server-store", default="/var/nvflare/workspace/store",
+    q.add_argument("--server-store", default=IMAGE_STORE_ROOT,
                    help="server only: absolute folder for the job store and snapshots (default: %(default)s)")
     q.add_argument("--charts", action="store_true", help="rewrite helm/fedesm-site/files and helm/fedesm-orchestrator/files")
     q.set_defaults(func=_policy)
@@ -121,8 +122,6 @@ def _provision(args) -> int:
 
 
 def _policy(args) -> int:
-    from fedesm.launch.policy import write_server_policy, write_simulator_policy, write_site_policy
-
     if args.charts:
         for path in write_chart_files():
             print(f"rendered {path}")

@@ -51,6 +51,9 @@ GUARD_PATH = "fedesm.flare.site_guard.FedesmSiteGuard"
 PRIVACY_FILTER_PATH = "fedesm.flare.privacy.AdaptersOnlyFilter"
 PRIVACY_SCOPE = "fedesm"
 CHARTS_DIR = Path(__file__).resolve().parents[3] / "helm"
+# The server's job store as the image lays it out: inside NVFL_WORKSPACE (/var/nvflare/workspace), which the
+# orchestrator chart puts on its volume.
+IMAGE_STORE_ROOT = "/var/nvflare/workspace/store"
 CHART_FILES = {"fedesm-site": "client", "fedesm-orchestrator": "server"}
 
 
@@ -84,23 +87,20 @@ def all_rights() -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def component_paths(config) -> set[str]:
+    """Every component class a job config names (`"path": ...` at any depth)."""
+    if isinstance(config, dict):
+        own = {config["path"]} if isinstance(config.get("path"), str) else set()
+        return own.union(*(component_paths(v) for v in config.values()))
+    if isinstance(config, list):
+        return set().union(*(component_paths(v) for v in config))
+    return set()
+
+
 def class_allow_list(role: str) -> list[str]:
     """`fedesm.` and the NVFLARE component classes the shipped jobs name for `role` (client | server)."""
     config = {"client": CLIENT_CONFIG, "server": SERVER_CONFIG}[role]
-    paths = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("path"), str):
-                paths.add(node["path"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    for template in JOBS.values():
-        walk(render_job(template)[config])
+    paths = set().union(*(component_paths(render_job(t)[config]) for t in JOBS.values()))
     return [FEDESM_PREFIX] + sorted(p for p in paths if not p.startswith(FEDESM_PREFIX))
 
 
@@ -223,15 +223,12 @@ def write_simulator_policy(workspace) -> Path:
 # the charts' copies
 # ------------------------------------------------------------------------------------------------
 
-CHART_STORE_ROOT = "/var/nvflare/workspace/store"  # the orchestrator chart's PVC, inside NVFL_WORKSPACE
-
-
 def chart_files(chart: str) -> dict[str, dict]:
     """{file name: content} a chart mounts into the kit's local/ (its templates adjust GPUs and values)."""
     role = CHART_FILES[chart]
     if role == "client":
         return {AUTHORIZATION: authorization("client"), PRIVACY: privacy(), RESOURCES: client_resources()}
-    return {AUTHORIZATION: authorization("server"), RESOURCES: server_resources(CHART_STORE_ROOT)}
+    return {AUTHORIZATION: authorization("server"), RESOURCES: server_resources(IMAGE_STORE_ROOT)}
 
 
 def write_chart_files(charts_dir=None) -> list[Path]:
