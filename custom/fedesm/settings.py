@@ -7,6 +7,11 @@ Four blocks, each a frozen dataclass that travels as a plain dict (``to_dict`` /
   training    one site's (or a centralized run's) local training: rounds of N steps, optimizer, loss, privacy
   federation  how sites and server combine: strategy, weighting, minimum sites, transfer dtype, best model
 
+and one block that is the *site's* and never travels in a job:
+
+  site_policy what a site (or the server) lets a job do beyond NVFLARE's own policy; it lives in the
+              participant's ``local/resources.json`` (``fedesm.launch.policy`` writes it)
+
 The experiment YAML, the CLI flags (``add_arguments`` / ``from_arguments``), ``fedesm job export
 --set`` and the NVFLARE components (a job's configs carry the four blocks, see
 ``fedesm.launch.jobs``) all go through these classes, so a setting has the same name from the YAML
@@ -36,6 +41,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 TRANSFER_DTYPES = ("float32", "float16")
 BEST_METRICS = ("auprc", "auroc", "f1", "mcc")
 OPTIMIZER_STATES = ("auto", "keep", "reset", "align")
+VERSION_MISMATCH = ("refuse", "warn")
 
 
 class SettingError(FedesmError):
@@ -393,6 +399,17 @@ class FederationSettings(Settings):
             self.fail("max_residual_rank", f"must be a positive integer, got {self.max_residual_rank}")
         if self.train_timeout < 0:
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
+
+
+@dataclass(frozen=True)
+class SitePolicySettings(Settings):
+    """A participant's own rules for the jobs it is sent (its local/resources.json, never the job's)."""
+
+    BLOCK: ClassVar[str] = "site_policy"
+
+    version_mismatch: str = setting(
+        "refuse", "a job exported by another fedesm version than the one installed here: refuse it (one line in "
+        "the job's deploy detail, nothing runs) or warn in the log and run it", choices=VERSION_MISMATCH)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
 
 One file may also serve several sites (handy for the simulator): values under `sites: {NAME: ...}`
 override the top-level ones, and `{site}` in any string is replaced by the site's name.
+
+`allowed_prefixes` fails closed: without it a site reads no private data at all (the shipped public
+sets stay readable), and an explicit empty list, at the top or in a site's override, is refused
+when the file is read (it could only ever refuse everything, or hide a typo).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class SiteConfig:
     def policy(self):
         from fedesm.storage import AccessPolicy
 
-        return AccessPolicy(self.allowed_prefixes or None)
+        return AccessPolicy(self.allowed_prefixes, source=self.source)
 
 
 def _expand(value, site: str):
@@ -95,7 +99,21 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
     if unknown:
         raise FedesmError(f"{path}: unknown keys {sorted(unknown)} (valid: {sorted(_KEYS)})")
     merged = {k: v for k, v in raw.items() if k != "sites"}
-    per_site = (raw.get("sites") or {}).get(site) or {}
+    sites = raw.get("sites") or {}
+    if not isinstance(sites, dict):
+        raise FedesmError(f"{path}: sites must map site names to their overrides")
+    per_site = sites.get(site) or {}
+    if not isinstance(per_site, dict):
+        raise FedesmError(f"{path}: sites.{site} must be a mapping of overrides")
+    bad = set(per_site) - (_KEYS - {"sites"})
+    if bad:
+        raise FedesmError(f"{path}: unknown keys {sorted(bad)} under sites.{site} (valid: {sorted(_KEYS - {'sites'})})")
+    for where, block in (("", raw), (f"sites.{site}.", per_site)):
+        if "allowed_prefixes" in block:
+            value = block["allowed_prefixes"]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise FedesmError(f"{path}: {where}allowed_prefixes must list at least one folder or s3:// prefix "
+                                  f"(got {value!r}); leave the key out to read only the shipped public sets")
     for k, v in per_site.items():
         if k == "data" and isinstance(v, dict):
             merged["data"] = {**(merged.get("data") or {}), **v}

@@ -103,12 +103,15 @@ class AccessPolicy:
     that leads outside through either is refused. Relative local prefixes resolve against the
     current directory when the policy is built.
 
-    An empty or ``None`` list means *no restriction* (convenient for local, single-user runs);
-    a site's config sets the list to confine what that site can read.
+    Fail closed: an empty or ``None`` list allows *nothing*, so a site whose config names no prefixes
+    reads no private data at all (the shipped public sets, ``gpsite:ATP``, never go through a
+    policy). Only a caller that passes no policy (``fetch(..., policy=None)``: the user's own
+    commands on their own machine) reads unchecked. ``source`` names the config the list came from.
     """
 
-    def __init__(self, allowed_prefixes: Iterable[str | os.PathLike] | None = None):
+    def __init__(self, allowed_prefixes: Iterable[str | os.PathLike] | None = None, source: str = ""):
         self.allowed_prefixes = [str(p) for p in (allowed_prefixes or [])]
+        self.source = source
         self._s3: list[tuple[str, str]] = []
         self._local: list[Path] = []
         for prefix in self.allowed_prefixes:
@@ -121,13 +124,14 @@ class AccessPolicy:
                 self._local.append(Path(prefix).expanduser().resolve())
 
     @property
-    def unrestricted(self) -> bool:
+    def empty(self) -> bool:
+        """No prefix listed: every private read is refused."""
         return not self.allowed_prefixes
 
     def allows(self, uri: str | os.PathLike) -> bool:
-        """True when ``uri`` lies under an allowed prefix (malformed S3 URIs raise)."""
-        if self.unrestricted:
-            return True
+        """True when ``uri`` lies under an allowed prefix (malformed S3 URIs raise); never for an empty list."""
+        if self.empty:
+            return False
         if is_s3_uri(uri):
             bucket, key = parse_s3_uri(str(uri))
             key = key.rstrip("/")
@@ -142,9 +146,13 @@ class AccessPolicy:
 
     def check(self, uri: str | os.PathLike) -> None:
         """Raise FedesmError when ``uri`` is outside the allowed prefixes."""
+        where = f" ({self.source})" if self.source else ""
+        if self.empty:
+            raise FedesmError(f"{uri}: refused: this site's allowed_prefixes{where} lists nothing, so no private data "
+                              "may be read; list the folders or s3:// prefixes of its data and checkpoint")
         if not self.allows(uri):
             raise FedesmError(
-                f"{uri} is outside this site's allowed prefixes [{', '.join(self.allowed_prefixes)}]"
+                f"{uri} is outside this site's allowed prefixes [{', '.join(self.allowed_prefixes)}]{where}"
             )
 
 

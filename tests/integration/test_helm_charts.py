@@ -130,9 +130,9 @@ def test_helm_lint(tools, chart, variant):
 def test_renders_expected_kinds(rendered):
     kinds = lambda key: sorted(d["kind"] for d in rendered[key][1])  # noqa: E731
     assert kinds((ORCH, "default")) == [
-        "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service", "ServiceAccount"]
+        "ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service", "ServiceAccount"]
     assert kinds((SITE, "default")) == [
-        "ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "ServiceAccount"]
+        "ConfigMap", "ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "ServiceAccount"]
     for (chart, variant), (_, docs) in rendered.items():
         for d in docs:
             # checkov's CKV_K8S_21, and `helm template | kubectl apply` lands in the release namespace
@@ -211,7 +211,9 @@ def test_pods_are_hardened(rendered):
         # startup kit: Secret, read-only, where the image's entrypoint looks for it
         assert volumes[mounts["/opt/nvflare/kit/startup"]["name"]]["secret"]["secretName"]
         assert mounts["/opt/nvflare/kit/startup"]["readOnly"] is True
-        assert volumes[mounts["/opt/nvflare/kit/local"]["name"]]["configMap"]["name"]
+        # local/: the kit's own NVFLARE files and the chart's policy, both ConfigMaps, read-only
+        sources = volumes[mounts["/opt/nvflare/kit/local"]["name"]]["projected"]["sources"]
+        assert [list(src) for src in sources] == [["configMap"], ["configMap"]]
         assert mounts["/opt/nvflare/kit/local"]["readOnly"] is True
         # workspace on the PVC, writable /tmp on an emptyDir
         assert "persistentVolumeClaim" in volumes[mounts["/var/nvflare"]["name"]], key
@@ -223,11 +225,83 @@ def test_pods_are_hardened(rendered):
         assert _one(docs, "PersistentVolumeClaim")["metadata"]["name"] == claim
 
 
-def test_orchestrator_job_store_persists(rendered):
-    """NVFLARE's server keeps jobs and snapshots under /tmp/nvflare: that path is on the PVC."""
-    c = _container(rendered[(ORCH, "default")][1])
-    m = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp/nvflare")
-    assert m["name"] == "workspace" and m["subPath"] == "nvflare-state"
+def _policy_files(docs) -> dict:
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-policy"))
+    return {k: json.loads(v) for k, v in cm["data"].items()}
+
+
+def _local_volume(docs) -> dict:
+    c = _container(docs)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/opt/nvflare/kit/local")
+    return next(v for v in _pod(docs)["spec"]["volumes"] if v["name"] == mount["name"])
+
+
+def test_orchestrator_job_store_lives_in_the_workspace_through_its_resources(rendered):
+    """No nested mount at NVFLARE's /tmp/nvflare default: the server's resources.json (mounted in local/)
+    puts the job store and snapshots under NVFL_WORKSPACE, which is on the PVC; max_jobs 1."""
+    policy = pytest.importorskip("fedesm.launch.policy")
+    for variant in ("default", "prod"):
+        docs = rendered[(ORCH, variant)][1]
+        c = _container(docs)
+        assert not any(m["mountPath"].startswith("/tmp/nvflare") for m in c["volumeMounts"]), variant
+        workspace = _env(c)["NVFL_WORKSPACE"]
+        files = _policy_files(docs)
+        assert sorted(files) == sorted(policy.SERVER_FILES)
+        res = files["resources.json"]
+        comps = {x["id"]: x for x in res["components"]}
+        store = comps["job_manager"]["args"]["uri_root"]
+        assert store == f"{workspace}/store/jobs-storage" and store.startswith("/var/nvflare/")
+        assert res["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == f"{workspace}/store/snapshot-storage"
+        assert comps["job_scheduler"]["args"]["max_jobs"] == 1
+        assert res == json.loads(json.dumps(policy.server_resources(f"{workspace}/store",
+                                                                     policy=_guard_policy(variant))))
+        assert files["authorization.json"] == policy.authorization("server")
+        # the policy ConfigMap is projected into local/ with the kit's own NVFLARE files
+        names = [src["configMap"]["name"] for src in _local_volume(docs)["projected"]["sources"]]
+        assert names[1].endswith("-policy") and names[0] == "fedesm-orchestrator-local"
+
+
+def _guard_policy(variant):
+    from fedesm.settings import SitePolicySettings
+
+    return SitePolicySettings(version_mismatch="refuse") if variant == "prod" else None
+
+
+def test_site_mounts_the_shipped_site_policy(rendered):
+    """The gateway's local/ carries fedesm's site policy: authorization without BYOC, the class
+    allow-list, no log streaming, the version guard, the adapters-only privacy scope; its GPUs are
+    the ones the pod requests."""
+    policy = pytest.importorskip("fedesm.launch.policy")
+    for variant, gpus in (("default", 1), ("prod", 1), ("cpu", 0), ("two-gpus", 2)):
+        docs = rendered[(SITE, variant)][1]
+        files = _policy_files(docs)
+        assert sorted(files) == sorted(policy.SITE_FILES)
+        assert files["authorization.json"] == policy.authorization("client")
+        assert all(r["byoc"] == "none" for r in files["authorization.json"]["permissions"].values())
+        assert files["privacy.json"] == policy.privacy()
+        assert files["resources.json"] == json.loads(json.dumps(
+            policy.client_resources(num_gpus=gpus, policy=_guard_policy(variant))))
+        assert files["resources.json"]["allow_log_streaming"] is False
+        assert files["resources.json"]["class_allow_list"] == policy.class_allow_list("client")
+        sources = _local_volume(docs)["projected"]["sources"]
+        kit, chart = sources[0]["configMap"], sources[1]["configMap"]
+        assert [i["key"] for i in kit["items"]] == ["log_config.json.default", "resources.json.default",
+                                                    "authorization.json.default", "privacy.json.sample"]
+        assert chart["name"].endswith("-policy") and "items" not in chart
+        assert "checksum/site-policy" in _pod(docs)["metadata"]["annotations"]
+
+
+def test_site_policy_values_change_the_mounted_files(tools):
+    proc = _helm_template(SITE, ["--set", "sitePolicy.allowLogStreaming=true", "--set", "sitePolicy.versionMismatch=warn",
+                                 "--set", "sitePolicy.extraClassAllowList={org1.filters.}",
+                                 "--set-json", 'sitePolicy.authorization={"format_version": "1.0", '
+                                               '"permissions": {"project_admin": "any"}}'])
+    assert proc.returncode == 0, proc.stderr
+    files = _policy_files([d for d in yaml.safe_load_all(proc.stdout) if d])
+    res = files["resources.json"]
+    assert res["allow_log_streaming"] is True and res["class_allow_list"][-1] == "org1.filters."
+    assert next(c for c in res["components"] if c["id"] == "fedesm_site_guard")["args"] == {"version_mismatch": "warn"}
+    assert files["authorization.json"] == {"format_version": "1.0", "permissions": {"project_admin": "any"}}
 
 
 def _gpu(container, section):
@@ -252,13 +326,7 @@ def _rule_ports(rule):
     return sorted((p["protocol"], p["port"]) for p in rule["ports"])
 
 
-def test_site_network_policy_egress_only_orchestrator_s3_dns(rendered):
-    values = yaml.safe_load((HELM_DIR / SITE / "ci" / "prod-values.yaml").read_text())["networkPolicy"]["egress"]
-    docs = rendered[(SITE, "prod")][1]
-    np = _one(docs, "NetworkPolicy")["spec"]
-    assert _selects(np["podSelector"]["matchLabels"], _pod(docs)["metadata"]["labels"])
-    assert sorted(np["policyTypes"]) == ["Egress", "Ingress"]
-    assert np["ingress"] == []  # a gateway accepts nothing
+def _egress(np):
     seen = []
     for rule in np["egress"]:
         # every rule names its destinations and its ports (a missing one would mean "all")
@@ -271,14 +339,36 @@ def test_site_network_policy_egress_only_orchestrator_s3_dns(rendered):
             assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                               "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
             seen.append(("dns", _rule_ports(rule)))
-    expected = [
+    return seen
+
+
+def test_site_network_policy_egress_only_orchestrator_s3_dns(rendered):
+    values = yaml.safe_load((HELM_DIR / SITE / "ci" / "prod-values.yaml").read_text())["networkPolicy"]["egress"]
+    docs = rendered[(SITE, "prod")][1]
+    np = _one(docs, "NetworkPolicy")["spec"]
+    assert _selects(np["podSelector"]["matchLabels"], _pod(docs)["metadata"]["labels"])
+    assert sorted(np["policyTypes"]) == ["Egress", "Ingress"]
+    assert np["ingress"] == []  # a gateway accepts nothing
+    assert _egress(np) == [
         (sorted(values["orchestrator"]["cidrs"]), [("TCP", 8002)]),
         (sorted(values["s3"]["cidrs"]), [("TCP", 443)]),
         (sorted(values["sts"]["cidrs"]), [("TCP", 443)]),
         ("dns", [("TCP", 53), ("UDP", 53)]),
     ]
-    assert seen == expected
     assert "0.0.0.0/0" not in json.dumps(np)
+
+
+def test_site_egress_is_deny_by_default(rendered):
+    """The chart's defaults: DNS and nothing else (no S3, no STS, no orchestrator until its address
+    is listed), and no 0.0.0.0/0 anywhere in any site render."""
+    for variant in ("default", "cpu", "two-gpus"):
+        np = _one(rendered[(SITE, variant)][1], "NetworkPolicy")["spec"]
+        assert np["ingress"] == [] and _egress(np) == [("dns", [("TCP", 53), ("UDP", 53)])], variant
+    for (chart, variant), (path, _) in rendered.items():
+        if chart == SITE:
+            assert "0.0.0.0/0" not in path.read_text(), variant
+    values = yaml.safe_load((HELM_DIR / SITE / "values.yaml").read_text())["networkPolicy"]["egress"]
+    assert values["orchestrator"]["cidrs"] == values["s3"]["cidrs"] == values["sts"]["cidrs"] == []
 
 
 def test_orchestrator_network_policy_ingress_only_fl_and_admin(rendered):
@@ -295,9 +385,26 @@ def test_orchestrator_network_policy_ingress_only_fl_and_admin(rendered):
     # egress: DNS, S3 and STS endpoints only
     egress_cidrs = {p["ipBlock"]["cidr"] for r in np["egress"] for p in r["to"] if "ipBlock" in p}
     assert egress_cidrs == set(values["egress"]["s3"]["cidrs"]) | set(values["egress"]["sts"]["cidrs"])
-    # default values: one NVFLARE port (2.x serves admin on fed_learn_port), so one ingress rule
+    # default values: one NVFLARE port (2.9 serves admin on fed_learn_port), so one ingress rule
     default_np = _one(rendered[(ORCH, "default")][1], "NetworkPolicy")["spec"]
     assert [_rule_ports(r) for r in default_np["ingress"]] == [[("TCP", 8002)]]
+
+
+def test_admins_and_leads_are_admitted_on_the_port_that_serves_them(tools):
+    """One port: admin-kit holders (admins, and the leads who submit jobs) are admitted on the FL port;
+    a provisioned admin port: on that port, with their own CIDRs, and the Service and container expose it."""
+    one = _helm_template(ORCH, ["--set", "networkPolicy.ingress.flCIDRs={198.51.100.17/32}",
+                                "--set", "networkPolicy.ingress.adminCIDRs={192.0.2.0/28,198.51.100.64/28}"])
+    assert one.returncode == 0, one.stderr
+    docs = [d for d in yaml.safe_load_all(one.stdout) if d]
+    rules = _one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert [(sorted(p["ipBlock"]["cidr"] for p in r["from"]), _rule_ports(r)) for r in rules] == [
+        (["192.0.2.0/28", "198.51.100.17/32", "198.51.100.64/28"], [("TCP", 8002)])]
+    assert [p["port"] for p in _one(docs, "Service")["spec"]["ports"]] == [8002]
+    prod = yaml.safe_load((HELM_DIR / ORCH / "ci" / "prod-values.yaml").read_text())
+    assert prod["nvflare"]["adminPort"] == 8003
+    leads = [c for c in prod["networkPolicy"]["ingress"]["adminCIDRs"] if c not in ("192.0.2.0/28",)]
+    assert leads and set(leads) <= set(prod["service"]["loadBalancerSourceRanges"])
 
 
 def test_orchestrator_service_ports(rendered):
@@ -312,7 +419,8 @@ def test_orchestrator_service_ports(rendered):
         assert container_ports == ports
         assert _container(docs)["livenessProbe"]["tcpSocket"]["port"] == "fl"
     prod = _one(rendered[(ORCH, "prod")][1], "Service")
-    assert prod["spec"]["loadBalancerSourceRanges"] == ["198.51.100.17/32", "198.51.100.42/32", "192.0.2.0/28"]
+    assert prod["spec"]["loadBalancerSourceRanges"] == ["198.51.100.17/32", "198.51.100.42/32", "192.0.2.0/28",
+                                                        "198.51.100.64/28", "198.51.100.80/28"]
     assert prod["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-type"] == "external"
     clusterip = _one(rendered[(ORCH, "clusterip")][1], "Service")["spec"]
     assert clusterip["type"] == "ClusterIP" and "externalTrafficPolicy" not in clusterip
@@ -329,7 +437,7 @@ def test_service_account_carries_irsa_role(rendered):
 def test_site_config_map_mounted_for_executor(rendered, tmp_path):
     values = yaml.safe_load((HELM_DIR / SITE / "ci" / "prod-values.yaml").read_text())["siteConfig"]
     docs = rendered[(SITE, "prod")][1]
-    cm = _one(docs, "ConfigMap")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"))
     assert yaml.safe_load(cm["data"]["site.yaml"]) == values
     c = _container(docs)
     path = Path(_env(c)["FEDESM_SITE_CONFIG"])
@@ -373,6 +481,11 @@ def test_site_readiness_uses_image_health_script(rendered):
     (SITE, "siteConfig.device=gpu", "device"),
     (SITE, "securityContext.readOnlyRootFilesystem=false", "readOnlyRootFilesystem"),
     (SITE, "networkPolicy.egress.orchestrator.cidrs={orchestrator.example.org}", "cidrs"),
+    (SITE, "sitePolicy.versionMismatch=ignore", "versionMismatch"),
+    (SITE, "startupKit.localFiles={resources.json}", "localFiles"),
+    (SITE, "siteConfig.cpu_threads=0", "cpu_threads"),
+    (ORCH, "nvflare.maxJobs=0", "maxJobs"),
+    (ORCH, "serverPolicy.versionMismatch=ignore", "versionMismatch"),
     (ORCH, "service.type=NodeBalancer", "service.type"),
     (ORCH, "podSecurityContext.runAsNonRoot=false", "runAsNonRoot"),
     (ORCH, "image.tag=latest", "image.tag"),
@@ -383,6 +496,28 @@ def test_schema_rejects_bad_values(tools, chart, setting, complaint):
         proc = _run([*cmd, "--set", setting])
         assert proc.returncode != 0, f"{setting} accepted by {cmd[1]}"
         assert complaint in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("value, complaint", [
+    ('{"site-1": {"allowed_prefixes": []}}', "allowed_prefixes"),  # fail closed: never an empty allow-list
+    ('{"site-1": {"data_uri": "s3://b/x"}}', "data_uri"),
+    ('{"site-1": {"cpu_threads": "many"}}', "cpu_threads"),
+])
+def test_schema_rejects_bad_per_site_overrides(tools, value, complaint):
+    proc = _run([HELM, "template", "x", HELM_DIR / SITE, "--set-json", f"siteConfig.sites={value}"])
+    assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+def test_schema_accepts_every_site_config_key(tools):
+    """The keys fedesm.site_config accepts are exactly the schema's, top level and per site."""
+    site_config = pytest.importorskip("fedesm.site_config")
+    schema = json.loads((HELM_DIR / SITE / "values.schema.json").read_text())
+    top = schema["properties"]["siteConfig"]["properties"]
+    assert set(top) == site_config._KEYS
+    assert set(schema["definitions"]["siteOverride"]["properties"]) == site_config._KEYS - {"sites"}
+    proc = _run([HELM, "template", "x", HELM_DIR / SITE, "--set", "siteConfig.cpu_threads=2", "--set-json",
+                 'siteConfig.sites={"site-1": {"allowed_prefixes": ["s3://b/p/"], "data": {"val": "s3://b/p/v.fa"}}}'])
+    assert proc.returncode == 0, proc.stderr
 
 
 # --- docker/ scripts against a real NVFLARE startup kit --------------------------------------
@@ -446,8 +581,11 @@ def kits(tmp_path_factory):
                 p.chmod(0o755)
 
 
-def _script_env(kit, workspace=None):
+def _script_env(kit, workspace=None, allow_loopback=True):
     env = {**os.environ, "FEDESM_KIT_DIR": str(kit), "FEDESM_HEALTH_TIMEOUT": "2",
+           # the test kit's server is 'localhost' (one machine); test_health_refuses_a_loopback_server_kit
+           # shows what the image's check says about such a kit otherwise
+           "FEDESM_HEALTH_ALLOW_LOOPBACK": "1" if allow_loopback else "0",
            # python3 in the kit's sub_start.sh must be the interpreter that has nvflare
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if workspace:
@@ -455,8 +593,8 @@ def _script_env(kit, workspace=None):
     return env
 
 
-def _health(kit):
-    return _run([sys.executable, DOCKER_DIR / "fedesm-nvflare-health"], env=_script_env(kit))
+def _health(kit, allow_loopback=True):
+    return _run([sys.executable, DOCKER_DIR / "fedesm-nvflare-health"], env=_script_env(kit, allow_loopback=allow_loopback))
 
 
 @pytest.mark.slow
@@ -491,6 +629,14 @@ def test_entrypoint_starts_server_from_mounted_kit_and_health_follows_it(kits):
             server.wait(timeout=10)
         log.close()
     assert _health(kits["site"]).returncode == 1
+
+
+def test_health_refuses_a_loopback_server_kit(kits):
+    """A server kit provisioned for 'localhost' listens on 127.0.0.1 only: the image's health check says
+    so (exit 1) instead of passing on the loopback port; a site's kit naming localhost is just probed."""
+    proc = _health(kits["server"], allow_loopback=False)
+    assert proc.returncode == 1
+    assert "unhealthy: the kit names the server 'localhost': NVFLARE listens on 127.0.0.1 only" in proc.stderr
 
 
 def test_entrypoint_refuses_an_incomplete_kit(tmp_path):

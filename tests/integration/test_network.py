@@ -146,14 +146,16 @@ def prepare_fedesm_sites(tmp: Path, net: LocalNetwork) -> Path:
 
 
 def _fedesm_job(tmp: Path, net: LocalNetwork, **overrides) -> Path:
-    """The real esm2_fra_lora bundle, exported self-contained (fedesm in app/custom) with small settings."""
+    """The real esm2_fra_lora bundle with small settings, exported with fedesm in app/custom: this network
+    keeps NVFLARE's default policy, whose class allow-list admits fedesm's components only in BYOC jobs
+    (tests/integration/test_production.py runs the code-free bundle under fedesm's site policy)."""
     from fedesm.launch.jobs import export_job
 
     ckpt = prepare_fedesm_sites(tmp, net)
     settings = {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt), "training.rounds": FEDESM_ROUNDS,
                 "training.steps_per_round": 20, "lora.r": 4, "training.max_len": 200}
     settings.update(overrides)
-    return export_job("esm2_fra_lora", tmp / "jobs", settings)
+    return export_job("esm2_fra_lora", tmp / "jobs", settings, include_package=True)
 
 
 def _check_fedesm_result(result: Path) -> None:

@@ -204,7 +204,7 @@ def test_missing_site_data_fails_that_site_clearly(tmp_path):
 
     cfg = tmp_path / "site.yaml"
     cfg.write_text("backbone: random:esm2_t2_tiny\ndata:\n  train: /nonexistent/{site}/train.fa\n"
-                   "  val: /nonexistent/{site}/val.fa\n")
+                   "  val: /nonexistent/{site}/val.fa\nallowed_prefixes: [/nonexistent]\n")
     job = export_job("esm2_fra_lora", tmp_path / "jobs", {"model.arch": "esm2_t2_tiny", "training.rounds": 1,
                                                            "training.steps_per_round": 5, "lora.r": 4})
     with pytest.raises(FedesmError, match="simulator failed|no such file"):

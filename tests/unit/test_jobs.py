@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+import fedesm
 from fedesm.cli import main
 from fedesm.errors import FedesmError
-from fedesm.launch.jobs import (CLIENT_CONFIG, JOBS, META, SERVER_CONFIG, export_job, job_settings, jobs_root,
-                                list_jobs, read_job_settings, render_job)
+from fedesm.launch.jobs import (CLIENT_CONFIG, CONFIG_EXTENSIONS, JOBS, META, SERVER_CONFIG, VERSION_KEY, export_job,
+                                job_settings, jobs_root, list_jobs, read_job_settings, render_job)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_three_jobs_with_the_papers_settings():
@@ -48,7 +52,7 @@ def test_every_var_reference_resolves_and_numbers_follow_the_blocks(job):
     assert files[META]["min_clients"] == s.federation.min_clients == flow.get("min_clients", s.federation.min_clients)
 
 
-def test_export_applies_overrides_in_every_place_and_carries_the_package(tmp_path):
+def test_export_applies_overrides_in_every_place_and_carries_configuration_only(tmp_path):
     dest = export_job("esm2_fra_lora", tmp_path, ["training.rounds=3", "strategy=fra-ef", "lr=0.002",
                                                   "federation.min_clients=1"])
     server = json.loads((dest / SERVER_CONFIG).read_text())
@@ -59,12 +63,31 @@ def test_export_applies_overrides_in_every_place_and_carries_the_package(tmp_pat
     assert server["workflows"][0]["args"]["num_rounds"] == 3 and server["workflows"][0]["args"]["min_clients"] == 1
     assert json.loads((dest / META).read_text())["min_clients"] == 1
     assert read_job_settings(dest).training.lr == 0.002
-    assert (dest / "app/custom/fedesm/flare/executor.py").is_file()
-    assert not list((dest / "app/custom").rglob("__pycache__"))
+    # configuration only: sites run the fedesm they installed; the bundle says which version wrote it
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(
+        [META, SERVER_CONFIG, CLIENT_CONFIG])
+    assert json.loads((dest / META).read_text())[VERSION_KEY] == fedesm.__version__
     # NVFLARE's own job validation accepts it, and its config resolution hands the blocks to our components
     from nvflare.fuel.utils.config_factory import ConfigFactory
 
     assert ConfigFactory.load_config(str(dest / SERVER_CONFIG)) is not None
+
+
+def test_with_code_bundle_carries_the_package_but_nothing_nvflare_parses_as_config(tmp_path):
+    """`--with-code` (simulator/POC networks that allow BYOC): fedesm in app/custom, but none of the files
+    `nvflare job submit` would try to parse as job configuration (the presets YAML broke it)."""
+    from nvflare.fuel.utils.config import ConfigFormat
+
+    dest = export_job("esm2_fra_lora", tmp_path, include_package=True)
+    custom = dest / "app" / "custom"
+    assert (custom / "fedesm" / "flare" / "executor.py").is_file()
+    assert not list(custom.rglob("__pycache__"))
+    assert set(ConfigFormat.extensions()) <= set(CONFIG_EXTENSIONS)
+    assert [p for p in custom.rglob("*") if p.name.endswith(CONFIG_EXTENSIONS)] == []
+    assert list((REPO / "custom" / "fedesm").rglob("*.yaml"))  # there were some to leave out
+    # re-exported code-free, a with-code bundle loses its app/custom
+    again = export_job(dest, tmp_path / "again")
+    assert not (again / "app" / "custom").exists() and (again / CLIENT_CONFIG).is_file()
 
 
 def test_a_job_folder_exports_through_the_same_settings(tmp_path):

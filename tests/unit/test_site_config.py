@@ -58,12 +58,33 @@ def test_lookup_order_env_then_workspace(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text,needle", [
     ("data: {train: /a.fa}\n", "no data.val"),
     ("dataa: {train: /a.fa, val: /b.fa}\n", "unknown keys"),
+    # an explicit empty allow-list could only refuse everything: refused when read, top level or per site
+    ("data: {train: /a.fa, val: /b.fa}\nallowed_prefixes: []\n", r"allowed_prefixes must list at least one"),
+    ("data: {train: /a.fa, val: /b.fa}\nallowed_prefixes: [/a]\nsites: {site-1: {allowed_prefixes: []}}\n",
+     r"sites\.site-1\.allowed_prefixes must list at least one"),
+    ("data: {train: /a.fa, val: /b.fa}\nallowed_prefixes: /a\n", "allowed_prefixes must list"),
+    ("data: {train: /a.fa, val: /b.fa}\nsites: {site-1: {alowed_prefixes: [/a]}}\n", r"unknown keys .* under sites"),
     ("- just\n- a list\n", "must be a YAML mapping"),
     ("data: {train: [unclosed\n", "cannot read"),
 ])
 def test_bad_site_configs(tmp_path, text, needle):
     with pytest.raises(FedesmError, match=needle):
         load_site_config("site-1", _write(tmp_path / "s.yaml", text))
+
+
+def test_a_site_without_allowed_prefixes_reads_no_private_data(tmp_path):
+    """Missing key = empty allow-list = every private read refused; a shipped public set still loads."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.fa").write_text(">a\nMKV\n010\n")
+    cfg = load_site_config("site-1", _write(tmp_path / "s.yaml", f"data: {{train: {tmp_path}/data/train.fa, "
+                                                                    "val: gpsite:ATP:test}\n"))
+    assert cfg.allowed_prefixes == []
+    with pytest.raises(FedesmError, match=r"train.fa: refused: this site's allowed_prefixes \(.*s.yaml\) lists nothing"):
+        resolve_site_path(cfg, cfg.train)
+    assert resolve_site_path(cfg, cfg.val).name == "ATP_test.txt.gz"
+    other = load_site_config("site-2", _write(tmp_path / "t.yaml", f"data: {{train: {tmp_path}/data/train.fa, "
+                                                                      f"val: x}}\nallowed_prefixes: [{tmp_path}/data]\n"))
+    assert resolve_site_path(other, other.train) == tmp_path / "data" / "train.fa"
 
 
 def test_no_config_anywhere_is_a_clear_error(tmp_path, monkeypatch):

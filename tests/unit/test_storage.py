@@ -132,11 +132,28 @@ def test_policy_local_resolves_dotdot_and_symlinks(tmp_path):
     assert not policy.allows("s3://site/x")
 
 
-def test_empty_policy_is_unrestricted(tmp_path):
-    for policy in (AccessPolicy([]), AccessPolicy(None)):
-        assert policy.unrestricted
-        policy.check("s3://anything/at/all")
-        policy.check(tmp_path / ".." / "x")
+def test_empty_policy_refuses_every_private_read_but_not_shipped_sets(tmp_path, no_network):
+    """Fail closed: no listed prefix means no private read at all (a site that forgot the key reads
+    nothing), before any file or network access; the shipped public sets stay readable."""
+    data = tmp_path / "train.fasta"
+    data.write_text(FASTA)
+    for policy in (AccessPolicy([], source="site.yaml"), AccessPolicy(None)):
+        assert policy.empty
+        for uri in ("s3://anything/at/all", str(data), tmp_path / ".." / "x"):
+            assert not policy.allows(uri)
+        with pytest.raises(FedesmError, match=r"train.fasta: refused: this site's allowed_prefixes .*lists nothing"):
+            fetch(str(data), tmp_path / "cache", policy=policy)
+        with pytest.raises(FedesmError, match="lists nothing"):
+            fetch("s3://bkt/data/train.fa", tmp_path / "cache", policy=policy)  # refused before any S3 call
+        assert fetch("gpsite:ATP:test", tmp_path / "cache", policy=policy).name == "ATP_test.txt.gz"
+    assert "(site.yaml)" in _message(lambda: AccessPolicy([], source="site.yaml").check(str(data)))
+    assert fetch(str(data), tmp_path / "cache") == data  # no policy at all: the user's own command
+
+
+def _message(call) -> str:
+    with pytest.raises(FedesmError) as err:
+        call()
+    return str(err.value)
 
 
 def test_policy_rejects_malformed_prefix():

@@ -12,11 +12,13 @@ def register(sub) -> None:
                        "split, FRA-LoRA in the NVFLARE simulator vs centralized), experiment 2 (label-skewed split "
                        "with gradient noise) and the strategy comparison (fra, fra-ef, fedit, ffa, optional DP-SGD); "
                        "then a markdown report with tables and plots. Presets: cpu (tiny random-init model, "
-                       "real GPSite ATP data, about 25 min on 2 cores) and paper (ESM-2 35M, GPSite data; for a GPU).")
+                       "real GPSite ATP data, 23.5 min on 2 cores for docs/results/cpu) and paper (ESM-2 35M, "
+                       "GPSite data; for a GPU).")
     esub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
 
     q = esub.add_parser("run", help="run a config's experiments and write DIR/report.md",
-                        description="Generate or read the data, split it per experiment, write or load the "
+                        description="Read the data (a shipped GPSite set or your files; synthetic records only "
+                        "when a config asks for them), split it per experiment, write or load the "
                         "backbone, run every arm (federated arms through `nvflare simulator`, centralized arms on "
                         "the pooled site training data), evaluate every arm on the same held-out val split after "
                         "each round, and write the report. Progress lines show each round as it finishes.")

@@ -21,18 +21,23 @@ def register(sub) -> None:
     q.add_argument("job", help="job name or job folder")
     q.set_defaults(func=_show)
 
-    q = jsub.add_parser("export", help="write job bundles with changed settings (fedesm inside app/custom)",
-                        description="Write job bundles with the fedesm package inside app/custom, so `nvflare job "
-                        "submit` works on a network whose sites only have NVFLARE, torch, fair-esm and peft. "
-                        "--set BLOCK.FIELD=VALUE changes a setting (values parsed as YAML, as everywhere in "
-                        "fedesm), e.g. training.rounds=5, training.steps_per_round=200, federation.strategy=fra-ef, "
-                        "model.arch=esm2_t6_8M_UR50D, lora.r=8; a field name that only one block has may stand "
-                        "alone (steps_per_round=200). `fedesm job show JOB` lists them all.")
+    q = jsub.add_parser("export", help="write job bundles with changed settings (configuration only)",
+                        description="Write job bundles for `nvflare job submit` or `nvflare simulator`: "
+                        "meta.json (with the fedesm version that wrote it) and the two config files, nothing "
+                        "else, so every site runs the fedesm it installed and the shipped site policy accepts "
+                        "the job. --set BLOCK.FIELD=VALUE changes a setting (values parsed as YAML, as "
+                        "everywhere in fedesm), e.g. training.rounds=5, training.steps_per_round=200, "
+                        "federation.strategy=fra-ef, model.arch=esm2_t6_8M_UR50D, lora.r=8; a field name that "
+                        "only one block has may stand alone (steps_per_round=200). `fedesm job show JOB` lists "
+                        "them all.")
     q.add_argument("jobs", nargs="*", help="job names or folders (default: all shipped jobs)")
     q.add_argument("--out", default="jobs_export", help="output folder (default jobs_export)")
     q.add_argument("--set", action="append", default=[], metavar="BLOCK.FIELD=VALUE", help="change a setting")
     q.add_argument("--name", default=None, help="name of the exported job (one job only)")
-    q.add_argument("--no-package", action="store_true", help="do not copy fedesm into app/custom")
+    q.add_argument("--with-code", action="store_true",
+                   help="also copy the fedesm package into app/custom (a bring-your-own-code job): for a plain "
+                   "`nvflare simulator` run in a workspace without fedesm's class allow-list, or a network "
+                   "whose policy grants BYOC. The shipped site policy refuses such jobs.")
     q.set_defaults(func=_export)
 
     q = jsub.add_parser("render", help="rewrite the shipped job folders from their definitions",
@@ -58,7 +63,7 @@ def _export(args) -> int:
     names = args.jobs or list_jobs()
     for name in names:
         dest = export_job(name, args.out, args.set, job_name=args.name if len(names) == 1 else None,
-                          include_package=not args.no_package)
+                          include_package=args.with_code)
         print(f"exported {dest}")
     return 0
 

@@ -12,6 +12,14 @@ and export, never by hand.
 it equal to `render_job`, `fedesm job render` rewrites it). `export_job` writes a bundle with
 overrides applied through the settings (``training.lr=0.002``, or a bare field name that only one
 block has: ``strategy=fra-ef``), so an unknown or invalid value is refused before anything is written.
+
+Bundles carry configuration only: sites run the fedesm they installed (the shipped site policy,
+`fedesm.launch.policy`, refuses jobs that bring code in ``app/custom``), and ``meta.json`` records
+the fedesm version that wrote the bundle (``fedesm_version``), which each participant compares with
+its own at deployment (`fedesm.flare.site_guard`). ``include_package`` keeps the old self-contained
+bundle (fedesm copied into ``app/custom``) for networks that allow bring-your-own-code; it never
+copies a file that ``nvflare job submit`` would parse as job configuration (``*.json``, ``*.conf``,
+``*.yml``, ``*.yaml``, also with ``.default``: the experiment presets stay behind).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from fedesm import __version__
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
 from fedesm.settings import FederationSettings, JobSettings, ModelSettings, TrainConfig
@@ -32,6 +41,11 @@ CLIENT_CONFIG = "app/config/config_fed_client.json"
 META = "meta.json"
 CONFIG_FILES = (SERVER_CONFIG, CLIENT_CONFIG)
 WORKFLOWS = ("scatter_and_gather", "cyclic")
+VERSION_KEY = "fedesm_version"  # meta.json: the fedesm that wrote the bundle (checked at every participant)
+# What `nvflare job submit` parses as configuration wherever it finds it under app/custom (NVFLARE 2.9's
+# ConfigFormat extensions); a bundle's copy of the package leaves these out.
+CONFIG_EXTENSIONS = (".json", ".conf", ".yml", ".yaml", ".json.default", ".conf.default", ".yml.default",
+                     ".yaml.default")
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,7 @@ def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str,
         out[cfg] = {"format_version": files[cfg].get("format_version", 2), **settings.to_dict(), **data}
     meta = dict(files.get(META) or {})
     meta.update(name=name, min_clients=settings.federation.min_clients)
+    meta[VERSION_KEY] = __version__
     meta.setdefault("resource_spec", {})
     meta.setdefault("deploy_map", {"app": ["@ALL"]})
     out[META] = meta
@@ -212,10 +227,11 @@ def job_settings(name_or_path) -> JobSettings:
 
 
 def export_job(name_or_path, out_dir, overrides: Optional[Union[Mapping[str, Any], Sequence[str]]] = None,
-               job_name: Optional[str] = None, include_package: bool = True,
+               job_name: Optional[str] = None, include_package: bool = False,
                settings: Optional[JobSettings] = None) -> Path:
     """Write a job bundle to `out_dir/<job_name or name>`: `settings` (default: the job's own) with
-    `overrides` applied, and the fedesm package in app/custom when `include_package`. Nothing is written
+    `overrides` applied; configuration only, unless `include_package` copies the fedesm package into
+    app/custom (a bring-your-own-code job, which the shipped site policy refuses). Nothing is written
     when a setting is unknown or invalid."""
     src = job_source(name_or_path)
     name = job_name or (src.name if isinstance(src, JobTemplate) else Path(src).name)
@@ -228,12 +244,14 @@ def export_job(name_or_path, out_dir, overrides: Optional[Union[Mapping[str, Any
             files = render_job(src, final)
             files[META]["name"] = name
         else:
-            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            ignore = ["__pycache__", "*.pyc"] + ([] if include_package else ["custom"])
+            shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore))
             files = {rel: json.loads((tmp / rel).read_text()) for rel in (META, *CONFIG_FILES) if (tmp / rel).is_file()}
             files = _sync(files, final, name)
         _write_files(tmp, files)
         if include_package:
-            package = Path(__file__).resolve().parents[1]
-            shutil.copytree(package, tmp / "app" / "custom" / "fedesm",
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            package, copy = Path(__file__).resolve().parents[1], tmp / "app" / "custom" / "fedesm"
+            shutil.rmtree(copy, ignore_errors=True)  # a source bundle's copy may be another version's
+            shutil.copytree(package, copy,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *(f"*{e}" for e in CONFIG_EXTENSIONS)))
     return out_dir / name

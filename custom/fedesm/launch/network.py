@@ -73,14 +73,28 @@ def load_project(project_file: str | os.PathLike) -> dict:
     return project
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback_name(name: str) -> bool:
+    """A server name NVFLARE 2.9 binds to 127.0.0.1 only (so nothing off this machine can connect)."""
+    name = str(name).rstrip(".").lower()
+    return name in LOOPBACK_NAMES or name.startswith("127.") or name.endswith(".localhost")
+
+
 def render_project(
     src: str | os.PathLike,
     dest: str | os.PathLike,
     server_name: Optional[str] = None,
     fl_port: Optional[int] = None,
     admin_port: Optional[int] = None,
+    allow_loopback: bool = True,
 ) -> Path:
-    """Write a copy of project.yml with the server's DNS name and/or ports substituted."""
+    """Write a copy of project.yml with the server's DNS name and/or ports substituted.
+
+    `allow_loopback=False` (kits for a real deployment) refuses a server name that binds loopback
+    only (`localhost`, 127.x), whether given here or left in the file.
+    """
     project = load_project(src)
     server = next(p for p in project["participants"] if p.get("type") == "server")
     if server_name:
@@ -89,6 +103,10 @@ def render_project(
         if name_check(server_name, "server")[0]:
             raise NetworkError(f"invalid server name {server_name!r}: expected a DNS host name like fl.example.org")
         server["name"] = server_name
+    if not allow_loopback and is_loopback_name(server["name"]):
+        raise NetworkError(f"server name {server['name']!r} is loopback: NVFLARE would listen on 127.0.0.1 only and no "
+                           "site could connect; give the DNS name sites and admins dial (e.g. fl.example.org), or "
+                           "use `fedesm poc up` for a network on this machine")
     if fl_port:
         server["fed_learn_port"] = int(fl_port)
     if admin_port:
@@ -295,6 +313,7 @@ class LocalNetwork:
         admin_port: Optional[int] = None,
         heart_beat_timeout: Optional[int] = None,
         admin: Optional[str] = None,
+        site_policy: bool = False,
     ):
         """
         Args:
@@ -306,6 +325,10 @@ class LocalNetwork:
                 (NVFLARE default 600; sites beat every 10 s); tests lower it so that a killed
                 site is noticed quickly. NVFLARE 2.9 fails every job submission when it is a float.
             admin: admin user for the Session; default: the project's first project_admin.
+            site_policy: write fedesm's shipped policy into the kits (`fedesm.launch.policy`: no
+                bring-your-own-code, fedesm's class allow-list, adapters-only privacy filter, version
+                guard; the server's job store in its kit, max_jobs 1), as `fedesm poc` does. False
+                keeps NVFLARE's default policy (any NVFLARE component, BYOC for admins and leads).
         """
         self.workspace = Path(workspace).resolve()
         self.project_file = Path(project_file) if project_file else DEFAULT_PROJECT_FILE
@@ -314,6 +337,7 @@ class LocalNetwork:
         self.admin_port = admin_port
         self.heart_beat_timeout = heart_beat_timeout
         self.admin = admin
+        self.site_policy = site_policy
         self.state: Optional[NetworkState] = None
         self._session = None
         self._popens: dict[str, subprocess.Popen] = {}
@@ -337,7 +361,12 @@ class LocalNetwork:
         admin = self.admin or next((p["name"] for p in admins if p.get("role") == "project_admin"), None)
         if not admin or admin not in {p["name"] for p in admins}:
             raise NetworkError(f"{self.project_file}: no admin user {admin or '(project_admin)'} in the project")
-        use_private_server_storage(kits / server)
+        if self.site_policy:
+            from fedesm.launch.policy import apply_to_kits
+
+            apply_to_kits(kits, server, clients)
+        else:
+            use_private_server_storage(kits / server)
         if self.heart_beat_timeout:
             cfg_path = kits / server / "startup" / "fed_server.json"
             cfg = json.loads(cfg_path.read_text())

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from fedesm import results
 from fedesm.errors import FedesmError
+from fedesm.launch.policy import write_simulator_policy
 from fedesm.tables import SERVER_ROW
 
 SERVER_RESULT = Path("server") / "simulate_job"
@@ -38,6 +39,8 @@ def run_simulator(job_dir, workspace, n_clients: int, threads: Optional[int] = N
                   on_round: Optional[Callable[[int, list], None]] = None, clients: Optional[list] = None) -> Path:
     """Run `nvflare simulator JOB -w WORKSPACE -n N -t T`; returns the server's run folder.
 
+    The workspace gets the sites' class allow-list and privacy scope first (`fedesm.launch.policy`),
+    so a code-free bundle runs on the installed fedesm under the rules of a real site.
     `site_config` is exported as FEDESM_SITE_CONFIG. The simulator's output goes to `log_path`
     (default `<workspace>.log`); `on_round(n, rows)` is called as each round finishes, with the sites' rows for it.
     Raises FedesmError (with the log's tail) when the simulator fails or the job produced no model.
@@ -46,6 +49,7 @@ def run_simulator(job_dir, workspace, n_clients: int, threads: Optional[int] = N
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
+    write_simulator_policy(workspace)
     log_path = Path(log_path or f"{workspace}.log")
     cmd = nvflare_command() + ["simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_clients)]
     cmd += ["-c", ",".join(clients)] if clients else ["-n", str(n_clients)]
