@@ -89,7 +89,8 @@ class LocalTrainer:
         bucket = self.device.type == "cuda" if config.bucket is None else config.bucket
         self.sampler = self.gradients.batches(RandomBatchSampler(
             train_records, self.tokenizer, config.batch_size, config.max_len, seed=config.seed, bucket=bucket))
-        self.global_step = 0
+        self.global_step = 0  # position in the learning-rate schedule
+        self.steps_taken = 0  # optimizer steps this trainer has taken (its moments' history)
         torch.manual_seed(config.seed)  # dropout masks: same seed, same run
 
     def token_losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +126,7 @@ class LocalTrainer:
             self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1
+            self.steps_taken += 1
             done += 1
             losses.append(loss.item())
             samples += tokens.shape[0]
@@ -146,12 +148,12 @@ class LocalTrainer:
         Returns what was done, for the site's log and metrics."""
         from fedesm.model.adapters import get_exchanged_state, set_exchanged_state
 
-        info = {"policy": policy if self.global_step else "initial"}
-        if self.global_step and policy == "align":
+        info = {"policy": policy if self.steps_taken else "initial"}
+        if self.steps_taken and policy == "align":
             state, aligned, pairs = align_state(get_exchanged_state(self.model), state)
             info.update(aligned_pairs=aligned, lora_pairs=pairs)
         set_exchanged_state(self.model, state)
-        if self.global_step and policy == "reset":
+        if self.steps_taken and policy == "reset":
             info["reset_parameters"] = reset_lora_moments(self.model, self.optimizer)
         return info
 
