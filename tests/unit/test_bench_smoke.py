@@ -135,7 +135,7 @@ def test_run_all_writes_a_document_with_tables(tmp_path):
     sizes = {
         "throughput": {"cpu_rows": [{"arch": "esm2_t2_tiny", "threads": 1}], "cuda_archs": ["esm2_t2_tiny"],
                        "settings": dict(TINY), "cuda_settings": {}},
-        "aggregation": {"sizes": (480,), "sites": (2,)},
+        "aggregation": {"sizes": (480,), "sites": (2,), "models": (320,), "reps": 2, "model_reps": 1, "threads": 1},
         "comm": {"archs": ["esm2_t2_tiny"], "measure_full_max_params": 1e9},
     }
     threads = torch.get_num_threads()
@@ -145,10 +145,15 @@ def test_run_all_writes_a_document_with_tables(tmp_path):
     assert doc["sections"] == ["throughput", "aggregation", "comm"]
     assert set(doc["results"]) == {"throughput", "aggregation", "comm"}
     assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["cpu_count"] >= 1
-    assert doc["results"]["aggregation"]["rows"][0]["speedup"] > 0
+    agg = doc["results"]["aggregation"]
+    assert agg["rows"][0]["speedup"] > 0 and agg["rows"][0]["peer_over_ours"] > 0
+    assert agg["rows"][0]["rel_max_diff"] < 1e-4 and agg["rows"][0]["peer_rel_max_diff"] < 1e-4
+    assert agg["models"][0]["arch"] == "esm2_t6_8M_UR50D" and agg["models"][0]["n_matrices"] == 18
+    assert agg["models"][0]["ours_vs_peer_rel_diff"] < 1e-4  # both merge the same model to the same update
     json.dumps(doc)  # serializable as written to results.json
     md = run_bench.to_markdown(doc)
-    for title in ("## 1. Local training throughput", "## 2. FRA-LoRA aggregation", "## 3. Communication"):
+    for title in ("## 1. Local training throughput", "## 2. FRA-LoRA aggregation", "## 3. Communication",
+                  "Whole model"):
         assert title in md
     assert "| esm2_t2_tiny |" in md
     lines = run_bench.summary_lines(doc)
