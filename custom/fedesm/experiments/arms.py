@@ -151,7 +151,7 @@ def run_central(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, arm_di
     start = time.perf_counter()
     with forward_log("fedesm.training.centralized", echo, f"{prefix} "):
         rows = run_centralized(pooled, heldout["val"], backbone, arm_dir, t, s.lora, arm=arm.id, progress=False,
-                               tensorboard=False)
+                               tensorboard=False, attention=s.model.attention)
     eps = _central_epsilon(t, len(pooled))
     held = []
     for r in rows[:-1] if heldout.get("test") else rows:

@@ -94,7 +94,8 @@ def run_experiments(cfg: ExperimentConfig, out_dir, only: Optional[list[str]] = 
     heldout = heldout_data(next(iter(split_dirs.values())))
     from fedesm.evaluation.scoring import AdapterEvaluator
 
-    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=cfg.seed, device=cfg.runtime["device"])
+    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=cfg.seed, device=cfg.runtime["device"],
+                                 attention=cfg.model.attention)
     failures = []
     for exp in cfg.experiments:
         exp_dir = out / exp.id

@@ -89,7 +89,7 @@ class EsmLoraExecutor(Executor):
                                  endpoint_url=cfg.s3_endpoint_url)
         training = self.settings.training
         model = build_lora_model(backbone, self.settings.lora, num_labels=self.settings.model.num_labels,
-                                 seed=training.seed)
+                                 seed=training.seed, attention=self.settings.model.attention)
         training = replace(training, device=cfg.device, rounds=num_rounds or training.rounds)
         self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
         self.num_rounds = num_rounds

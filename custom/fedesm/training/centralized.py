@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_source: str, out_dir,
                     config: TrainConfig, lora: Optional[LoraSettings] = None, arm: str = "centralized",
-                    progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None) -> list[dict]:
+                    progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None,
+                    attention: Optional[str] = None) -> list[dict]:
     """Train for `config.rounds` rounds of `config.steps_per_round` steps; evaluate on `val` after each.
 
     Writes `metrics.jsonl`/`metrics.csv` (round 0 = before training), TensorBoard events under `tb/`,
@@ -33,7 +34,7 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or LoraSettings()
     backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
-    model = build_lora_model(backbone, lora, seed=config.seed)
+    model = build_lora_model(backbone, lora, seed=config.seed, attention=attention)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
     table = TableLog(out / "metrics.jsonl")
     writer = None
