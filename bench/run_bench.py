@@ -1,6 +1,7 @@
 """`make bench`: what a federated round costs, measured in one run and written as ratios.
 
   throughput   residues/s of the client executor's training loop vs a plain PyTorch + PEFT loop
+  attention    fused vs stock attention (and activation checkpointing) in that loop: residues/s, peak memory
   aggregation  FRA-LoRA vs NVFLARE's HLoRA-style peer and a dense SVD, per matrix and per model (bench_aggregation)
   comm         bytes per site per round: LoRA adapters + head vs the full model, fp32 and fp16
   fp16         global F1 of a simulated federated run with float32 vs float16 transfer
@@ -34,11 +35,12 @@ if str(HERE) not in sys.path:  # the sibling bench modules, when run as a script
 import torch  # noqa: E402
 
 import bench_aggregation  # noqa: E402
+import bench_attention  # noqa: E402
 import bench_comm  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_throughput  # noqa: E402
 
-SECTIONS = ("throughput", "aggregation", "comm", "fp16", "overhead")
+SECTIONS = ("throughput", "attention", "aggregation", "comm", "fp16", "overhead")
 
 # Sizes of the full run (<= ~20 min on 2 shared cores) and of --quick (~2-3 min).
 FULL = {
@@ -52,6 +54,19 @@ FULL = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 2},
                    "cuda_settings": {"batch_size": 8, "min_len": 800, "max_len": 1000, "steps": 5, "reps": 10,
                                      "warmup": 3}},
+    # batch 2 (the second chain 75% long: padded), one optimizer step per repetition, one thread (steady
+    # on a shared 2-core machine); on CUDA the paper's shape: batch 8 x 1,000 residues, bf16 autocast.
+    "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 64, "reps": 15, "threads": 1},
+                               {"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 9, "threads": 1},
+                               {"arch": "esm2_t6_8M_UR50D", "length": 1000, "reps": 5, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 64, "reps": 15, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 256, "reps": 7, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 1000, "reps": 5, "threads": 1,
+                                "arms": ("stock", "fused", "fused+ckpt")}],
+                  "cuda_rows": [{"arch": a, "length": 1000, "batch_size": 8, "reps": 10, "warmup": 3,
+                                 "arms": ("stock", "fused", "fused+ckpt") if big else ("stock", "fused")}
+                                for a, big in (("esm2_t6_8M_UR50D", False), ("esm2_t12_35M_UR50D", False),
+                                               ("esm2_t30_150M_UR50D", True), ("esm2_t33_650M_UR50D", True))]},
     # one thread: LAPACK with 2 threads on a shared 2-core machine swings by 10x between repetitions
     "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32), "models": (480, 1280), "threads": 1},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 2e8},
@@ -67,6 +82,8 @@ QUICK = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 1},
                    "cuda_settings": {"batch_size": 8, "min_len": 400, "max_len": 500, "steps": 3, "reps": 4,
                                      "warmup": 2}},
+    "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 3, "threads": 1}],
+                  "cuda_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 1000, "batch_size": 8, "reps": 4}]},
     "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
                     "model_reps": 3},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 4e7},
@@ -169,6 +186,11 @@ class Bench:
                 "min_ratio": bench_throughput.MIN_RATIO,
                 "all_ok": all(r.get("ok", True) for r in rows)}
 
+    def attention(self) -> dict:
+        cfg = self.sizes["attention"]
+        rows = bench_attention.run(cfg.get("cpu_rows", ()), cfg.get("cuda_rows", ()), echo=self.echo)
+        return {"rows": rows, "table": bench_attention.format_table(rows)}
+
     def aggregation(self) -> dict:
         cfg = dict(self.sizes["aggregation"])
         threads = cfg.pop("threads", None)
@@ -221,6 +243,24 @@ def _brief(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "metrics_rows"}
 
 
+def merge_documents(old: dict, new: dict) -> dict:
+    """``old`` with the sections ``new`` ran replaced; each section keeps the machine and date it was measured on."""
+    runs = dict(old.get("section_runs") or {s: _run_info(old) for s in old.get("sections", [])})
+    runs.update({s: _run_info(new) for s in new["sections"]})
+    merged = dict(old)
+    merged["results"] = {**old.get("results", {}), **new["results"]}
+    merged["sections"] = [s for s in SECTIONS if s in merged["results"]]
+    merged["section_runs"] = {s: runs[s] for s in merged["sections"] if s in runs}
+    return merged
+
+
+def _run_info(doc: dict) -> dict:
+    m = doc["machine"]
+    return {"date": m["date"], "git_commit": m["git_commit"], "quick": doc.get("quick", False),
+            "torch_threads": m["torch_threads"], "cuda": m["cuda"], "load_average_start": m["load_average_start"],
+            "total_seconds": doc.get("total_seconds")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +281,14 @@ def to_markdown(doc: dict) -> str:
         "the machine was shared with other jobs, so absolute times are pessimistic; ratios are what to read.",
         "",
     ]
+    runs = doc.get("section_runs") or {}
+    later = {s: x for s, x in runs.items() if x["date"] != m["date"]}
+    if later:
+        out += ["Merged results (`--merge`): " + "; ".join(
+            f"section {s} re-measured on {x['date']} (commit {x['git_commit'] or '?'}, {x['torch_threads']} torch "
+            f"threads, GPU {x['cuda'] or 'none'}, load average at start {x['load_average_start']}, "
+            f"{x['total_seconds']:.0f} s for the run)" for s, x in later.items())
+            + "; every other section is from the run above.", ""]
     r = doc["results"]
     if "throughput" in r:
         t = r["throughput"]
@@ -258,6 +306,8 @@ def to_markdown(doc: dict) -> str:
                            "plain res/s", "ratio", "pairs", "CPU-time ratio", "spread ours/plain",
                            "peak MiB ours/plain", "load"],
                           [_throughput_cells(row, t) for row in t["rows"]]), ""]
+    if "attention" in r:
+        out += _attention_markdown(r["attention"])
     if "aggregation" in r:
         a = r["aggregation"]
         out += ["## 2. FRA-LoRA aggregation vs NVFLARE's HLoRA-style peer and a dense SVD (server, per round)", "",
@@ -375,6 +425,36 @@ def to_markdown(doc: dict) -> str:
     return "\n".join(out)
 
 
+def _attention_markdown(att: dict) -> list[str]:
+    rows = []
+    for x in att["rows"]:
+        if "skipped" in x:
+            rows.append([x["arch"], x["device"], x.get("length") or "", "skipped: " + x["skipped"]] + [""] * 8)
+            continue
+        for arm in x["arms"]:
+            mem = x.get("memory", {}).get(arm, {}).get("peak_above_resident_mib")
+            rows.append([x["arch"], x["device"], x["length"], f"{x['batch_size']} ({x['residues_per_batch']} res.)",
+                         x["precision"], x["threads"], arm, f"{x['residues_per_s'][arm]:.1f}",
+                         f"**{x['ratio_vs_stock'][arm]:.2f}x**" if arm in x.get("ratio_vs_stock", {}) else "-",
+                         f"{x['spread'][arm]:.2f}", _fmt(mem, 0),
+                         f"**{x['memory_ratio_vs_stock'][arm]:.2f}x**" if arm in x.get("memory_ratio_vs_stock", {})
+                         else "-"])
+    return ["## 1b. Fused vs stock attention, and activation checkpointing (site training)", "",
+            "From `bench/bench_attention.py`: one `LocalTrainer` per arm on separate copies of the same random-init "
+            "weights (LoRA r=16 on q,k,v), all fed one fixed batch (the last chain 75% long, so padded). `stock` = "
+            "fair-esm's attention (explicit fp32 softmax over every head's L x L weights), `fused` = "
+            "`scaled_dot_product_attention` (the default, `model.attention`), `fused+ckpt` = fused with "
+            "`training.activation_checkpointing`. One optimizer step per repetition, repetitions interleaved (order "
+            "reversed every other one); residues/s = labelled residues / wall seconds, medians; x stock = arm / "
+            "stock. Peak memory: CUDA `max_memory_allocated` above what was resident; CPU the peak resident set "
+            "size of the arm's steps in a fresh process above what was resident before them (VmHWM - VmRSS). "
+            "Every arm's logits on the batch were compared before timing: max |difference| vs stock "
+            + ", ".join(f"{x['arch']}/{x['length']}: {x['max_abs_logit_diff_vs_stock']:.1e}" for x in att["rows"]
+                        if x.get("max_abs_logit_diff_vs_stock") is not None) + ".", "",
+            _md_table(["arch", "device", "length", "batch", "precision", "threads", "arm", "residues/s", "x stock",
+                       "spread", "peak MiB", "memory x stock"], rows), ""]
+
+
 def _fmt(v, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -467,6 +547,12 @@ def summary_lines(doc: dict) -> list[str]:
             cpu = f", CPU time {row['cpu_time_ratio']:.3f}" if row["device"] == "cpu" else ""
             lines.append(f"throughput {row['arch']} ({row['device']}, {row['threads']} thread(s)): ours/plain = "
                          f"{row['ratio']:.3f}{cpu} ({'ok' if row['ok'] else 'BELOW ' + str(row['min_ratio'])})")
+    for row in r.get("attention", {}).get("rows", []):
+        if "skipped" not in row:
+            mem = row.get("memory_ratio_vs_stock", {})
+            lines.append(f"attention {row['arch']} {row['device']} {row['length']} residues: " + ", ".join(
+                f"{arm} {ratio:.2f}x stock residues/s" + (f", {mem[arm]:.2f}x memory" if arm in mem else "")
+                for arm, ratio in row.get("ratio_vs_stock", {}).items()))
     for row in r.get("aggregation", {}).get("rows", []):
         lines.append(f"aggregation d={row['d']} K={row['sites']} ({row['route']}): {row['ours_ms']:.2f} ms per matrix, "
                      f"peer/ours {row['peer_over_ours']:.2f}x, dense/ours {row['speedup']:.1f}x, "
@@ -506,6 +592,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="leave these sections out")
     p.add_argument("--work-dir", help="keep simulator runs here (default: a temporary folder, removed after)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the in-process sections (default: torch's)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections of an existing --out and replace only the ones run now "
+                        "(results.md then says which sections come from which run)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -514,6 +603,8 @@ def main(argv=None) -> int:
         p.error("no section left to run")
     doc = run_all(sections, quick=args.quick, work_dir=args.work_dir)
     out = Path(args.out)
+    if args.merge and out.exists():
+        doc = merge_documents(json.loads(out.read_text()), doc)
     md_path = Path(args.md) if args.md else out.with_suffix(".md")
     _write_atomic(out, json.dumps(doc, indent=1) + "\n")
     _write_atomic(md_path, to_markdown(doc) + "\n")
