@@ -114,8 +114,9 @@ def _normalise_weights(weights: Sequence[float], n: int) -> np.ndarray:
 ROUTES = ("auto", "factored", "dense")
 
 # ``auto`` forms the dense d_out x d_in average once the stacked rank m = K*r (+ residual) reaches
-# this fraction of min(d_out, d_in): there the two QRs of the stacks cost more than forming the
-# product, and both routes end in an eigenproblem of the same size (bench/results.md, section 2).
+# this fraction of min(d_out, d_in): there the QR of the A stack costs more than forming the
+# product, and both routes end in an eigenproblem of about the same size (measured: the factored
+# route is faster up to m ~ 0.8 d, the dense one from m ~ d; bench/results.md, section 2).
 DENSE_FROM = 0.9
 
 # Pairs of one shape are re-factored together in batches of at most this many bytes of stacked
@@ -150,15 +151,19 @@ def _top_svd(x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch
     p, q = x.shape[-2], x.shape[-1]
     n = min(p, q) if k is None else min(k, p, q)
     tiny = torch.finfo(x.dtype).tiny
+    scale = x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=tiny)
+    x = x / scale  # the Gram squares magnitudes: keep them far from under- and overflow
     if q <= p:
         v = torch.linalg.eigh(x.transpose(-1, -2) @ x)[1][..., -n:].flip(-1)  # eigh sorts ascending
         left = x @ v  # U S
         s = torch.linalg.vector_norm(left, dim=-2)
-        return left / s.clamp(min=tiny).unsqueeze(-2), s, v.transpose(-1, -2)  # s = 0: a zero column
-    u = torch.linalg.eigh(x @ x.transpose(-1, -2))[1][..., -n:].flip(-1)
-    right = u.transpose(-1, -2) @ x  # S Vt
-    s = torch.linalg.vector_norm(right, dim=-1)
-    return u, s, right / s.clamp(min=tiny).unsqueeze(-1)
+        u, vt = left / s.clamp(min=tiny).unsqueeze(-2), v.transpose(-1, -2)  # s = 0: a zero column
+    else:
+        u = torch.linalg.eigh(x @ x.transpose(-1, -2))[1][..., -n:].flip(-1)
+        right = u.transpose(-1, -2) @ x  # S Vt
+        s = torch.linalg.vector_norm(right, dim=-1)
+        vt = right / s.clamp(min=tiny).unsqueeze(-1)
+    return u, s * scale.squeeze(-1), vt
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -452,3 +452,13 @@ def test_fra_ef_on_the_dense_route_loses_nothing(monkeypatch):
     residual = state.residual_matrix("m.layers.0.self_attn.q_proj")
     assert rel(recon + residual, exact) < 1e-5 and rel(recon, exact) > 1e-2
     assert state.residuals["m.layers.0.self_attn.q_proj"][0].dtype == np.float64
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e20])
+def test_float32_keeps_tiny_and_huge_updates(scale):
+    """The Gram matrix squares magnitudes; float32 must still re-factor updates far from 1."""
+    rng = np.random.default_rng(26)
+    low = [(a.astype(np.float32), (scale * b).astype(np.float32)) for a, b in _low_rank_factors(rng, K, R, D, D)]
+    a_new, b_new = fra_lora(low, [1.0, 2.0, 3.0], R)
+    prod = b_new.astype(np.float64) @ a_new.astype(np.float64)
+    assert np.all(np.isfinite(prod)) and rel(prod, dense_average(low, [1.0, 2.0, 3.0])) < 1e-5
