@@ -8,8 +8,9 @@ per adapted matrix and for all adapted matrices of an ESM-2 model, measured side
   description (``peer_hlora``): torch float32, sqrt(w)-scaled factors concatenated, ``torch.linalg.qr``
   of both stacks, SVD of the small core, S into A, one call per matrix; a model = a Python loop over
   its matrices. It gets ready-made torch tensors (no conversion), which favours it.
-* dense: the weighted average formed as a d x d float32 matrix, full SVD, top r kept. Per-model
-  dense times are per-matrix time x matrices (timing 108 dense SVDs at d=2560 would take minutes).
+* dense: the weighted average formed as a d x d float32 matrix, full SVD, top r kept. A whole model's
+  dense time is measured (interleaved with the others) up to d = 640 (150M) and estimated above
+  (per-matrix time x matrices: 99 dense SVDs at d=1280 take minutes).
 
 Repetitions of ours and the peer are interleaved (ours, peer, peer, ours, ...); times are medians,
 spread = (max - min) / median. Accuracy: max |B A - reference| against a float64 dense SVD.
@@ -69,17 +70,20 @@ def _site_factors(rng, k: int, d: int, rank: int):
              (0.01 * rng.standard_normal((d, rank))).astype(np.float32)) for _ in range(k)]
 
 
-def _interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, repetitions interleaved (A B, B A, ...) after one warm-up call."""
+def _interleaved(fns: dict, reps: int, cpu: dict | None = None) -> dict[str, list[float]]:
+    """Wall seconds per call of each function, repetitions interleaved (A B, B A, ...) after one warm-up
+    call; process CPU seconds go to ``cpu`` (not counting time spent waiting for a core)."""
     for fn in fns.values():
         fn()
     names = list(fns)
     times = {n: [] for n in names}
     for rep in range(reps):
         for n in (names if rep % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(n, []).append(time.process_time() - c0)
     return times
 
 
@@ -100,8 +104,9 @@ def matrix_row(d: int, k: int, rank: int, rng, reps: int, dense_reps: int) -> di
     weights = rng.uniform(0.5, 1.5, k)
     a_t = [torch.from_numpy(a) for a, _ in factors]
     b_t = [torch.from_numpy(b) for _, b in factors]
+    cpu: dict = {}
     times = _interleaved({"ours": lambda: fra_lora(factors, weights, rank),
-                          "peer": lambda: peer_hlora(a_t, b_t, weights, rank)}, reps)
+                          "peer": lambda: peer_hlora(a_t, b_t, weights, rank)}, reps, cpu)
     dense_times = _interleaved({"dense": lambda: dense_svd(a_t, b_t, weights, rank)}, dense_reps)["dense"]
     ref = _product(*dense_svd(a_t, b_t, weights, rank, dtype=torch.float64))
     scale = float(np.max(np.abs(ref)))
@@ -119,6 +124,7 @@ def matrix_row(d: int, k: int, rank: int, rng, reps: int, dense_reps: int) -> di
         "ours_spread": _spread(times["ours"]), "peer_spread": _spread(times["peer"]),
         "peer_over_ours": peer / ours, "speedup": dense / ours,
         "pair_ratios_median": statistics.median(p / o for p, o in zip(times["peer"], times["ours"])),
+        "ours_cpu_ms": 1e3 * statistics.median(cpu["ours"]), "peer_cpu_ms": 1e3 * statistics.median(cpu["peer"]),
         "n_matrices": n, "dense_s_model_est": dense * n if n else None,
         "max_abs_diff": diff["ours"], "rel_max_diff": diff["ours"] / scale,
         "peer_rel_max_diff": diff["peer"] / scale, "dense_fp32_rel_max_diff": diff["dense"] / scale,
@@ -154,14 +160,32 @@ def peer_model(states_t: list[dict[str, torch.Tensor]], weights, rank: int) -> d
     return out
 
 
+DENSE_MODEL_MAX_D = 640  # whole-model dense SVDs are timed up to this size, estimated above
+
+
+def dense_model(states_t: list[dict[str, torch.Tensor]], weights, rank: int) -> dict[str, torch.Tensor]:
+    """The dense reference on a whole model: a float32 d x d average + full SVD per matrix."""
+    out = {}
+    for key in states_t[0]:
+        if key.endswith(".lora_A.weight"):
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            out[key], out[b_key] = dense_svd([s[key] for s in states_t], [s[b_key] for s in states_t], weights, rank)
+    return out
+
+
 def model_row(d: int, k: int, rank: int, rng, reps: int, dense_ms: float | None = None) -> dict:
-    """A whole model's aggregation: ours (one `aggregate` call) vs the peer's loop, interleaved."""
+    """A whole model's aggregation: ours (one `aggregate` call) vs the peer's loop (and the dense one up to
+    DENSE_MODEL_MAX_D), interleaved."""
     arch, n = MODELS[d]
     states = model_states(rng, d, n, k, rank)
     states_t = [{key: torch.from_numpy(v) for key, v in st.items()} for st in states]
     weights = rng.uniform(0.5, 1.5, k)
-    times = _interleaved({"ours": lambda: aggregate(states, weights, "fra", rank=rank),
-                          "peer": lambda: peer_model(states_t, weights, rank)}, reps)
+    fns = {"ours": lambda: aggregate(states, weights, "fra", rank=rank),
+           "peer": lambda: peer_model(states_t, weights, rank)}
+    if d <= DENSE_MODEL_MAX_D:
+        fns["dense"] = lambda: dense_model(states_t, weights, rank)
+    cpu: dict = {}
+    times = _interleaved(fns, reps, cpu)
     ours_out, peer_out = aggregate(states, weights, "fra", rank=rank), peer_model(states_t, weights, rank)
     key = next(iter(states[0]))
     b_key = key.replace(".lora_A.", ".lora_B.")
@@ -174,6 +198,9 @@ def model_row(d: int, k: int, rank: int, rng, reps: int, dense_ms: float | None 
         "ours_spread": _spread(times["ours"]), "peer_spread": _spread(times["peer"]),
         "pair_ratios_median": statistics.median(p / o for p, o in zip(times["peer"], times["ours"])),
         "dense_s_est": dense_ms * n / 1e3 if dense_ms else None,
+        "dense_s": statistics.median(times["dense"]) if "dense" in times else None,
+        "cpu_s": {name: statistics.median(v) for name, v in cpu.items()},
+        "dense_over_ours": statistics.median(times["dense"]) / ours if "dense" in times else None,
         "ours_vs_peer_rel_diff": float(np.max(np.abs(p_ours - p_peer)) / np.max(np.abs(p_peer))),
         "ours_s_all": times["ours"], "peer_s_all": times["peer"],
     }
@@ -201,15 +228,17 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['d']:>5} {r['sites']:>3} {r['route']:>8} | {r['ours_ms']:>8.2f} {r['peer_ms']:>8.2f} "
                      f"{r['dense_ms']:>9.1f} | {r['peer_over_ours']:>8.2f}x {r['speedup']:>9.1f}x | "
                      f"{r['ours_spread']:>5.2f}/{r['peer_spread']:<5.2f} | {r['rel_max_diff']:>8.1e}")
-    head = (f"{'model':<20} {'mats':>4} {'K':>3} {'route':>8} | {'ours s':>7} {'peer s':>7} {'dense s*':>8} | "
-            f"{'peer/ours':>9} | {'spread o/p':>11}")
+    head = (f"{'model':<20} {'mats':>4} {'K':>3} {'route':>8} | {'ours s':>7} {'peer s':>7} {'dense s':>8} | "
+            f"{'peer/ours':>9} {'dense/ours':>10} | {'spread o/p':>11}")
     lines += ["", "whole model (one aggregate() call vs the peer's loop over matrices):", head, "-" * len(head)]
     for r in result.get("models", []):
-        dense = f"{r['dense_s_est']:>8.2f}" if r["dense_s_est"] else f"{'-':>8}"
+        dense_s = r.get("dense_s") or r["dense_s_est"]
+        dense = (f"{dense_s:>7.2f}" + ("" if r.get("dense_s") else "*")) if dense_s else f"{'-':>8}"
+        ratio = (f"{dense_s / r['ours_s']:>9.1f}x") if dense_s else f"{'-':>10}"
         lines.append(f"{r['arch']:<20} {r['n_matrices']:>4} {r['sites']:>3} {r['route']:>8} | {r['ours_s']:>7.3f} "
-                     f"{r['peer_s']:>7.3f} {dense} | {r['peer_over_ours']:>8.2f}x | "
+                     f"{r['peer_s']:>7.3f} {dense:>8} | {r['peer_over_ours']:>8.2f}x {ratio} | "
                      f"{r['ours_spread']:>5.2f}/{r['peer_spread']:<5.2f}")
-    lines.append("* dense per model = per-matrix dense SVD time x matrices; medians of interleaved repetitions")
+    lines.append("* estimated: per-matrix dense SVD time x matrices; the rest are medians of interleaved repetitions")
     return "\n".join(lines)
 
 

@@ -332,13 +332,19 @@ def to_markdown(doc: dict) -> str:
         if a.get("models"):
             out += ["Whole model (all q, k, v LoRA pairs of the architecture + the head; ours = one `aggregate` "
                     "call on the sites' numpy state dicts, peer = its per-matrix merge in a loop over the same "
-                    "matrices; dense = per-matrix dense SVD time x matrices, estimated):", "",
-                    _md_table(["model", "matrices", "sites", "route", "ours s", "peer s", "peer / ours",
-                               "dense s (est.)", "spread ours / peer", "reps"],
+                    "matrices; ours CPU s = process CPU time of the same calls, which leaves out waiting for a core "
+                    "on a loaded machine; dense = a float32 d x d SVD per matrix, in the same interleaved loop up to d = 640, "
+                    "above that per-matrix time x matrices, marked est.):", "",
+                    _md_table(["model", "matrices", "sites", "route", "ours s", "ours CPU s", "peer s", "peer / ours",
+                               "dense s", "dense / ours", "spread ours / peer", "reps"],
                               [[x["arch"], x["n_matrices"], x["sites"], x["route"], f"{x['ours_s']:.3f}",
+                                _fmt(x.get("cpu_s", {}).get("ours"), 3),
                                 f"{x['peer_s']:.3f}", f"**{x['peer_over_ours']:.2f}x**",
-                                _fmt(x.get("dense_s_est"), 2), f"{x['ours_spread']:.2f} / {x['peer_spread']:.2f}",
-                                x["reps"]] for x in a["models"]]), ""]
+                                _fmt(x.get("dense_s"), 2) if x.get("dense_s") else
+                                _fmt(x.get("dense_s_est"), 2) + " est.",
+                                f"{(x.get('dense_s') or x.get('dense_s_est') or 0) / x['ours_s']:.1f}x",
+                                f"{x['ours_spread']:.2f} / {x['peer_spread']:.2f}", x["reps"]]
+                               for x in a["models"]]), ""]
     if "comm" in r:
         c = r["comm"]
         out += ["## 3. Communication per site per round", "",

@@ -152,6 +152,7 @@ def test_run_all_writes_a_document_with_tables(tmp_path):
     assert agg["rows"][0]["rel_max_diff"] < 1e-4 and agg["rows"][0]["peer_rel_max_diff"] < 1e-4
     assert agg["models"][0]["arch"] == "esm2_t6_8M_UR50D" and agg["models"][0]["n_matrices"] == 18
     assert agg["models"][0]["ours_vs_peer_rel_diff"] < 1e-4  # both merge the same model to the same update
+    assert agg["models"][0]["dense_s"] > 0 and agg["models"][0]["cpu_s"]["ours"] > 0  # d=320: dense timed too
     json.dumps(doc)  # serializable as written to results.json
     md = run_bench.to_markdown(doc)
     for title in ("## 1. Local training throughput", "## 1b. Fused vs stock attention", "## 2. FRA-LoRA aggregation",
