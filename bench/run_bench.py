@@ -333,8 +333,8 @@ def to_markdown(doc: dict) -> str:
             out += ["Whole model (all q, k, v LoRA pairs of the architecture + the head; ours = one `aggregate` "
                     "call on the sites' numpy state dicts, peer = its per-matrix merge in a loop over the same "
                     "matrices; ours CPU s = process CPU time of the same calls, which leaves out waiting for a core "
-                    "on a loaded machine; dense = a float32 d x d SVD per matrix, in the same interleaved loop up to d = 640, "
-                    "above that per-matrix time x matrices, marked est.):", "",
+                    "on a loaded machine; dense = a float32 d x d SVD per matrix, in the same interleaved loop up "
+                    "to d = 640, above that per-matrix time x matrices, marked est.):", "",
                     _md_table(["model", "matrices", "sites", "route", "ours s", "ours CPU s", "peer s", "peer / ours",
                                "dense s", "dense / ours", "spread ours / peer", "reps"],
                               [[x["arch"], x["n_matrices"], x["sites"], x["route"], f"{x['ours_s']:.3f}",
