@@ -141,8 +141,9 @@ def model_states(rng, d: int, n_matrices: int, k: int, rank: int) -> list[dict[s
             prefix = f"base_model.model.esm.layers.{j // 3}.self_attn.{('q_proj', 'k_proj', 'v_proj')[j % 3]}"
             st[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, d)) / np.sqrt(d)).astype(np.float32)
             st[f"{prefix}.lora_B.weight"] = (0.01 * rng.standard_normal((d, rank))).astype(np.float32)
-        st["base_model.model.classifier.modules_to_save.default.weight"] = rng.standard_normal((2, d)).astype(np.float32)
-        st["base_model.model.classifier.modules_to_save.default.bias"] = rng.standard_normal(2).astype(np.float32)
+        head = "base_model.model.classifier.modules_to_save.default"
+        st[f"{head}.weight"] = rng.standard_normal((2, d)).astype(np.float32)
+        st[f"{head}.bias"] = rng.standard_normal(2).astype(np.float32)
         states.append(st)
     return states
 
