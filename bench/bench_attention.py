@@ -31,6 +31,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # run as a script: the sibling bench modules
+    sys.path.insert(0, str(HERE))
+
+from bench_throughput import _load, _sync, with_threads  # noqa: E402
 ARMS = ("stock", "fused", "fused+ckpt")
 
 
@@ -94,20 +98,9 @@ def _trainer(arm: str, s: AttentionSettings):
     return trainer
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def compare(s: AttentionSettings) -> dict:
     """Residues/s of each arm (interleaved), the logits' agreement, and peak memory per arm."""
-    before = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    try:
-        return _compare(s)
-    finally:
-        torch.set_num_threads(before)
+    return with_threads(s.threads, _compare, s)
 
 
 def _compare(s: AttentionSettings) -> dict:
@@ -201,13 +194,6 @@ def _peak_rss_child(arm: str, s: AttentionSettings) -> dict:
     trainer.train_steps(max(1, s.warmup))
     peak = _status_mib("VmHWM")
     return {"resident_mib": resident, "peak_rss_mib": peak, "peak_above_resident_mib": max(0.0, peak - resident)}
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def run(cpu_rows=(), cuda_rows=(), echo=None) -> list[dict]:
