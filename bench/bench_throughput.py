@@ -112,15 +112,20 @@ def _count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def compare(s: ThroughputSettings) -> dict:
-    """Time both loops on `s.arch`; residues/s per repetition, medians, ratio, and peak memory on CUDA."""
+def with_threads(threads: int | None, fn, *args):
+    """``fn(*args)`` with torch's CPU threads set to ``threads`` (when given), restored afterwards."""
     before = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        return _compare(s)
+        return fn(*args)
     finally:
         torch.set_num_threads(before)
+
+
+def compare(s: ThroughputSettings) -> dict:
+    """Time both loops on `s.arch`; residues/s per repetition, medians, ratio, and peak memory on CUDA."""
+    return with_threads(s.threads, _compare, s)
 
 
 def _compare(s: ThroughputSettings) -> dict:

@@ -6,6 +6,9 @@ CI has no GPU, so this runs by hand where one is (`python bench/cuda_check.py --
   length buckets: the executor's CUDA defaults): residues/s over timed steps, peak GPU memory, loss
   finite; the trainable-parameter count (553,922 for 35M);
   bf16 on CUDA vs fp32 on CPU: probabilities of the same model on the same chains (tiling included);
+  fused vs stock attention (bench/bench_attention.py) at batch 8 x 1,000 residues, bf16: residues/s and
+  peak memory of each arm, fused + activation checkpointing for 150M and 650M, against the targets
+  (650M: >= 1.5x the stock throughput, <= 0.6x its peak memory);
   optionally (--train-steps N): a longer centralized run of one architecture on GPSite ATP, scored on
   the ATP test split beside the sequence-only baseline, to see where a random-init backbone gets.
 """
@@ -23,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "custom"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from fedesm.data.validate import load_dataset  # noqa: E402
 from fedesm.model.adapters import build_lora_model, count_parameters  # noqa: E402
@@ -71,6 +75,30 @@ def agreement(arch: str, records) -> dict:
             "pearson_bf16_vs_fp32": float(np.corrcoef(cpu, gpu)[0, 1])}
 
 
+ATTENTION_TARGETS = {"esm2_t33_650M_UR50D": {"min_throughput_ratio": 1.5, "max_memory_ratio": 0.6}}
+
+
+def attention(archs, reps: int = 10) -> list[dict]:
+    """Fused vs stock (and fused + checkpointing from 150M) in the training loop at batch 8 x 1,000, bf16."""
+    import bench_attention
+
+    big = {"esm2_t30_150M_UR50D", "esm2_t33_650M_UR50D", "esm2_t36_3B_UR50D"}
+    rows = []
+    for arch in archs:
+        arms = ("stock", "fused", "fused+ckpt") if arch in big else ("stock", "fused")
+        row = bench_attention.compare(bench_attention.AttentionSettings(
+            arch=arch, device="cuda", length=1000, batch_size=8, reps=reps, warmup=3, arms=arms, memory=False))
+        target = ATTENTION_TARGETS.get(arch)
+        if target:
+            row["targets"] = target
+            row["targets_met"] = (row["ratio_vs_stock"]["fused"] >= target["min_throughput_ratio"]
+                                  and row["memory_ratio_vs_stock"]["fused"] <= target["max_memory_ratio"])
+        rows.append(row)
+        print(bench_attention.format_table([row], header=len(rows) == 1), flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def long_run(arch: str, train, test, steps: int, lr: float) -> dict:
     from fedesm.data.split import split_records
     from fedesm.evaluation.reference import reference_scores
@@ -105,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-arch", default="esm2_t12_35M_UR50D")
     p.add_argument("--train-steps", type=int, default=0, help="steps of the longer real-data run (0: skip)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--no-attention", action="store_true", help="skip the fused vs stock attention comparison")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
@@ -117,6 +146,8 @@ def main(argv=None) -> int:
     long_chains = sorted(test, key=len)[-6:] + sorted(test, key=len)[:6]  # incl. chains > 1,000 residues (tiled)
     results["agreement"] = agreement("esm2_t6_8M_UR50D", long_chains)
     print(json.dumps(results["agreement"]), flush=True)
+    if not args.no_attention:
+        results["attention"] = attention(args.archs)
     if args.train_steps:
         results["long_run"] = long_run(args.train_arch, train, test, args.train_steps, args.lr)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """`make bench`: what a federated round costs, measured in one run and written as ratios.
 
   throughput   residues/s of the client executor's training loop vs a plain PyTorch + PEFT loop
-  aggregation  FRA-LoRA (QR + small SVD) vs a dense SVD of the averaged update (bench_aggregation)
+  attention    fused vs stock attention (and activation checkpointing) in that loop: residues/s, peak memory
+  aggregation  FRA-LoRA vs NVFLARE's HLoRA-style peer and a dense SVD, per matrix and per model (bench_aggregation)
   comm         bytes per site per round: LoRA adapters + head vs the full model, fp32 and fp16
   fp16         global F1 of a simulated federated run with float32 vs float16 transfer
   overhead     a simulator round's wall time: local training vs everything else
@@ -34,11 +35,12 @@ if str(HERE) not in sys.path:  # the sibling bench modules, when run as a script
 import torch  # noqa: E402
 
 import bench_aggregation  # noqa: E402
+import bench_attention  # noqa: E402
 import bench_comm  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_throughput  # noqa: E402
 
-SECTIONS = ("throughput", "aggregation", "comm", "fp16", "overhead")
+SECTIONS = ("throughput", "attention", "aggregation", "comm", "fp16", "overhead")
 
 # Sizes of the full run (<= ~20 min on 2 shared cores) and of --quick (~2-3 min).
 FULL = {
@@ -52,7 +54,21 @@ FULL = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 2},
                    "cuda_settings": {"batch_size": 8, "min_len": 800, "max_len": 1000, "steps": 5, "reps": 10,
                                      "warmup": 3}},
-    "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32)},
+    # batch 2 (the second chain 75% long: padded), one optimizer step per repetition, one thread (steady
+    # on a shared 2-core machine); on CUDA the paper's shape: batch 8 x 1,000 residues, bf16 autocast.
+    "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 64, "reps": 15, "threads": 1},
+                               {"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 9, "threads": 1},
+                               {"arch": "esm2_t6_8M_UR50D", "length": 1000, "reps": 5, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 64, "reps": 15, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 256, "reps": 7, "threads": 1},
+                               {"arch": "esm2_t12_35M_UR50D", "length": 1000, "reps": 5, "threads": 1,
+                                "arms": ("stock", "fused", "fused+ckpt")}],
+                  "cuda_rows": [{"arch": a, "length": 1000, "batch_size": 8, "reps": 10, "warmup": 3,
+                                 "arms": ("stock", "fused", "fused+ckpt") if big else ("stock", "fused")}
+                                for a, big in (("esm2_t6_8M_UR50D", False), ("esm2_t12_35M_UR50D", False),
+                                               ("esm2_t30_150M_UR50D", True), ("esm2_t33_650M_UR50D", True))]},
+    # one thread: LAPACK with 2 threads on a shared 2-core machine swings by 10x between repetitions
+    "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32), "models": (480, 1280), "threads": 1},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 2e8},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 4, "steps_per_round": 40, "noise_seed": 1},
     "overhead": {"archs": ["esm2_t2_tiny", "esm2_t6_8M_UR50D"], "rounds": 4,
@@ -66,7 +82,10 @@ QUICK = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 1},
                    "cuda_settings": {"batch_size": 8, "min_len": 400, "max_len": 500, "steps": 3, "reps": 4,
                                      "warmup": 2}},
-    "aggregation": {"sizes": (480, 1280), "sites": (2, 8)},
+    "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 3, "threads": 1}],
+                  "cuda_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 1000, "batch_size": 8, "reps": 4}]},
+    "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
+                    "model_reps": 3},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 4e7},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 2, "steps_per_round": 40, "noise_seed": None},
     "overhead": {"archs": ["esm2_t2_tiny"], "rounds": 2, "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40}}},
@@ -167,11 +186,24 @@ class Bench:
                 "min_ratio": bench_throughput.MIN_RATIO,
                 "all_ok": all(r.get("ok", True) for r in rows)}
 
+    def attention(self) -> dict:
+        cfg = self.sizes["attention"]
+        rows = bench_attention.run(cfg.get("cpu_rows", ()), cfg.get("cuda_rows", ()), echo=self.echo)
+        return {"rows": rows, "table": bench_attention.format_table(rows)}
+
     def aggregation(self) -> dict:
-        cfg = self.sizes["aggregation"]
-        rows = bench_aggregation.run(sizes=cfg["sizes"], sites=cfg["sites"], rank=16)
-        self.echo(bench_aggregation.format_table(rows))
-        return {"rows": rows, "table": bench_aggregation.format_table(rows)}
+        cfg = dict(self.sizes["aggregation"])
+        threads = cfg.pop("threads", None)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            result = bench_aggregation.run(rank=16, **cfg)
+        finally:
+            torch.set_num_threads(before)
+        table = bench_aggregation.format_table(result)
+        self.echo(table)
+        return {**result, "threads": threads or before, "table": table}
 
     def comm(self) -> dict:
         cfg = self.sizes["comm"]
@@ -211,6 +243,24 @@ def _brief(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "metrics_rows"}
 
 
+def merge_documents(old: dict, new: dict) -> dict:
+    """``old`` with the sections ``new`` ran replaced; each section keeps the machine and date it was measured on."""
+    runs = dict(old.get("section_runs") or {s: _run_info(old) for s in old.get("sections", [])})
+    runs.update({s: _run_info(new) for s in new["sections"]})
+    merged = dict(old)
+    merged["results"] = {**old.get("results", {}), **new["results"]}
+    merged["sections"] = [s for s in SECTIONS if s in merged["results"]]
+    merged["section_runs"] = {s: runs[s] for s in merged["sections"] if s in runs}
+    return merged
+
+
+def _run_info(doc: dict) -> dict:
+    m = doc["machine"]
+    return {"date": m["date"], "git_commit": m["git_commit"], "quick": doc.get("quick", False),
+            "torch_threads": m["torch_threads"], "cuda": m["cuda"], "load_average_start": m["load_average_start"],
+            "total_seconds": doc.get("total_seconds")}
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +281,14 @@ def to_markdown(doc: dict) -> str:
         "the machine was shared with other jobs, so absolute times are pessimistic; ratios are what to read.",
         "",
     ]
+    runs = doc.get("section_runs") or {}
+    later = {s: x for s, x in runs.items() if x["date"] != m["date"]}
+    if later:
+        out += ["Merged results (`--merge`): " + "; ".join(
+            f"section {s} re-measured on {x['date']} (commit {x['git_commit'] or '?'}, {x['torch_threads']} torch "
+            f"threads, GPU {x['cuda'] or 'none'}, load average at start {x['load_average_start']}, "
+            f"{x['total_seconds']:.0f} s for the run)" for s, x in later.items())
+            + "; every other section is from the run above.", ""]
     r = doc["results"]
     if "throughput" in r:
         t = r["throughput"]
@@ -248,18 +306,45 @@ def to_markdown(doc: dict) -> str:
                            "plain res/s", "ratio", "pairs", "CPU-time ratio", "spread ours/plain",
                            "peak MiB ours/plain", "load"],
                           [_throughput_cells(row, t) for row in t["rows"]]), ""]
+    if "attention" in r:
+        out += _attention_markdown(r["attention"])
     if "aggregation" in r:
         a = r["aggregation"]
-        out += ["## 2. FRA-LoRA aggregation vs dense SVD (server, per round)", "",
-                "From `bench/bench_aggregation.py`: time to merge K sites' rank-16 factors per adapted matrix, and for "
-                "all adapted matrices of a model (per-matrix time x matrices), float64 math; max difference of the "
-                "merged update B·A against the dense reference. Best of repetitions.", "",
-                _md_table(["d", "sites", "matrices", "FRA ms/matrix", "dense ms/matrix", "FRA s/model",
-                           "dense s/model", "speed-up", "max abs diff", "rel diff"],
-                          [[x["d"], x["sites"], x["n_matrices"], f"{x['fra_ms_per_matrix']:.2f}",
-                            f"{x['dense_ms_per_matrix']:.1f}", f"{x['fra_s_model']:.3f}", f"{x['dense_s_model']:.1f}",
-                            f"{x['speedup']:.1f}x", f"{x['max_abs_diff']:.1e}", f"{x['rel_max_diff']:.1e}"]
-                           for x in a["rows"]]), ""]
+        out += ["## 2. FRA-LoRA aggregation vs NVFLARE's HLoRA-style peer and a dense SVD (server, per round)", "",
+                "From `bench/bench_aggregation.py`, all in one process on "
+                f"{a.get('threads', '?')} torch thread(s): K sites' rank-16 factors (numpy float32, LoRA-like "
+                "scales) merged to rank 16. Ours = `fra_lora` (one matrix) and `aggregate(..., 'fra')` (a whole "
+                "model: every adapted matrix, pairs of one shape in batched calls), float32, route picked by shape "
+                "(`factored`: QR of the stacked A, eigen-decomposition of the small Gram; `dense`: the d x d average, "
+                "when K*r >= 0.9 d). Peer = the HLoRA-style merge of NVFLARE's MedGemma example, re-implemented in "
+                "the bench (torch float32, `linalg.qr` of both stacks + SVD of the core, S into A, one call per "
+                "matrix, a Python loop for a model; given ready-made torch tensors). Dense = the float32 d x d "
+                "average + full SVD. Medians of interleaved repetitions (ours, peer, peer, ours, ...); peer/ours > 1 "
+                "means ours is faster. rel diff = max |B A - reference| / max |reference| against a float64 dense "
+                "SVD.", "",
+                "Per adapted matrix (d x d):", "",
+                _md_table(["d", "sites", "route", "ours ms", "peer ms", "dense ms", "peer / ours",
+                           "dense / ours", "spread ours / peer", "reps", "rel diff ours", "rel diff peer"],
+                          [[x["d"], x["sites"], x["route"], f"{x['ours_ms']:.2f}", f"{x['peer_ms']:.2f}",
+                            f"{x['dense_ms']:.1f}", f"**{x['peer_over_ours']:.2f}x**", f"{x['speedup']:.1f}x",
+                            f"{x['ours_spread']:.2f} / {x['peer_spread']:.2f}", x["reps"],
+                            f"{x['rel_max_diff']:.1e}", f"{x['peer_rel_max_diff']:.1e}"] for x in a["rows"]]), ""]
+        if a.get("models"):
+            out += ["Whole model (all q, k, v LoRA pairs of the architecture + the head; ours = one `aggregate` "
+                    "call on the sites' numpy state dicts, peer = its per-matrix merge in a loop over the same "
+                    "matrices; ours CPU s = process CPU time of the same calls, which leaves out waiting for a core "
+                    "on a loaded machine; dense = a float32 d x d SVD per matrix, in the same interleaved loop up "
+                    "to d = 640, above that per-matrix time x matrices, marked est.):", "",
+                    _md_table(["model", "matrices", "sites", "route", "ours s", "ours CPU s", "peer s", "peer / ours",
+                               "dense s", "dense / ours", "spread ours / peer", "reps"],
+                              [[x["arch"], x["n_matrices"], x["sites"], x["route"], f"{x['ours_s']:.3f}",
+                                _fmt(x.get("cpu_s", {}).get("ours"), 3),
+                                f"{x['peer_s']:.3f}", f"**{x['peer_over_ours']:.2f}x**",
+                                _fmt(x.get("dense_s"), 2) if x.get("dense_s") else
+                                _fmt(x.get("dense_s_est"), 2) + " est.",
+                                f"{(x.get('dense_s') or x.get('dense_s_est') or 0) / x['ours_s']:.1f}x",
+                                f"{x['ours_spread']:.2f} / {x['peer_spread']:.2f}", x["reps"]]
+                               for x in a["models"]]), ""]
     if "comm" in r:
         c = r["comm"]
         out += ["## 3. Communication per site per round", "",
@@ -344,6 +429,36 @@ def to_markdown(doc: dict) -> str:
                                              "orchestration s", "aggregation s", "dispatch, pick-up, transport s"],
                                             per_round), ""]
     return "\n".join(out)
+
+
+def _attention_markdown(att: dict) -> list[str]:
+    rows = []
+    for x in att["rows"]:
+        if "skipped" in x:
+            rows.append([x["arch"], x["device"], x.get("length") or "", "skipped: " + x["skipped"]] + [""] * 8)
+            continue
+        for arm in x["arms"]:
+            mem = x.get("memory", {}).get(arm, {}).get("peak_above_resident_mib")
+            rows.append([x["arch"], x["device"], x["length"], f"{x['batch_size']} ({x['residues_per_batch']} res.)",
+                         x["precision"], x["threads"], arm, f"{x['residues_per_s'][arm]:.1f}",
+                         f"**{x['ratio_vs_stock'][arm]:.2f}x**" if arm in x.get("ratio_vs_stock", {}) else "-",
+                         f"{x['spread'][arm]:.2f}", _fmt(mem, 0),
+                         f"**{x['memory_ratio_vs_stock'][arm]:.2f}x**" if arm in x.get("memory_ratio_vs_stock", {})
+                         else "-"])
+    return ["## 1b. Fused vs stock attention, and activation checkpointing (site training)", "",
+            "From `bench/bench_attention.py`: one `LocalTrainer` per arm on separate copies of the same random-init "
+            "weights (LoRA r=16 on q,k,v), all fed one fixed batch (the last chain 75% long, so padded). `stock` = "
+            "fair-esm's attention (explicit fp32 softmax over every head's L x L weights), `fused` = "
+            "`scaled_dot_product_attention` (the default, `model.attention`), `fused+ckpt` = fused with "
+            "`training.activation_checkpointing`. One optimizer step per repetition, repetitions interleaved (order "
+            "reversed every other one); residues/s = labelled residues / wall seconds, medians; x stock = arm / "
+            "stock. Peak memory: CUDA `max_memory_allocated` above what was resident; CPU the peak resident set "
+            "size of the arm's steps in a fresh process above what was resident before them (VmHWM - VmRSS). "
+            "Every arm's logits on the batch were compared before timing: max |difference| vs stock "
+            + ", ".join(f"{x['arch']}/{x['length']}: {x['max_abs_logit_diff_vs_stock']:.1e}" for x in att["rows"]
+                        if x.get("max_abs_logit_diff_vs_stock") is not None) + ".", "",
+            _md_table(["arch", "device", "length", "batch", "precision", "threads", "arm", "residues/s", "x stock",
+                       "spread", "peak MiB", "memory x stock"], rows), ""]
 
 
 def _fmt(v, digits: int) -> str:
@@ -438,10 +553,19 @@ def summary_lines(doc: dict) -> list[str]:
             cpu = f", CPU time {row['cpu_time_ratio']:.3f}" if row["device"] == "cpu" else ""
             lines.append(f"throughput {row['arch']} ({row['device']}, {row['threads']} thread(s)): ours/plain = "
                          f"{row['ratio']:.3f}{cpu} ({'ok' if row['ok'] else 'BELOW ' + str(row['min_ratio'])})")
+    for row in r.get("attention", {}).get("rows", []):
+        if "skipped" not in row:
+            mem = row.get("memory_ratio_vs_stock", {})
+            lines.append(f"attention {row['arch']} {row['device']} {row['length']} residues: " + ", ".join(
+                f"{arm} {ratio:.2f}x stock residues/s" + (f", {mem[arm]:.2f}x memory" if arm in mem else "")
+                for arm, ratio in row.get("ratio_vs_stock", {}).items()))
     for row in r.get("aggregation", {}).get("rows", []):
-        lines.append(f"aggregation d={row['d']} K={row['sites']}: FRA vs dense SVD speed-up {row['speedup']:.1f}x "
-                     f"({row['fra_s_model']:.3f}s vs {row['dense_s_model']:.1f}s per model), "
-                     f"max |diff| {row['max_abs_diff']:.1e}")
+        lines.append(f"aggregation d={row['d']} K={row['sites']} ({row['route']}): {row['ours_ms']:.2f} ms per matrix, "
+                     f"peer/ours {row['peer_over_ours']:.2f}x, dense/ours {row['speedup']:.1f}x, "
+                     f"rel diff {row['rel_max_diff']:.1e}")
+    for row in r.get("aggregation", {}).get("models", []):
+        lines.append(f"aggregation {row['arch']} K={row['sites']}: whole model {row['ours_s']:.3f} s, "
+                     f"peer's loop {row['peer_s']:.3f} s (peer/ours {row['peer_over_ours']:.2f}x)")
     for row in r.get("comm", {}).get("rows", []):
         lines.append(f"comm {row['arch']}: sends {row['lora_sent_fp32'] / 1e6:.3f} MB fp32 / "
                      f"{row['lora_sent_fp16'] / 1e6:.3f} MB fp16 vs {row['full_sent_fp32'] / 1e6:.1f} MB full "
@@ -474,6 +598,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="+", choices=SECTIONS, default=[], help="leave these sections out")
     p.add_argument("--work-dir", help="keep simulator runs here (default: a temporary folder, removed after)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the in-process sections (default: torch's)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections of an existing --out and replace only the ones run now "
+                        "(results.md then says which sections come from which run)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -482,6 +609,8 @@ def main(argv=None) -> int:
         p.error("no section left to run")
     doc = run_all(sections, quick=args.quick, work_dir=args.work_dir)
     out = Path(args.out)
+    if args.merge and out.exists():
+        doc = merge_documents(json.loads(out.read_text()), doc)
     md_path = Path(args.md) if args.md else out.with_suffix(".md")
     _write_atomic(out, json.dumps(doc, indent=1) + "\n")
     _write_atomic(md_path, to_markdown(doc) + "\n")

@@ -2,17 +2,24 @@
 
 Averaging LoRA factors separately (FedIT) is not the average of the sites' updates:
 ``mean(B) @ mean(A) != mean(B @ A)``. FRA-LoRA ("factored re-factorisation") aggregates the
-products exactly and re-factors the result to rank ``r`` without ever forming the dense
-``d_out x d_in`` matrix::
+products exactly and re-factors the result to rank ``r``; while the stacked rank K*r is well below
+d it never forms the dense ``d_out x d_in`` matrix::
 
     sum_k w_k B_k A_k = Bs diag(w) As,   Bs = [B_1 .. B_K] (d_out x Kr),  As = [A_1; ..; A_K] (Kr x d_in)
-    Bs = Q_B R_B,  As^T = Q_A R_A,  R_B diag(w) R_A^T = U S V^T      (small Kr x Kr core)
-    B_new = Q_B U_r sqrt(S_r),  A_new = sqrt(S_r) V_r^T Q_A^T
+    As^T = Q_A R_A,   X = Bs diag(w) R_A^T (d_out x Kr),   X = U S V^T
+    B_new = U_r sqrt(S_r),  A_new = sqrt(S_r) V_r^T Q_A^T
 
-``B_new @ A_new`` is the best rank-``r`` Frobenius approximation of the average (Eckart-Young).
+(``U S V^T`` from the eigenvectors of the small ``X^T X``; ``Q_A`` is applied to the r kept columns
+only, never formed.) Once K*r approaches d (many sites, small models) the dense average is the
+cheaper route to the same decomposition (``choose_route``). ``B_new @ A_new`` is the best
+rank-``r`` Frobenius approximation of the average (Eckart-Young). The maths runs in float32 for
+float32 (or float16) factors, which is what sites send, and in float64 for float64 input; all
+adapted matrices of one shape are re-factored in batched calls (``_refactor`` takes stacks with
+leading batch dimensions).
+
 ``fra-ef`` keeps the truncated tail (in factored form) in an :class:`AggregationState` and adds
-it back the next round, so nothing is lost over rounds. ``ffa`` (FFA-LoRA) freezes A, which
-makes plain averaging of B exact.
+it back the next round, so nothing is lost over rounds; only ``fra-ef`` forms that tail. ``ffa``
+(FFA-LoRA) freezes A, which makes plain averaging of B exact.
 
 State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.model.keys``): LoRA pairs
 end in ``.lora_A.weight`` / ``.lora_B.weight`` and share a prefix; every other tensor (e.g. the
@@ -60,7 +67,7 @@ class AggregationState:
 
 
 # --------------------------------------------------------------------------------------------
-# array helpers: accept numpy arrays and torch tensors, compute in float64 numpy
+# array helpers: accept numpy arrays and torch tensors
 # --------------------------------------------------------------------------------------------
 
 
@@ -101,44 +108,152 @@ def _normalise_weights(weights: Sequence[float], n: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# FRA-LoRA core
+# FRA-LoRA core: stacked factors + column weights -> rank-r factors (and the dropped tail)
 # --------------------------------------------------------------------------------------------
 
+ROUTES = ("auto", "factored", "dense")
 
-def _refactor(
-    a_list: list[np.ndarray], b_list: list[np.ndarray], col_weights: np.ndarray, rank: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Truncated SVD of ``sum_k c_k B_k A_k`` from the factors (float64).
+# ``auto`` forms the dense d_out x d_in average once the stacked rank m = K*r (+ residual) reaches
+# this fraction of min(d_out, d_in): there the QR of the A stack costs more than forming the
+# product, and both routes end in an eigenproblem of about the same size (measured: the factored
+# route is faster up to m ~ 0.8 d, the dense one from m ~ d; bench/results.md, section 2).
+DENSE_FROM = 0.9
 
-    Returns ``(A_new, B_new, A_tail, B_tail, S_tail)``: the kept rank-``rank`` factors (zero-padded
-    when fewer components exist) and the dropped singular triplets, split evenly the same way.
+# Pairs of one shape are re-factored together in batches of at most this many bytes of stacked
+# factors: one call for many small pairs saves per-call overhead, while on a CPU a batch of large
+# pairs that leaves the cache is slower than one pair at a time.
+_CHUNK_BYTES = 8 << 20
+
+
+@dataclass
+class Tail:
+    """The components truncation dropped: ``b @ a`` is the dropped matrix, ``s`` its singular values
+    (descending), split like the kept ones."""
+
+    a: torch.Tensor  # (..., t, d_in)
+    b: torch.Tensor  # (..., d_out, t)
+    s: torch.Tensor  # (..., t)
+
+
+def choose_route(m: int, d_in: int, d_out: int) -> str:
+    """``factored`` while the stacked rank ``m`` is well below the matrix size, else ``dense``."""
+    return "dense" if m >= DENSE_FROM * min(d_in, d_out) else "factored"
+
+
+def _top_svd(x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` leading singular triplets of ``x`` (batched; all when ``k`` is None) from the smaller Gram.
+
+    An eigendecomposition of ``x^T x`` costs about half an SVD of ``x``. The singular values and the
+    other side's vectors come from projecting ``x`` on the eigenvectors (``x V = U S``), not from
+    square roots of rounded eigenvalues, so ``U diag(s) Vt`` is ``x`` projected on the kept
+    directions to working precision relative to ``s_max``. Returns ``(U, s, Vt)``.
     """
-    # torch (MKL) QR/SVD run ~2x faster than numpy (OpenBLAS) on CPU; from_numpy/.numpy() are zero-copy
-    bs = torch.from_numpy(np.concatenate(b_list, axis=1))  # d_out x m
-    as_ = torch.from_numpy(np.concatenate(a_list, axis=0))  # m x d_in
-    d_out, d_in = bs.shape[0], as_.shape[1]
-    q_b, r_b = torch.linalg.qr(bs)  # d_out x p, p x m
-    q_a, r_a = torch.linalg.qr(as_.T)  # d_in x q, q x m
-    core = (r_b * torch.from_numpy(col_weights)[None, :]) @ r_a.T  # p x q
-    u, s, vt = torch.linalg.svd(core, full_matrices=False)
-    k = min(rank, s.numel())
+    p, q = x.shape[-2], x.shape[-1]
+    n = min(p, q) if k is None else min(k, p, q)
+    tiny = torch.finfo(x.dtype).tiny
+    scale = x.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=tiny)
+    x = x / scale  # the Gram squares magnitudes: keep them far from under- and overflow
+    if q <= p:
+        v = torch.linalg.eigh(x.transpose(-1, -2) @ x)[1][..., -n:].flip(-1)  # eigh sorts ascending
+        left = x @ v  # U S
+        s = torch.linalg.vector_norm(left, dim=-2)
+        u, vt = left / s.clamp(min=tiny).unsqueeze(-2), v.transpose(-1, -2)  # s = 0: a zero column
+    else:
+        u = torch.linalg.eigh(x @ x.transpose(-1, -2))[1][..., -n:].flip(-1)
+        right = u.transpose(-1, -2) @ x  # S Vt
+        s = torch.linalg.vector_norm(right, dim=-1)
+        vt = right / s.clamp(min=tiny).unsqueeze(-1)
+    return u, s * scale.squeeze(-1), vt
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (sqrt(S) Vt, U sqrt(S)): the singular values split evenly between the factors."""
     root = s.sqrt()
-    b_new = np.zeros((d_out, rank))
-    a_new = np.zeros((rank, d_in))
-    b_new[:, :k] = (q_b @ (u[:, :k] * root[:k])).numpy()
-    a_new[:k, :] = ((root[:k, None] * vt[:k]) @ q_a.T).numpy()
-    b_tail = (q_b @ (u[:, k:] * root[k:])).numpy()
-    a_tail = ((root[k:, None] * vt[k:]) @ q_a.T).numpy()
-    return a_new, b_new, a_tail, b_tail, s[k:].numpy()
+    return root.unsqueeze(-1) * vt, u * root.unsqueeze(-2)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[-2] == rows:
+        return x
+    out = x.new_zeros((*x.shape[:-2], rows, x.shape[-1]))
+    out[..., : x.shape[-2], :] = x
+    return out
+
+
+def _refactor(a_stack: torch.Tensor, b_stack: torch.Tensor, col_weights: torch.Tensor, rank: int, *,
+              tail: bool = False, route: str = "auto"):
+    """Best rank-``rank`` factors of ``b_stack @ diag(col_weights) @ a_stack``, for a batch of pairs.
+
+    ``a_stack`` (..., m, d_in) and ``b_stack`` (..., d_out, m) are the sites' factors stacked along
+    the rank axis (``[A_1; ..; A_K]``, ``[B_1 .. B_K]``), ``col_weights`` (..., m) or (m,) weighs each
+    stacked component. Computes in the stacks' dtype. Returns ``(A_new, B_new)`` of shapes
+    (..., rank, d_in) and (..., d_out, rank), zero-padded where fewer components exist, and with
+    ``tail=True`` also the dropped components as a :class:`Tail` (only ``fra-ef`` needs it).
+
+    ``factored`` (stacked rank m well below d): Householder QR ``As^T = Q_A R_A``, so the average is
+    ``X Q_A^T`` with the thin ``X = Bs diag(w) R_A^T`` (d_out x m); X is decomposed and only the kept
+    columns are multiplied by Q_A (``ormqr``: Q is never formed). ``dense``: the d_out x d_in average
+    formed once and decomposed. Both decompose through the smaller Gram matrix (``_top_svd``).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
+    m, d_in, d_out = a_stack.shape[-2], a_stack.shape[-1], b_stack.shape[-2]
+    if route == "auto":
+        route = choose_route(m, d_in, d_out)
+    w = col_weights.to(b_stack.dtype).unsqueeze(-2)  # (..., 1, m)
+    keep = None if tail else rank  # without the tail only the leading components are needed
+    if route == "dense":
+        u, s, vt = _top_svd((b_stack * w) @ a_stack, keep)
+        h_a = tau_a = None
+    else:
+        h_a, tau_a = torch.geqrf(a_stack.transpose(-1, -2))  # As^T = Q_A R_A, R_A: (q, m)
+        u, s, vt = _top_svd((b_stack * w) @ h_a[..., : min(d_in, m), :].triu().transpose(-1, -2), keep)
+
+    def factors(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = _split(u[..., lo:hi], s[..., lo:hi], vt[..., lo:hi, :])
+        if h_a is not None:  # back from the QR coordinates: A^T = Q_A a^T
+            a = torch.ormqr(h_a, tau_a, _pad_rows(a.transpose(-1, -2), d_in)).transpose(-1, -2)
+        return a, b
+
+    k = min(rank, s.shape[-1])
+    a_k, b_k = factors(0, k)
+    if k < rank:  # fewer components than the rank asked for: zero-pad
+        a_k = torch.cat([a_k, a_k.new_zeros((*a_k.shape[:-2], rank - k, d_in))], dim=-2)
+        b_k = torch.cat([b_k, b_k.new_zeros((*b_k.shape[:-2], d_out, rank - k))], dim=-1)
+    if not tail:
+        return a_k, b_k
+    a_t, b_t = factors(k, s.shape[-1])
+    return a_k, b_k, Tail(a_t, b_t, s[..., k:])
+
+
+def _compute_dtype(arrays) -> torch.dtype:
+    """float32 when every input is float32 or narrower (what sites send), float64 otherwise."""
+    narrow = (np.float32, np.float16)
+    for x in arrays:
+        if _is_torch(x):
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                return torch.float64
+        elif np.asarray(x).dtype not in narrow:
+            return torch.float64
+    return torch.float32
+
+
+def _fill(dst: torch.Tensor, src: Any) -> None:
+    """Copy one factor (numpy or torch, any float dtype or device) into a slice of a CPU stack."""
+    if _is_torch(src):
+        dst.copy_(src.detach())
+    else:
+        dst.numpy()[...] = src  # numpy casts; read-only arrays need no torch view
 
 
 def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank: int) -> tuple[Any, Any]:
     """Best rank-``rank`` factors ``(A_new, B_new)`` of ``sum_k w_k B_k A_k`` (weights normalised).
 
     ``factors`` holds one ``(A, B)`` pair per site (A: r x d_in, B: d_out x r). The dense matrix is
-    never formed: QR of the stacked factors and an SVD of the small (K*r x K*r) core suffice.
-    Singular values are split evenly (``sqrt(S)`` into each factor). Computes in float64 and
-    returns the input's kind (numpy array or torch tensor) and dtype.
+    never formed while K*r is well below d (QR of the stacked factors and a small K*r core suffice);
+    beyond that the dense average is the cheaper route. Singular values are split evenly
+    (``sqrt(S)`` into each factor). Computes in float32 for float32 (or narrower) input, float64
+    for float64, and returns the input's kind (numpy array or torch tensor) and dtype.
     """
     if not factors:
         raise ValueError("fra_lora needs at least one (A, B) pair")
@@ -146,20 +261,28 @@ def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     w = _normalise_weights(weights, len(factors))
     a_ref, b_ref = factors[0]
-    a_list, b_list, cols = [], [], []
     for i, (a, b) in enumerate(factors):
         sa, sb = _shape(a), _shape(b)
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
             raise ValueError(f"site {i}: expected A (r x d_in) and B (d_out x r), got A {sa} and B {sb}")
         if sa[1] != _shape(a_ref)[1] or sb[0] != _shape(b_ref)[0]:
             raise ValueError(f"site {i}: A {sa} / B {sb} do not match site 0: A {_shape(a_ref)} / B {_shape(b_ref)}")
-        if w[i] == 0:
-            continue
-        a_list.append(_to_f64(a))
-        b_list.append(_to_f64(b))
-        cols.append(np.full(sa[0], w[i]))
-    a_new, b_new, *_ = _refactor(a_list, b_list, np.concatenate(cols), int(rank))
-    return _like(a_new, a_ref), _like(b_new, b_ref)
+    active = [(i, f) for i, f in enumerate(factors) if w[i] > 0]
+    dtype = _compute_dtype([x for _, f in active for x in f])
+    m = sum(_shape(a)[0] for _, (a, _b) in active)
+    d_in, d_out = _shape(a_ref)[1], _shape(b_ref)[0]
+    a_stack = torch.empty((m, d_in), dtype=dtype)
+    b_stack = torch.empty((d_out, m), dtype=dtype)
+    cols = torch.empty(m, dtype=dtype)
+    at = 0
+    for i, (a, b) in active:
+        r = _shape(a)[0]
+        _fill(a_stack[at : at + r], a)
+        _fill(b_stack[:, at : at + r], b)
+        cols[at : at + r] = float(w[i])
+        at += r
+    a_new, b_new = _refactor(a_stack, b_stack, cols, int(rank))
+    return _like(a_new.numpy(), a_ref), _like(b_new.numpy(), b_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,33 +353,47 @@ def aggregate(
     lora_keys = {k for pair in pairs.values() for k in pair}
 
     out: dict[str, Any] = {}
+    groups: dict[tuple, list[str]] = {}  # fra / fra-ef: pairs of one shape, re-factored together
     for name, (a_key, b_key) in pairs.items():
         a_shape, b_shape = _shape(ref[a_key]), _shape(ref[b_key])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise ValueError(f"{name}: lora_A {a_shape} and lora_B {b_shape} are not an (r x d_in, d_out x r) pair")
         r_out = int(rank) if rank is not None else a_shape[0]
         if strategy == "fedit":
-            a_new = _weighted_mean([site_states[i][a_key] for i in active], w[active])
-            b_new = _weighted_mean([site_states[i][b_key] for i in active], w[active])
+            out[a_key] = _like(_weighted_mean([site_states[i][a_key] for i in active], w[active]), ref[a_key])
+            out[b_key] = _like(_weighted_mean([site_states[i][b_key] for i in active], w[active]), ref[b_key])
         elif strategy == "ffa":
-            a_new = _frozen_a(site_states, active, a_key, global_state, ffa_tol)
-            b_new = _weighted_mean([site_states[i][b_key] for i in active], w[active])
+            out[a_key] = _like(_frozen_a(site_states, active, a_key, global_state, ffa_tol), ref[a_key])
+            out[b_key] = _like(_weighted_mean([site_states[i][b_key] for i in active], w[active]), ref[b_key])
         else:
-            a_list = [_to_f64(site_states[i][a_key]) for i in active]
-            b_list = [_to_f64(site_states[i][b_key]) for i in active]
-            cols = [np.full(a_shape[0], w[i]) for i in active]
+            res_rank = 0
             if strategy == "fra-ef" and name in state.residuals:
                 a_res, b_res = state.residuals[name]
                 if a_res.shape[1] != a_shape[1] or b_res.shape[0] != b_shape[0]:
                     raise ValueError(f"{name}: error-feedback residual shape does not match this round's factors")
-                a_list.append(a_res)
-                b_list.append(b_res)
-                cols.append(np.ones(a_res.shape[0]))
-            a_new, b_new, a_tail, b_tail, s_tail = _refactor(a_list, b_list, np.concatenate(cols), r_out)
+                res_rank = a_res.shape[0]
+            groups.setdefault((a_shape, b_shape, r_out, res_rank), []).append(name)
+
+    for (a_shape, b_shape, r_out, res_rank), names in groups.items():
+        arrays = [site_states[i][k] for name in names for k in pairs[name] for i in active]
+        dtype = _compute_dtype(arrays)
+        m = len(active) * a_shape[0] + res_rank
+        per_pair = (a_shape[1] + b_shape[0]) * m * torch.empty((), dtype=dtype).element_size()
+        step = max(1, _CHUNK_BYTES // per_pair)
+        for lo in range(0, len(names), step):
+            chunk = names[lo : lo + step]
+            a_stack, b_stack, cols = _stack_pairs(site_states, active, w, pairs, chunk, state, res_rank, dtype)
             if strategy == "fra-ef":
-                _store_residual(state, name, a_tail, b_tail, s_tail, len(active) * a_shape[0])
-        out[a_key] = _like(a_new, ref[a_key])
-        out[b_key] = _like(b_new, ref[b_key])
+                a_new, b_new, tail = _refactor(a_stack, b_stack, cols, r_out, tail=True)
+            else:
+                a_new, b_new = _refactor(a_stack, b_stack, cols, r_out)
+            for j, name in enumerate(chunk):
+                a_key, b_key = pairs[name]
+                out[a_key] = _like(a_new[j].numpy(), ref[a_key])
+                out[b_key] = _like(b_new[j].numpy(), ref[b_key])
+                if strategy == "fra-ef":
+                    _store_residual(state, name, tail.a[j].double().numpy(), tail.b[j].double().numpy(),
+                                    tail.s[j].double().numpy(), len(active) * a_shape[0], torch.finfo(dtype).eps)
 
     for k in keys:
         if k not in lora_keys:
@@ -264,6 +401,32 @@ def aggregate(
     if strategy == "fra-ef":
         state.rounds += 1
     return {k: out[k] for k in keys}
+
+
+def _stack_pairs(site_states, active, w, pairs, names, state, res_rank, dtype):
+    """The stacks of the pairs ``names`` (same shapes): A (n, m, d_in), B (n, d_out, m), column weights (m,).
+
+    Site k's factors occupy columns ``k*r .. (k+1)*r`` with weight w_k; an ``fra-ef`` residual (rank
+    ``res_rank``) takes the last columns with weight 1.
+    """
+    ref = site_states[active[0]]
+    r, d_in = _shape(ref[pairs[names[0]][0]])
+    d_out = _shape(ref[pairs[names[0]][1]])[0]
+    m = len(active) * r + res_rank
+    a_stack = torch.empty((len(names), m, d_in), dtype=dtype)
+    b_stack = torch.empty((len(names), d_out, m), dtype=dtype)
+    for j, name in enumerate(names):
+        a_key, b_key = pairs[name]
+        for slot, i in enumerate(active):
+            _fill(a_stack[j, slot * r : (slot + 1) * r], site_states[i][a_key])
+            _fill(b_stack[j, :, slot * r : (slot + 1) * r], site_states[i][b_key])
+        if res_rank:
+            a_res, b_res = state.residuals[name]
+            _fill(a_stack[j, m - res_rank :], a_res)
+            _fill(b_stack[j, :, m - res_rank :], b_res)
+    cols = torch.ones(m, dtype=dtype)
+    cols[: len(active) * r] = torch.from_numpy(np.repeat(w[active], r)).to(dtype)
+    return a_stack, b_stack, cols
 
 
 def _frozen_a(site_states, active, a_key, global_state, tol) -> np.ndarray:
@@ -287,11 +450,13 @@ def _frozen_a(site_states, active, a_key, global_state, tol) -> np.ndarray:
     return a_frozen
 
 
-def _store_residual(state: AggregationState, name: str, a_tail, b_tail, s_tail, default_cap: int) -> None:
-    """Keep the dropped triplets, minus numerically-zero ones, capped to bound memory."""
+def _store_residual(state: AggregationState, name: str, a_tail, b_tail, s_tail, default_cap: int,
+                    eps: float = float(np.finfo(np.float64).eps)) -> None:
+    """Keep the dropped triplets, minus numerically-zero ones (below ``eps`` of the computation, scaled),
+    capped to bound memory."""
     cap = state.max_residual_rank if state.max_residual_rank is not None else default_cap
     smax = float(s_tail[0]) if s_tail.size else 0.0
-    tol = np.finfo(np.float64).eps * max(a_tail.shape[1], b_tail.shape[0], 1) * smax
+    tol = eps * max(a_tail.shape[1], b_tail.shape[0], 1) * smax
     keep = min(int(np.sum(s_tail > tol)), cap)
     if keep == 0:
         state.residuals.pop(name, None)

@@ -42,6 +42,7 @@ TRANSFER_DTYPES = ("float32", "float16")
 BEST_METRICS = ("auprc", "auroc", "f1", "mcc")
 OPTIMIZER_STATES = ("auto", "keep", "reset", "align")
 VERSION_MISMATCH = ("refuse", "warn")
+ATTENTIONS = ("fused", "stock")
 
 
 class SettingError(FedesmError):
@@ -222,6 +223,9 @@ class ModelSettings(Settings):
         None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, s3:// URI or "
         "random:ARCH (default: the hub checkpoint of `arch`); recorded in saved model cards")
     num_labels: int = setting(2, "classes of the per-residue head")
+    attention: str = setting("fused", "self-attention kernel: fused (PyTorch scaled_dot_product_attention: flash / "
+                             "memory-efficient on CUDA, same weights and outputs) or stock (fair-esm's explicit "
+                             "softmax over every head's L x L weights)", choices=ATTENTIONS)
 
     def check(self) -> None:
         from fedesm.model.architectures import ARCHITECTURES
@@ -320,6 +324,9 @@ class TrainConfig(Settings):
     eval_batch_tokens: int = setting(16384, "tokens per evaluation batch", flag=False)
     threshold: float = setting(0.5, "call threshold for metrics at a fixed threshold", flag=False)
     freeze_lora_a: bool = setting(False, "train only LoRA B (FFA-LoRA; the ffa strategy needs it)")
+    activation_checkpointing: bool = setting(False, "recompute each encoder layer's activations in the backward "
+                                             "pass instead of keeping them: less memory for the large models "
+                                             "(150M and up) at the cost of about one more forward per step")
     grad_noise_std: float = setting(0.0, "the paper's DP mode: Gaussian noise of this std on every gradient, "
                                     "every step (paper: 1e-4)", aliases=("--grad-noise",))
     dp_noise_multiplier: float = setting(0.0, "> 0: formal DP-SGD (Poisson batches, per-sample clipping, "
@@ -355,6 +362,9 @@ class TrainConfig(Settings):
             self.fail("dp_max_grad_norm", "the DP-SGD clipping bound C must be > 0")
         if not 0 < self.dp_delta < 1:
             self.fail("dp_delta", f"must be in (0, 1), got {self.dp_delta:g}")
+        if self.activation_checkpointing and self.dp_noise_multiplier:
+            self.fail("activation_checkpointing", "DP-SGD's per-sample gradients need each layer to run once per "
+                      "step; turn one of activation_checkpointing and dp_noise_multiplier off")
         if self.grad_noise_std and self.dp_noise_multiplier:
             self.fail("dp_noise_multiplier", "choose one privacy mode: grad_noise_std (paper) or "
                       "dp_noise_multiplier (DP-SGD)")

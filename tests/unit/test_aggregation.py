@@ -286,3 +286,179 @@ def test_mismatched_input_raises():
         aggregate(states, [0, 0, 0], "fra")
     with pytest.raises(ValueError, match="no site states"):
         aggregate([], [], "fra")
+
+
+# ----------------------------------------------------------------------------------- speed-minded core
+# The routes, float32 maths and batched calls must keep the accuracy above: exact below rank r to
+# 1e-5 relative, the Eckart-Young tail above it.
+
+from fedesm import aggregation  # noqa: E402
+from fedesm.aggregation import _refactor, choose_route  # noqa: E402
+
+
+def _stacks(factors, weights, dtype):
+    w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    a = torch.from_numpy(np.concatenate([f[0] for f in factors], axis=0)).to(dtype)
+    b = torch.from_numpy(np.concatenate([f[1] for f in factors], axis=1)).to(dtype)
+    cols = torch.from_numpy(np.repeat(w, factors[0][0].shape[0])).to(dtype)
+    return a, b, cols
+
+
+def _low_rank_factors(rng, k, r, d_in, d_out):
+    basis_b, basis_a = rng.standard_normal((d_out, r)), rng.standard_normal((r, d_in))
+    return [(rng.standard_normal((r, r)) @ basis_a, basis_b @ rng.standard_normal((r, r))) for _ in range(k)]
+
+
+@pytest.mark.parametrize("route", ["factored", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_in,d_out", [(D, D), (48, 80), (80, 48)])
+def test_both_routes_exact_below_rank_r(route, dtype, d_in, d_out):
+    rng = np.random.default_rng(20)
+    factors = _low_rank_factors(rng, K, R, d_in, d_out)
+    a, b, cols = _stacks(factors, [1.0, 2.0, 3.0], dtype)
+    a_new, b_new = _refactor(a, b, cols, R, route=route)
+    assert a_new.dtype == dtype and a_new.shape == (R, d_in) and b_new.shape == (d_out, R)
+    prod = b_new.double().numpy() @ a_new.double().numpy()
+    assert rel(prod, dense_average(factors, [1.0, 2.0, 3.0])) < 1e-5
+
+
+@pytest.mark.parametrize("route", ["factored", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d_in,d_out", [(D, D), (48, 80), (80, 48)])
+def test_both_routes_truncate_to_the_eckart_young_tail(route, dtype, d_in, d_out):
+    rng = np.random.default_rng(21)
+    factors = make_factors(rng, d_in=d_in, d_out=d_out)
+    weights = [0.2, 0.5, 0.3]
+    avg = dense_average(factors, weights)
+    s = np.linalg.svd(avg, compute_uv=False)
+    tail = np.sqrt(np.sum(s[R:] ** 2))
+    a, b, cols = _stacks(factors, weights, dtype)
+    a_new, b_new, dropped = _refactor(a, b, cols, R, route=route, tail=True)
+    err = np.linalg.norm(avg - b_new.double().numpy() @ a_new.double().numpy())
+    assert abs(err - tail) / tail < 1e-5
+    # the dropped part is exactly what is missing, and its singular values are the dense ones
+    dropped_matrix = dropped.b.double().numpy() @ dropped.a.double().numpy()
+    assert rel(b_new.double().numpy() @ a_new.double().numpy() + dropped_matrix, avg) < 1e-5
+    n = min(K * R, d_in, d_out) - R
+    assert np.allclose(dropped.s.double().numpy()[:n], s[R : R + n], rtol=1e-4, atol=1e-5 * s[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fra_lora_float32_meets_the_same_tolerances(dtype):
+    rng = np.random.default_rng(22)
+    low = [(a.astype(dtype), b.astype(dtype)) for a, b in _low_rank_factors(rng, K, R, D, D)]
+    a_new, b_new = fra_lora(low, [1.0, 2.0, 3.0], R)
+    assert a_new.dtype == dtype
+    assert rel(b_new.astype(np.float64) @ a_new, dense_average(low, [1.0, 2.0, 3.0])) < 1e-5
+    full = make_factors(rng, dtype=dtype)
+    avg = dense_average(full, [0.2, 0.5, 0.3])
+    s = np.linalg.svd(avg, compute_uv=False)
+    a_new, b_new = fra_lora(full, [0.2, 0.5, 0.3], R)
+    err = np.linalg.norm(avg - b_new.astype(np.float64) @ a_new.astype(np.float64))
+    assert abs(err - np.sqrt(np.sum(s[R:] ** 2))) / np.sqrt(np.sum(s[R:] ** 2)) < 1e-5
+
+
+def test_route_follows_the_shape():
+    assert choose_route(8 * 16, 1280, 1280) == "factored"  # 650M, 8 sites
+    assert choose_route(2 * 16, 480, 480) == "factored"
+    assert choose_route(32 * 16, 480, 480) == "dense"  # 35M, 32 sites: K*r = 512 > d = 480
+    assert choose_route(32 * 16, 1280, 1280) == "factored"
+    assert choose_route(60, 64, 64) == "dense" and choose_route(12, 64, 64) == "factored"
+    with pytest.raises(ValueError, match="unknown route"):
+        _refactor(torch.ones(2, 3), torch.ones(3, 2), torch.ones(2), 1, route="svd")
+
+
+def _model_states(rng, k, dims, r=R, dtype=np.float32):
+    """k sites' state dicts with LoRA pairs of several shapes (name -> (d_in, d_out)) and a head."""
+    states = []
+    for _ in range(k):
+        st = {}
+        for name, (d_in, d_out) in dims.items():
+            st[f"{name}.lora_A.weight"] = rng.standard_normal((r, d_in)).astype(dtype)
+            st[f"{name}.lora_B.weight"] = rng.standard_normal((d_out, r)).astype(dtype)
+        st[HEAD_W] = rng.standard_normal((2, D)).astype(dtype)
+        states.append(st)
+    return states
+
+
+DIMS = {f"m.layers.{i}.self_attn.{p}": (D, D) for i in range(3) for p in ("q_proj", "k_proj", "v_proj")}
+DIMS.update({"m.layers.0.fc1": (D, 2 * D), "m.layers.1.fc1": (D, 2 * D), "m.layers.0.fc2": (2 * D, D)})
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_batched_model_call_equals_one_matrix_at_a_time(monkeypatch, chunk_bytes):
+    """aggregate() groups pairs of one shape into batched calls (and chunks them); the result is
+    fra_lora's on each matrix."""
+    if chunk_bytes:
+        monkeypatch.setattr(aggregation, "_CHUNK_BYTES", chunk_bytes)  # one pair per call
+    calls = []
+    real = aggregation._refactor
+
+    def spy(a, b, cols, rank, **kw):
+        calls.append((tuple(a.shape), a.dtype, kw.get("tail", False)))
+        return real(a, b, cols, rank, **kw)
+
+    monkeypatch.setattr(aggregation, "_refactor", spy)
+    rng = np.random.default_rng(23)
+    states = _model_states(rng, K, DIMS)
+    weights = [1, 2, 5]
+    out = aggregate(states, weights, "fra", rank=R)
+    assert list(out) == list(states[0]) and all(out[k].dtype == np.float32 for k in out)
+    shapes = {d for d in DIMS.values()}
+    if chunk_bytes:
+        assert len(calls) == len(DIMS)
+    else:
+        assert len(calls) == len(shapes)  # one call per shape: 9 q/k/v pairs, 2 fc1, 1 fc2
+        assert sorted(c[0][0] for c in calls) == [1, 2, 9]
+    assert all(dtype == torch.float32 and not tail for _, dtype, tail in calls)  # float32, no tail for fra
+    for name in DIMS:
+        a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        a1, b1 = fra_lora([(s[a_key], s[b_key]) for s in states], weights, R)
+        batched = out[b_key].astype(np.float64) @ out[a_key]
+        assert rel(batched, b1.astype(np.float64) @ a1) < 1e-5
+        avg = dense_average([(s[a_key], s[b_key]) for s in states], weights)
+        s_dense = np.linalg.svd(avg, compute_uv=False)
+        tail = np.sqrt(np.sum(s_dense[R:] ** 2))
+        assert abs(np.linalg.norm(avg - batched) - tail) / tail < 1e-5
+
+
+def test_float64_states_are_computed_in_float64(monkeypatch):
+    seen = []
+    real = aggregation._refactor
+    monkeypatch.setattr(aggregation, "_refactor", lambda a, *args, **kw: seen.append(a.dtype) or real(a, *args, **kw))
+    rng = np.random.default_rng(24)
+    aggregate(_model_states(rng, 2, DIMS, dtype=np.float64), [1, 1], "fra")
+    aggregate(_model_states(rng, 2, DIMS, dtype=np.float16), [1, 1], "fra")
+    assert seen[0] == torch.float64 and seen[-1] == torch.float32
+
+
+def test_fra_ef_on_the_dense_route_loses_nothing(monkeypatch):
+    """Many sites on a small matrix (K*r >= 0.9 d): the dense route, with error feedback and tails."""
+    routes = []
+    real = aggregation.choose_route
+    monkeypatch.setattr(aggregation, "choose_route", lambda *a: routes.append(real(*a)) or routes[-1])
+    rng = np.random.default_rng(25)
+    k, d = 16, 64  # K*r = 64 = d
+    states = _model_states(rng, k, {"m.layers.0.self_attn.q_proj": (d, d)})
+    a_key, b_key = "m.layers.0.self_attn.q_proj.lora_A.weight", "m.layers.0.self_attn.q_proj.lora_B.weight"
+    weights = rng.uniform(0.5, 1.5, k)
+    state = AggregationState()
+    recon = 0
+    for _ in range(3):
+        out = aggregate(states, weights, "fra-ef", rank=R, state=state)
+        recon = recon + out[b_key].astype(np.float64) @ out[a_key].astype(np.float64)
+    assert set(routes) == {"dense"}
+    exact = 3 * dense_average([(s[a_key], s[b_key]) for s in states], weights)
+    residual = state.residual_matrix("m.layers.0.self_attn.q_proj")
+    assert rel(recon + residual, exact) < 1e-5 and rel(recon, exact) > 1e-2
+    assert state.residuals["m.layers.0.self_attn.q_proj"][0].dtype == np.float64
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e20])
+def test_float32_keeps_tiny_and_huge_updates(scale):
+    """The Gram matrix squares magnitudes; float32 must still re-factor updates far from 1."""
+    rng = np.random.default_rng(26)
+    low = [(a.astype(np.float32), (scale * b).astype(np.float32)) for a, b in _low_rank_factors(rng, K, R, D, D)]
+    a_new, b_new = fra_lora(low, [1.0, 2.0, 3.0], R)
+    prod = b_new.astype(np.float64) @ a_new.astype(np.float64)
+    assert np.all(np.isfinite(prod)) and rel(prod, dense_average(low, [1.0, 2.0, 3.0])) < 1e-5

@@ -135,26 +135,37 @@ def test_run_all_writes_a_document_with_tables(tmp_path):
     sizes = {
         "throughput": {"cpu_rows": [{"arch": "esm2_t2_tiny", "threads": 1}], "cuda_archs": ["esm2_t2_tiny"],
                        "settings": dict(TINY), "cuda_settings": {}},
-        "aggregation": {"sizes": (480,), "sites": (2,)},
+        "aggregation": {"sizes": (480,), "sites": (2,), "models": (320,), "reps": 2, "model_reps": 1, "threads": 1},
+        "attention": {"cpu_rows": [{"arch": "esm2_t2_tiny", "length": 40, "reps": 1, "threads": 1, "memory": False}],
+                      "cuda_rows": [{"arch": "esm2_t2_tiny", "length": 40}]},
         "comm": {"archs": ["esm2_t2_tiny"], "measure_full_max_params": 1e9},
     }
     threads = torch.get_num_threads()
-    doc = run_bench.run_all(["comm", "throughput", "aggregation"], sizes=sizes, work_dir=tmp_path,
+    doc = run_bench.run_all(["comm", "throughput", "aggregation", "attention"], sizes=sizes, work_dir=tmp_path,
                             echo=lambda *a: None)
     assert torch.get_num_threads() == threads  # a row's own thread count does not leak
-    assert doc["sections"] == ["throughput", "aggregation", "comm"]
-    assert set(doc["results"]) == {"throughput", "aggregation", "comm"}
+    assert doc["sections"] == ["throughput", "attention", "aggregation", "comm"]
+    assert set(doc["results"]) == {"throughput", "attention", "aggregation", "comm"}
     assert doc["machine"]["torch"] == torch.__version__ and doc["machine"]["cpu_count"] >= 1
-    assert doc["results"]["aggregation"]["rows"][0]["speedup"] > 0
+    agg = doc["results"]["aggregation"]
+    assert agg["rows"][0]["speedup"] > 0 and agg["rows"][0]["peer_over_ours"] > 0
+    assert agg["rows"][0]["rel_max_diff"] < 1e-4 and agg["rows"][0]["peer_rel_max_diff"] < 1e-4
+    assert agg["models"][0]["arch"] == "esm2_t6_8M_UR50D" and agg["models"][0]["n_matrices"] == 18
+    assert agg["models"][0]["ours_vs_peer_rel_diff"] < 1e-4  # both merge the same model to the same update
+    assert agg["models"][0]["dense_s"] > 0 and agg["models"][0]["cpu_s"]["ours"] > 0  # d=320: dense timed too
     json.dumps(doc)  # serializable as written to results.json
     md = run_bench.to_markdown(doc)
-    for title in ("## 1. Local training throughput", "## 2. FRA-LoRA aggregation", "## 3. Communication"):
+    for title in ("## 1. Local training throughput", "## 1b. Fused vs stock attention", "## 2. FRA-LoRA aggregation",
+                  "## 3. Communication", "Whole model"):
         assert title in md
     assert "| esm2_t2_tiny |" in md
     lines = run_bench.summary_lines(doc)
     assert any(line.startswith("throughput esm2_t2_tiny (cpu, 1 thread(s)): ours/plain =") for line in lines)
     assert doc["results"]["throughput"]["rows"][0]["threads"] == 1
     assert any(line.startswith("comm esm2_t2_tiny:") for line in lines)
+    assert any(line.startswith("attention esm2_t2_tiny cpu 40 residues: fused") for line in lines)
+    if not torch.cuda.is_available():
+        assert doc["results"]["attention"]["rows"][-1]["skipped"] == "no CUDA device"
 
 
 def test_markdown_of_simulator_sections():
@@ -186,3 +197,34 @@ def test_results_are_written_atomically(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
+
+
+def test_attention_rows_compare_fused_with_stock_on_the_same_batch():
+    import bench_attention
+
+    row = bench_attention.compare(bench_attention.AttentionSettings(
+        arch="esm2_t2_tiny", length=60, reps=2, threads=1, arms=("stock", "fused", "fused+ckpt")))
+    assert row["arms"] == ["stock", "fused", "fused+ckpt"] and row["tokens_per_batch"] == 2 * 62
+    assert row["residues_per_batch"] == 60 + 45  # the second chain is 75% long: padded
+    assert row["max_abs_logit_diff_vs_stock"] < 1e-5  # same weights, only the kernel differs
+    assert set(row["ratio_vs_stock"]) == {"fused", "fused+ckpt"} and all(v > 0 for v in row["ratio_vs_stock"].values())
+    assert all(row["memory"][arm]["peak_above_resident_mib"] >= 0 for arm in row["arms"])  # CPU: child processes
+    assert "fused+ckpt" in bench_attention.format_table([row])
+
+
+def test_merge_keeps_other_sections_and_says_when_each_was_measured():
+    def doc(date, sections, value):
+        machine = {"date": date, "git_commit": "abc", "torch_threads": 1, "cuda": None,
+                   "load_average_start": [1.0], "host_cpu": "cpu", "cpu_count": 2, "memory_gib": 1,
+                   "platform": "p", "python": "3", "torch": "t", "nvflare": "n", "peft": "p", "fair_esm": "f"}
+        return {"quick": False, "sections": sections, "machine": machine, "total_seconds": 5.0,
+                "load_average_end": [1.0],
+                "results": {s: {"rows": [], "value": value} for s in sections}}
+
+    merged = run_bench.merge_documents(doc("2026-01-01", ["throughput", "comm"], 1), doc("2026-02-02", ["comm"], 2))
+    assert merged["sections"] == ["throughput", "comm"]
+    assert merged["results"]["throughput"]["value"] == 1 and merged["results"]["comm"]["value"] == 2
+    assert merged["section_runs"]["throughput"]["date"] == "2026-01-01"
+    assert merged["section_runs"]["comm"]["date"] == "2026-02-02"
+    header = run_bench.to_markdown({**merged, "results": {}})  # the header only: these results are stand-ins
+    assert "section comm re-measured on 2026-02-02" in header and "section throughput re-measured" not in header

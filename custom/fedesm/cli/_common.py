@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedesm.settings import LoraSettings, TrainConfig, add_arguments, from_arguments
+from fedesm.settings import LoraSettings, ModelSettings, TrainConfig, add_arguments, from_arguments
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,15 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
 
 def lora_from_args(args) -> LoraSettings:
     return from_arguments(args, LoraSettings, prefix="lora-")
+
+
+def add_attention_arg(p: argparse.ArgumentParser) -> None:
+    """--attention fused|stock (fedesm.settings.ModelSettings.attention)."""
+    add_arguments(p, ModelSettings, skip=[n for n in ModelSettings.names() if n != "attention"], title="model")
+
+
+def attention_from_args(args) -> str:
+    return from_arguments(args, ModelSettings).attention
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from fedesm.cli._common import add_lora_args, add_train_args, load_data, lora_from_args, train_config_from_args
+from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
+                                lora_from_args, train_config_from_args)
 from fedesm.fileio import atomic_path
 
 
@@ -23,6 +24,7 @@ def register(sub) -> None:
                    "(default esm2_t12_35M_UR50D)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_attention_arg(p)
     add_lora_args(p)
     add_train_args(p)
     p.set_defaults(func=_train)
@@ -41,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model")
     p.add_argument("--max-len", type=int, default=None, help="window length (default: the model card's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_attention_arg(p)
     p.set_defaults(func=_predict)
 
 
@@ -51,7 +54,7 @@ def _train(args) -> int:
     val = load_data(args.val)
     cfg = train_config_from_args(args)
     rows = run_centralized(train, val, args.backbone, args.out, cfg, lora_from_args(args),
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, attention=attention_from_args(args))
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) and v == v else f"{'-':>6}"  # noqa: E731
     best = max(rows[1:], key=lambda r: (r["auprc"] if r["auprc"] == r["auprc"] else -1, r["f1"]))
     print("validation metrics per round (precision/recall/F1 at 0.5; thr = the F1-maximising threshold)")
@@ -82,6 +85,9 @@ def _predict(args) -> int:
 
         model, alphabet, card = load_trained_model(find_model_dir(model_path), backbone_source=args.backbone)
         threshold, max_len = card.threshold, card.max_len
+    from fedesm.model.esm2 import set_attention
+
+    set_attention(model, attention_from_args(args))
     threshold = args.threshold if args.threshold is not None else threshold
     max_len = args.max_len or max_len
     labelled = _read_labelled(args.input)

@@ -73,10 +73,11 @@ class AdapterEvaluator:
     """One ESM-2 + LoRA model in memory; scores saved adapters (per-round global models, a centralized
     run's last/) exactly as sites score theirs (same windows, threshold rule and metrics)."""
 
-    def __init__(self, backbone_source: str, lora, seed: int = 0, device: str = "auto"):
+    def __init__(self, backbone_source: str, lora, seed: int = 0, device: str = "auto",
+                 attention: Optional[str] = None):
         backbone = load_backbone(backbone_source)
         self.device = resolve_device(device)
-        self.model = build_lora_model(backbone, lora, seed=seed).to(self.device)
+        self.model = build_lora_model(backbone, lora, seed=seed, attention=attention).to(self.device)
         self.tokenizer = Tokenizer(backbone.alphabet)
         self.autocast = autocast_dtype(self.device)
 

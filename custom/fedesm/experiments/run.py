@@ -126,7 +126,8 @@ def prepare_seed(cfg: ExperimentConfig, out: Path, seed: int, echo) -> Seed:
     split_dirs = prepare_data(cfg, out, seed, echo)
     backbone = prepare_backbone(cfg, out, seed)
     initial = prepare_initial(cfg, out, seed, backbone)
-    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=seed, device=cfg.runtime["device"])
+    evaluator = AdapterEvaluator(backbone, cfg.lora, seed=seed, device=cfg.runtime["device"],
+                                 attention=cfg.model.attention)
     return Seed(seed=seed, split_dirs=split_dirs, backbone=backbone, initial=initial,
                 heldout=heldout_data(next(iter(split_dirs.values()))), evaluator=evaluator)
 

@@ -89,7 +89,7 @@ class EsmLoraExecutor(Executor):
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
         model = build_lora_model(backbone, self.settings.lora, num_labels=self.settings.model.num_labels,
-                                 seed=self.settings.training.seed)
+                                 seed=self.settings.training.seed, attention=self.settings.model.attention)
         training = self.site_training(self.site, num_rounds, cfg.device)
         self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
         self.num_rounds = num_rounds

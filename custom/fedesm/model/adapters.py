@@ -20,8 +20,12 @@ from fedesm.model.keys import is_lora_b
 from fedesm.settings import LoraSettings
 
 
-def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_labels: int = 2, seed: int = 0):
-    """Freeze the backbone, add the head, wrap with PEFT LoRA. Returns a `peft.PeftModel`."""
+def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_labels: int = 2, seed: int = 0,
+                     attention: str | None = None):
+    """Freeze the backbone, add the head, wrap with PEFT LoRA. Returns a `peft.PeftModel`.
+
+    ``attention``: ``model.attention`` (fused | stock; default: the setting's default, fused).
+    """
     from peft import get_peft_model
 
     lora = lora or LoraSettings()
@@ -29,7 +33,7 @@ def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_l
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same initial head and LoRA A at every site
-        model = EsmTokenClassifier(backbone.model, num_labels=num_labels)
+        model = EsmTokenClassifier(backbone.model, num_labels=num_labels, attention=attention)
         return get_peft_model(model, lora.to_peft())
 
 

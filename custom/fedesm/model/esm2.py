@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
+from fedesm.model.attention import can_fuse, fused_layer, stock_layer
 from fedesm.model.keys import CLASSIFIER_NAME
+from fedesm.settings import ATTENTIONS, ModelSettings
 
 
 class EsmTokenClassifier(nn.Module):
-    """ESM-2 encoder + a linear per-residue head on the last layer's representations."""
+    """ESM-2 encoder + a linear per-residue head on the last layer's representations.
 
-    def __init__(self, esm2: nn.Module, num_labels: int = 2, head_dropout: float = 0.1):
+    ``attention``: ``fused`` runs each layer's self-attention through PyTorch's fused kernel
+    (``fedesm.model.attention``; same weights, same outputs), ``stock`` through fair-esm's own
+    forward; default: ``model.attention`` (fused). ``checkpoint_layers``: recompute each layer's
+    activations in the backward pass instead of keeping them (less memory, ~one more forward).
+    """
+
+    def __init__(self, esm2: nn.Module, num_labels: int = 2, head_dropout: float = 0.1,
+                 attention: Optional[str] = None, checkpoint_layers: bool = False):
         super().__init__()
         self.esm = esm2
         self.dropout = nn.Dropout(head_dropout)
         setattr(self, CLASSIFIER_NAME, nn.Linear(esm2.embed_dim, num_labels))
+        self.set_attention(attention or ModelSettings.attention)
+        self.checkpoint_layers = bool(checkpoint_layers)
 
     @property
     def head(self) -> nn.Linear:
         return getattr(self, CLASSIFIER_NAME)
+
+    def set_attention(self, attention: str) -> None:
+        """``fused`` or ``stock``; fused falls back to stock on a layer it cannot reproduce exactly."""
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTIONS)}")
+        self.attention = attention
+        self._layer_fns = [fused_layer if attention == "fused" and can_fuse(layer) else stock_layer
+                           for layer in self.esm.layers]
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Last-layer representations (B, T, E); fair-esm's ESM2.forward without the LM head."""
@@ -35,10 +57,34 @@ class EsmTokenClassifier(nn.Module):
         x = x * (1 - padding_mask.unsqueeze(-1).type_as(x))
         x = x.transpose(0, 1)
         mask = padding_mask if padding_mask.any() else None
-        for layer in esm2.layers:
-            x, _ = layer(x, self_attn_padding_mask=mask, need_head_weights=False)
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
+        for layer, fn in zip(esm2.layers, self._layer_fns):
+            if recompute:
+                x = checkpoint(fn, layer, x, mask, use_reentrant=False)
+            else:
+                x = fn(layer, x, mask)
         x = esm2.emb_layer_norm_after(x)
         return x.transpose(0, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.encode(tokens)))
+
+
+def classifiers(model: nn.Module) -> list[EsmTokenClassifier]:
+    """The EsmTokenClassifier(s) in ``model`` (itself, or inside PEFT's wrapper)."""
+    found = [m for m in model.modules() if isinstance(m, EsmTokenClassifier)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no EsmTokenClassifier")
+    return found
+
+
+def set_attention(model: nn.Module, attention: str) -> None:
+    """Switch every EsmTokenClassifier in ``model`` to ``fused`` or ``stock`` attention (``model.attention``)."""
+    for clf in classifiers(model):
+        clf.set_attention(attention)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Recompute layer activations in the backward pass (``training.activation_checkpointing``)."""
+    for clf in classifiers(model):
+        clf.checkpoint_layers = bool(enabled)

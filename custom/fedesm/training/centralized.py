@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_source: str, out_dir,
                     config: TrainConfig, lora: Optional[LoraSettings] = None, arm: str = "centralized",
                     progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None,
-                    initial_state: Optional[dict] = None) -> list[dict]:
+                    initial_state: Optional[dict] = None, attention: Optional[str] = None) -> list[dict]:
     """Train for `config.rounds` rounds of `config.steps_per_round` steps; evaluate on `val` after each.
 
     `initial_state` (adapters + head, e.g. a federated job's round-0 state) replaces PEFT's own init, so a
@@ -37,7 +37,7 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or LoraSettings()
     backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
-    model = build_lora_model(backbone, lora, seed=config.seed)
+    model = build_lora_model(backbone, lora, seed=config.seed, attention=attention)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
     if initial_state is not None:
         trainer.load_global(initial_state)

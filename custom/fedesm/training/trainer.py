@@ -18,6 +18,7 @@ import torch
 
 from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer
 from fedesm.data.records import Record
+from fedesm.model.esm2 import set_activation_checkpointing
 from fedesm.model.keys import is_lora_a
 from fedesm.settings import TrainConfig
 from fedesm.training.gradients import make_gradients
@@ -72,6 +73,7 @@ class LocalTrainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        set_activation_checkpointing(self.model, config.activation_checkpointing)
         self.tokenizer = Tokenizer(alphabet)
         self.autocast_dtype = autocast_dtype(self.device, config.precision)
         if config.freeze_lora_a:
