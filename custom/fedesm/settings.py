@@ -376,6 +376,17 @@ class FederationSettings(Settings):
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
     keep_rounds: bool = setting(True, "the server keeps every round's global adapters (rounds/round_NNN)")
     train_timeout: int = setting(0, "seconds the server waits for a site's round (0 = no limit)")
+    # 10x: honest sites doing the same N steps at the same learning rate differ by a few x at most
+    # (measured in tests/integration/test_simulator.py on label-skewed sites); a scaled or diverged update by far more.
+    max_update_ratio: float = setting(10.0, "reject a site's update whose norm (the change of B.A over the adapted "
+                                      "matrices, plus the head's change) is more than this multiple of the median "
+                                      "of the other sites' in the round (0 = off)")
+    max_update_norm: Optional[float] = setting(None, "reject a site's update whose norm exceeds this absolute cap "
+                                               "(same units as max_update_ratio's norm; default: no cap)")
+    resume_from: Optional[str] = setting(None, "continue a previous run from a saved round: its "
+                                         "fedesm/rounds/round_NNN (or fedesm/last) folder, a path or s3:// URI "
+                                         "on the server; the job runs rounds NNN+1 .. training.rounds",
+                                         metavar="PATH")
 
     def check(self) -> None:
         if self.min_clients < 1:
@@ -384,6 +395,24 @@ class FederationSettings(Settings):
             self.fail("max_residual_rank", f"must be a positive integer, got {self.max_residual_rank}")
         if self.train_timeout < 0:
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
+        if self.max_update_ratio != 0 and not self.max_update_ratio > 1:
+            self.fail("max_update_ratio", f"must be > 1 (a multiple of the other sites' median) or 0 (off), "
+                      f"got {self.max_update_ratio:g}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            self.fail("max_update_norm", f"must be > 0, got {self.max_update_norm:g}")
+        if self.resume_from is not None:
+            self._check_resume_from()
+
+    def _check_resume_from(self) -> None:
+        text = self.resume_from.strip()  # blank, none or null already mean "not resuming"
+        object.__setattr__(self, "resume_from", text)
+        if text[:5].lower() == "s3://":
+            from fedesm.storage import parse_s3_uri
+
+            try:
+                parse_s3_uri(text.rstrip("/"))
+            except FedesmError as e:
+                self.fail("resume_from", str(e))
 
 
 @dataclass(frozen=True)

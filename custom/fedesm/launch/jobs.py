@@ -68,12 +68,12 @@ def _component(cid: str, path: str, args: Optional[dict] = None) -> dict:
 def _server_config(workflow: str) -> dict:
     """The server's components; numbers NVFLARE needs are filled in by `_sync`."""
     if workflow == "scatter_and_gather":
-        flow = _component("scatter_and_gather", "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", {
+        flow = _component("scatter_and_gather", "fedesm.flare.workflows.ScatterAndGather", {
             "min_clients": None, "num_rounds": None, "wait_time_after_min_received": 0,
             "aggregator_id": "aggregator", "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
             "train_task_name": "train", "train_timeout": None, "ignore_result_error": None})
     elif workflow == "cyclic":
-        flow = _component("cyclic", "nvflare.app_common.workflows.cyclic_ctl.CyclicController", {
+        flow = _component("cyclic", "fedesm.flare.workflows.CyclicController", {
             "num_rounds": None, "task_assignment_timeout": 60, "persistor_id": "persistor",
             "shareable_generator_id": "shareable_generator", "task_name": "train", "order": "FIXED"})
     else:
