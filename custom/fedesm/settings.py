@@ -376,6 +376,11 @@ class FederationSettings(Settings):
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
     keep_rounds: bool = setting(True, "the server keeps every round's global adapters (rounds/round_NNN)")
     train_timeout: int = setting(0, "seconds the server waits for a site's round (0 = no limit)")
+    # Without a wait, the first min_clients answers close the round: a site that answers fast (one that sends
+    # garbage need not train) and is rejected would then leave too few updates, and stop the job, every time.
+    wait_after_min_clients: int = setting(30, "seconds the server still waits for the other sites once "
+                                          "min_clients have sent their round, so every update is judged "
+                                          "together (no wait when all sites have answered)")
     # 10x: honest sites doing the same N steps at the same learning rate differ by a few x at most
     # (measured in tests/integration/test_simulator.py on label-skewed sites); a scaled or diverged update by far more.
     max_update_ratio: float = setting(10.0, "reject a site's update whose norm (the change of B.A over the adapted "
@@ -395,6 +400,8 @@ class FederationSettings(Settings):
             self.fail("max_residual_rank", f"must be a positive integer, got {self.max_residual_rank}")
         if self.train_timeout < 0:
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
+        if self.wait_after_min_clients < 0:
+            self.fail("wait_after_min_clients", f"must be >= 0, got {self.wait_after_min_clients}")
         if self.max_update_ratio != 0 and not self.max_update_ratio > 1:
             self.fail("max_update_ratio", f"must be > 1 (a multiple of the other sites' median) or 0 (off), "
                       f"got {self.max_update_ratio:g}")

@@ -30,6 +30,7 @@ from fedesm.errors import FedesmError
 from fedesm.resume import fetch_resume_point, read_resume_point
 from fedesm.settings import FederationSettings
 from fedesm.tables import read_table
+from tests.s3_server import s3, s3_server  # noqa: F401 (fixtures)
 from tests.unit.test_flare_aggregator import Engine, contribution
 
 BLOCKS = {"model": {"arch": "esm2_t2_tiny"}, "lora": {"r": 4}, "training": {"rounds": 4, "steps_per_round": 5}}
@@ -245,8 +246,6 @@ def test_job_export_resume_from_flag(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[0].startswith("fedesm: error: federation.resume_from")
     assert not (tmp_path / "x").exists()
 
-
-from tests.s3_server import s3, s3_server  # noqa: E402,F401 (fixtures)
 
 
 def test_a_round_on_s3_resumes_with_its_run(tmp_path, crashed, s3):

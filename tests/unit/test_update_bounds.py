@@ -141,3 +141,17 @@ def test_bound_settings_are_checked_where_they_are_read():
             FederationSettings.from_dict(bad)
     s = JobSettings().with_overrides(["max_update_ratio=4", "federation.max_update_norm=2.5"])
     assert s.federation.max_update_ratio == 4 and s.federation.max_update_norm == 2.5
+    with pytest.raises(FedesmError, match="federation.wait_after_min_clients: must be >= 0, got -1"):
+        FederationSettings(wait_after_min_clients=-1)
+
+
+def test_the_workflow_waits_for_the_other_sites_as_the_setting_says():
+    """Once min_clients have answered, ScatterAndGather still waits federation.wait_after_min_clients for
+    the rest, so a fast outlier cannot close the round with too few updates left."""
+    from fedesm.launch.jobs import JOBS, SERVER_CONFIG, render_job
+
+    flow = render_job(JOBS["esm2_fra_lora"])[SERVER_CONFIG]["workflows"][0]["args"]
+    assert flow["wait_time_after_min_received"] == FederationSettings().wait_after_min_clients == 30
+    s = JOBS["esm2_fra_lora"].settings.with_overrides({"wait_after_min_clients": 5})
+    flow = render_job(JOBS["esm2_fra_lora"], s)[SERVER_CONFIG]["workflows"][0]["args"]
+    assert flow["wait_time_after_min_received"] == 5

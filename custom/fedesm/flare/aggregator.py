@@ -72,6 +72,7 @@ class FraLoraAggregator(Aggregator):
         self.last_round_weights: dict[str, float] = {}
         self.last_reject_reason: str | None = None
         self.last_round_checks: dict[str, aggregation.UpdateCheck] = {}
+        self.last_round_sites: list[str] = []  # sites whose update reached aggregate() last round
         self.metrics_recorder_id = metrics_recorder_id
         self._lock = threading.Lock()
         self._round = None
@@ -203,6 +204,7 @@ class FraLoraAggregator(Aggregator):
             checks = aggregation.screen_updates([self._contributions[s][0] for s in vetted], global_state,
                                                 max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm)
             self.last_round_checks = dict(zip(vetted, checks))
+            self.last_round_sites = list(vetted)
             sites = [s for s, c in zip(vetted, checks) if c.reason is None]
             if len(sites) >= fed.min_clients:
                 states = [self._contributions[s][0] for s in sites]
