@@ -4,12 +4,13 @@ Each example is a set of 0-5 records (now and then one of 20,000-60,000 residues
 FASTA, CSV, TSV, JSON Lines or Parquet, maybe gzipped, with varied line endings, comments, column orders
 and label spellings, then maybe damaged: truncated, stray bytes (raw or inside the gzip stream), a
 required column missing, a label of the wrong length or alphabet, a residue outside ESM-2's alphabet, or
-another encoding (Latin-1, UTF-16). Parquet files are written with page checksums (as fedesm writes
-them) or without (as other tools may); damage inside the data pages of a file without them cannot be
-detected by any reader, and there only the counts are checked. `fedesm data validate --json` and `fedesm data split` (the loader
+another encoding (Latin-1, UTF-16). `fedesm data validate --json` and `fedesm data split` (the loader
 training and every site use) must each end in exit 0 with the right counts, or exit 2 with lines that
 name the file (one line for the loader), never a traceback; a failed split leaves nothing behind, and
 what a damaged file yields when it is still accepted are records of the original, never altered ones.
+Parquet files are written with page checksums (as fedesm writes them) or without (as other tools may):
+damage inside the data pages of a file without them cannot be detected by any reader, so there only
+the counts are checked.
 """
 
 from __future__ import annotations

@@ -321,7 +321,8 @@ def _read_delimited(path: Path, gz: bool, delimiter: str):
     try:
         header = next(reader)
     except StopIteration:
-        raise no_records_error(path, "the file is empty" if not text else "only blank lines and comments, no header row")
+        raise no_records_error(path, "the file is empty" if not text else
+                               "only blank lines and comments, no header row")
     except csv.Error as e:
         raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} header: {e}", path=path, line=skip + 1)
     header = [h.strip() for h in header]

@@ -232,7 +232,8 @@ class FraLoraAggregator(Aggregator):
             self._record(fl_ctx, row, verdicts)
         if len(sites) < fed.min_clients:
             reason = (f"round {round_}: {len(sites)} usable contribution(s) ({', '.join(sites) or 'none'}), "
-                      f"federation.min_clients is {fed.min_clients}: stopping; the last saved round is the last good one")
+                      f"federation.min_clients is {fed.min_clients}: stopping; the last saved round is the last "
+                      "good one")
             self.log_error(fl_ctx, reason)
             self.system_panic(reason, fl_ctx)
             return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()

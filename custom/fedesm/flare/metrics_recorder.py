@@ -108,6 +108,11 @@ class MetricsRecorder(AnalyticsReceiver):
                 self.manifest.setdefault(site, info)
             self._write()
 
+    def snapshot(self) -> list[dict]:
+        """The table as it stands, for another thread (metrics keep streaming in while the server saves a round)."""
+        with self._save_lock:
+            return [dict(r) for r in self.table()]
+
     def record(self, round_num: int, site: str, values: dict) -> None:
         """Put values from another server component into row (round, site) (e.g. the aggregator's verdict)."""
         with self._save_lock:

@@ -158,7 +158,7 @@ class LoraPersistor(ModelPersistor):
         recorder = self._component(fl_ctx, self.metrics_recorder_id)
         aggregator = self._component(fl_ctx, self.aggregator_id)
         ef_state = getattr(aggregator, "ef_state", None) if self.settings.federation.strategy == "fra-ef" else None
-        rows = recorder.table() if recorder is not None else []
+        rows = recorder.snapshot() if recorder is not None else []
         for target in targets:
             with atomic_dir(target) as tmp:
                 write_adapter_files(self.last_weights, card, tmp)
