@@ -119,6 +119,13 @@ def check_persisted(out: Path, last_complete: int) -> None:
     assert {r["round"] for r in rows if r["site"] == SERVER_ROW} == set(range(1, last_complete + 1))
 
 
+def wait_inside_round_2(net: LocalNetwork, job_id: str, out: Path, site: str) -> None:
+    """Round 1 is saved and the site has started its round-2 task (its second train task)."""
+    log = net.job_log(site, job_id)
+    wait_for(lambda: (out / "rounds" / "round_001").is_dir() and count_in(log, "invoking task executor") >= 2,
+             f"{site} inside round 2", timeout=300)
+
+
 def aggregated(log_text: str) -> dict[int, int]:
     """round (0-based) -> how many sites the aggregator combined, from the server's job log."""
     return {int(r): int(n) for r, n in re.findall(r"round (\d+): \S+ of (\d+) sites", log_text)}
@@ -176,9 +183,7 @@ def test_site_killed_mid_round_fails_the_job_cleanly_and_a_resumed_job_runs_with
     net = both_sites
     job_id = net.submit(fedesm_job(tmp_path, "kill-site", site_data[1]))
     out = run_dir(net, job_id)
-    site_log = net.job_log("site-2", job_id)
-    wait_for(lambda: (out / "rounds" / "round_001").is_dir() and count_in(site_log, "invoking task executor") >= 2,
-             "site-2 inside round 2", timeout=300)
+    wait_inside_round_2(net, job_id, out, "site-2")
     net.kill_client("site-2")
     meta = net.follow(job_id, timeout=300, poll_interval=1.0)
     assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION"
@@ -205,9 +210,7 @@ def test_site_killed_mid_round_with_min_clients_1_finishes_with_the_other_site(b
     job_id = net.submit(fedesm_job(tmp_path, "kill-min1", site_data[1],
                                    **{"federation.min_clients": 1, "training.rounds": 6}))
     out = run_dir(net, job_id)
-    wait_for(lambda: (out / "rounds" / "round_001").is_dir() and
-             count_in(net.job_log("site-2", job_id), "invoking task executor") >= 2, "site-2 inside round 2",
-             timeout=300)
+    wait_inside_round_2(net, job_id, out, "site-2")
     net.kill_client("site-2")
     net.wait_for_dropped(["site-2"], timeout=HEART_BEAT_TIMEOUT + 30)
     assert net.job_status(job_id) == "RUNNING"
@@ -229,8 +232,7 @@ def test_admin_abort_stops_sites_between_steps_and_keeps_the_last_round(both_sit
     net = both_sites
     job_id = net.submit(fedesm_job(tmp_path, "abort", site_data[1]))
     out = run_dir(net, job_id)
-    wait_for(lambda: (out / "rounds" / "round_001").is_dir(), "round_001 saved", timeout=300)
-    wait_for(lambda: count_in(net.job_log("site-1", job_id), "invoking task executor") >= 2, "round 2 started")
+    wait_inside_round_2(net, job_id, out, "site-1")
     time.sleep(1)  # inside round 2's local steps
     net.abort(job_id)
     meta = net.follow(job_id, timeout=120, poll_interval=1.0)
@@ -247,9 +249,7 @@ def test_a_sites_job_process_killed_fails_the_job_and_keeps_the_last_round(both_
     job_id = net.submit(fedesm_job(tmp_path, "kill-job-process", site_data[1],
                                    **{"federation.min_clients": 1}))
     out = run_dir(net, job_id)
-    wait_for(lambda: (out / "rounds" / "round_001").is_dir() and
-             count_in(net.job_log("site-2", job_id), "invoking task executor") >= 2, "site-2 inside round 2",
-             timeout=300)
+    wait_inside_round_2(net, job_id, out, "site-2")
     assert net.kill_job_process("site-2", job_id) == 1
     meta = net.follow(job_id, timeout=300, poll_interval=1.0)
     assert meta["status"] == "FINISHED:EXECUTION_EXCEPTION"
