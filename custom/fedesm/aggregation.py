@@ -464,3 +464,93 @@ def _store_residual(state: AggregationState, name: str, a_tail, b_tail, s_tail, 
         return
     state.residuals[name] = (np.ascontiguousarray(a_tail[:keep]), np.ascontiguousarray(b_tail[:, :keep]))
     state.residual_norms[name] = float(np.sqrt(np.sum(s_tail[:keep] ** 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# bounded updates: how far each site moves the model, from the factors (strategy-independent)
+# --------------------------------------------------------------------------------------------
+
+
+def product_norm(a: Any, b: Any) -> float:
+    """``||B A||_F`` from the factors: ``||BA||_F^2 = trace((B^T B)(A A^T))``, two r x r Gram matrices.
+
+    Fine when the product itself is wanted; a *difference* of two products is better taken with
+    :func:`product_difference_norm`, which does not subtract nearly equal squares.
+    """
+    a64, b64 = _to_f64(a), _to_f64(b)
+    return float(np.sqrt(max(0.0, float(np.sum((b64.T @ b64) * (a64 @ a64.T))))))
+
+
+def product_difference_norm(a: Any, b: Any, a_ref: Any = None, b_ref: Any = None) -> float:
+    """``||B A - B_ref A_ref||_F`` without forming either d_out x d_in product.
+
+    ``B A - B_ref A_ref = [B, -B_ref] [A; A_ref]``; with the QR factorisations ``[B, -B_ref] = Q_B R_B``
+    and ``[A; A_ref]^T = Q_A R_A`` (orthonormal Q), the norm is that of the small 2r x 2r core
+    ``R_B R_A^T``: O((d_out + d_in) r^2) work, and stable when the update is tiny next to the product.
+    Without a reference it is ``||B A||_F``.
+    """
+    a64, b64 = _to_f64(a), _to_f64(b)
+    if a_ref is not None:
+        a64 = np.concatenate([a64, _to_f64(a_ref)], axis=0)
+        b64 = np.concatenate([b64, -_to_f64(b_ref)], axis=1)
+    r_b = np.linalg.qr(b64, mode="r")
+    r_a = np.linalg.qr(a64.T, mode="r")
+    return float(np.linalg.norm(r_b @ r_a.T))
+
+
+def update_norm(site_state: dict[str, Any], global_state: dict[str, Any] | None = None) -> float:
+    """The size of one site's update: ``sqrt(sum_pairs ||B_k A_k - B_g A_g||_F^2 + sum_rest ||x_k - x_g||^2)``.
+
+    LoRA pairs count by the change of their product B·A (what the model applies; the factors themselves
+    are not unique), every other tensor (the head) by its plain change. Without ``global_state`` it is
+    the norm of the site's own state (its change from zero).
+    """
+    keys = list(site_state)
+    pairs = lora_pairs(keys)
+    lora_keys = {k for pair in pairs.values() for k in pair}
+    total = 0.0
+    for a_key, b_key in pairs.values():
+        ref = (global_state[a_key], global_state[b_key]) if global_state is not None else (None, None)
+        total += product_difference_norm(site_state[a_key], site_state[b_key], *ref) ** 2
+    for k in keys:
+        if k not in lora_keys:
+            diff = _to_f64(site_state[k]) - (_to_f64(global_state[k]) if global_state is not None else 0.0)
+            total += float(np.sum(diff * diff))
+    return float(np.sqrt(total))
+
+
+@dataclass(frozen=True)
+class UpdateCheck:
+    """One site's update in a round: its norm, its ratio to the median of the others', and why it is
+    rejected (None = kept)."""
+
+    norm: float
+    ratio: float  # norm / median of the other sites' norms; nan when there is no other site or that median is 0
+    reason: str | None
+
+
+def screen_updates(site_states: Sequence[dict[str, Any]], global_state: dict[str, Any] | None = None,
+                   max_ratio: float = 0.0, max_norm: float | None = None) -> list[UpdateCheck]:
+    """Bound the sites' updates before any strategy averages them.
+
+    A site is rejected when its :func:`update_norm` exceeds ``max_norm`` (an absolute cap), or is more
+    than ``max_ratio`` times the median of the *other* sites' norms (a diverged or malicious site cannot
+    pull that median along with it; 0 = off). The relative bound needs at least one other site and a
+    non-zero median; with two sites the larger is judged against the smaller.
+    """
+    norms = [update_norm(s, global_state) for s in site_states]
+    out = []
+    for i, norm in enumerate(norms):
+        others = norms[:i] + norms[i + 1:]
+        median = float(np.median(others)) if others else 0.0
+        ratio = norm / median if median > 0 else float("nan")
+        reason = None
+        if not np.isfinite(norm):
+            reason = f"update norm is {norm}"
+        elif max_norm is not None and norm > max_norm:
+            reason = f"update norm {norm:.4g} > federation.max_update_norm {max_norm:g}"
+        elif max_ratio and np.isfinite(ratio) and ratio > max_ratio:
+            reason = (f"update norm {norm:.4g} is {ratio:.3g}x the median of the other sites' ({median:.4g}); "
+                      f"federation.max_update_ratio is {max_ratio:g}")
+        out.append(UpdateCheck(norm=norm, ratio=ratio, reason=reason))
+    return out

@@ -1,5 +1,7 @@
 """FraLoraAggregator on hand-built Shareables and FLContexts, and the payload helpers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,140 @@ def test_fp16_contribution_is_decoded_and_accepted(strategy):
         assert agg.accept(contribution(w, f"site-{i}", transfer_dtype=transfer), fl_ctx)
     out = from_shareable(agg.aggregate(fl_ctx)).data
     assert out[A_KEY].dtype == np.float32 and out[B_KEY].dtype == np.float32
+
+
+# ------------------------------------------------------------ vetting against the global model, bounds
+
+
+class Engine:
+    """What the server components ask an engine for here: components by id, a workspace, and events
+    (kept, so a test sees a system panic)."""
+
+    def __init__(self, root=None, **components):
+        from nvflare.apis.workspace import Workspace
+
+        self.components = components
+        if root is not None:
+            for sub in ("startup", "local"):  # what a server's workspace (its kit) has
+                (Path(root) / sub).mkdir(parents=True, exist_ok=True)
+        self.workspace = Workspace(str(root)) if root is not None else None
+        self.events = []
+
+    def get_component(self, cid):
+        return self.components.get(cid)
+
+    def get_workspace(self):
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx):
+        from nvflare.apis.fl_constant import FLContextKey
+
+        self.events.append((event_type, fl_ctx.get_prop(FLContextKey.EVENT_DATA)))
+
+
+def engine_context(engine, round_=3, global_weights=None):
+    fl_ctx = context(round_, global_weights)
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    return fl_ctx
+
+
+def scaled(weights, glob, factor):
+    """The global model plus `factor` times the site's change of it (factor -40: sign-flipped, large)."""
+    return {k: (glob[k] + factor * (v - glob[k])).astype(np.float32) for k, v in weights.items()}
+
+
+def near(glob, seed, step=0.05):
+    rng = np.random.default_rng(seed)
+    return {k: (v + step * rng.standard_normal(v.shape)).astype(np.float32) for k, v in glob.items()}
+
+
+def test_a_head_only_first_site_cannot_become_the_reference():
+    """Checked against the global model, not the first arrival: every order accepts the same sites."""
+    import itertools
+
+    glob = site_weights(0)
+    head_only = {k: v for k, v in site_weights(9).items() if ".head." in k}
+    sites = {"head-only": head_only, "site-1": site_weights(1), "site-2": site_weights(2)}
+    for order in itertools.permutations(sites):
+        agg = make()
+        fl_ctx = context(global_weights=glob)
+        accepted = {s for s in order if agg.accept(contribution(sites[s], s), fl_ctx)}
+        assert accepted == {"site-1", "site-2"}, order
+    assert not make().accept(contribution(head_only, "head-only"), context(global_weights=glob))
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (lambda w: dict(w, **{A_KEY: w[A_KEY].astype(np.int32)}), "is not a float array (dtype int32)"),
+    (lambda w: dict(w, **{B_KEY: np.full((D, R), np.inf, np.float32)}), "has non-finite values"),
+    (lambda w: {k: v for k, v in w.items() if k != B_KEY}, "missing keys (the global model has them)"),
+    (lambda w: dict(w, extra=np.zeros(3, np.float32)), "unknown keys (not in the global model)"),
+])
+def test_rejects_against_the_global_model(bad, reason):
+    agg = make()
+    fl_ctx = context(global_weights=site_weights(0))
+    assert not agg.accept(contribution(bad(site_weights(1)), "site-1"), fl_ctx)
+    assert reason in agg.last_reject_reason
+
+
+def test_a_wider_float_is_cast_to_the_global_dtype():
+    agg = make()
+    fl_ctx = context(global_weights=site_weights(0))
+    wide = DXO(DataKind.WEIGHTS, {k: v.astype(np.float64) for k, v in site_weights(1).items()},
+               meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 10, "n_samples": 100}).to_shareable()
+    wide.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
+    wide.add_cookie(AppConstants.CONTRIBUTION_ROUND, 3)
+    assert agg.accept(wide, fl_ctx)
+    assert agg.accept(contribution(site_weights(2), "site-2"), fl_ctx)
+    out = from_shareable(agg.aggregate(fl_ctx)).data
+    assert all(v.dtype == np.float32 for v in out.values())
+
+
+@pytest.mark.parametrize("strategy", ["fra", "fra-ef", "fedit", "ffa"])
+@pytest.mark.parametrize("factor", [1e3, -40.0])
+def test_an_outlying_update_is_rejected_recorded_and_left_out(strategy, factor):
+    from fedesm.flare.metrics_recorder import MetricsRecorder
+
+    glob = site_weights(0)
+    frozen = {k: v for k, v in glob.items() if ".lora_A." in k}
+    sites = {f"site-{i}": near(glob, i) for i in (1, 2, 3)}
+    if strategy == "ffa":
+        sites = {s: dict(w, **frozen) for s, w in sites.items()}
+    sites["site-3"] = scaled(sites["site-3"], glob, factor)
+    recorder = MetricsRecorder()
+    agg = make(strategy)
+    fl_ctx = engine_context(Engine(metrics_recorder=recorder), global_weights=glob)
+    for name, w in sites.items():
+        assert agg.accept(contribution(w, name), fl_ctx)  # well-formed: only the bound can catch it
+    out = from_shareable(agg.aggregate(fl_ctx)).data
+    assert set(agg.last_round_weights) == {"site-1", "site-2"}
+    kw = {"state": AggregationState()} if strategy == "fra-ef" else {}
+    expected = aggregate([sites["site-1"], sites["site-2"]], [10, 10], strategy, rank=R, global_state=glob, **kw)
+    for k in KEYS:
+        np.testing.assert_allclose(out[k], expected[k], atol=1e-6)
+    rows = {r["site"]: r for r in recorder.table() if r["round"] == 4}  # round 3 (0-based) = row 4
+    assert "rejected" not in rows["site-1"] and "rejected" not in rows["site-2"]
+    assert "the median of the other sites'" in rows["site-3"]["rejected"]
+    assert rows["site-3"]["update_norm"] > 10 * rows["site-1"]["update_norm"]
+    assert rows["site-1"]["update_norm_ratio"] < 1  # the others' median includes the outlier: no false alarm
+
+
+def test_too_few_usable_contributions_fail_the_round_cleanly():
+    from nvflare.apis.event_type import EventType
+
+    from fedesm.flare.metrics_recorder import MetricsRecorder
+
+    glob = site_weights(0)
+    recorder = MetricsRecorder()
+    engine = Engine(metrics_recorder=recorder)
+    agg = make(min_clients=2)
+    fl_ctx = engine_context(engine, global_weights=glob)
+    assert agg.accept(contribution(near(glob, 1), "site-1"), fl_ctx)
+    assert agg.accept(contribution(scaled(near(glob, 2), glob, 1e3), "site-2"), fl_ctx)  # 2 sites: the big one goes
+    head_only = {k: v for k, v in near(glob, 3).items() if ".head." in k}
+    assert not agg.accept(contribution(head_only, "site-3"), fl_ctx)
+    out = from_shareable(agg.aggregate(fl_ctx))
+    assert out.data == {}  # nothing to persist: the workflow stops on the panic before saving a round
+    panics = [data for event, data in engine.events if event == EventType.FATAL_SYSTEM_ERROR]
+    assert len(panics) == 1 and "1 usable contribution(s) (site-1), federation.min_clients is 2" in panics[0]
+    rows = {r["site"]: r for r in recorder.table()}
+    assert "missing keys" in rows["site-3"]["rejected"] and "median" in rows["site-2"]["rejected"]

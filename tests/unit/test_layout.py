@@ -106,7 +106,8 @@ def test_only_the_nvflare_glue_imports_nvflare():
     assert importers and all(p.startswith(("flare/", "launch/")) for p in importers), importers
 
 
-@pytest.mark.parametrize("module", ["aggregation.py", "settings.py", "model/keys.py", "tables.py", "results.py"])
+@pytest.mark.parametrize("module", ["aggregation.py", "settings.py", "model/keys.py", "tables.py", "results.py",
+                                    "resume.py"])
 def test_framework_free_cores_stay_free(module):
     """The aggregation maths, the settings and the name rules import neither NVFLARE nor PEFT at the top."""
     tree = ast.parse((PACKAGE / module).read_text())

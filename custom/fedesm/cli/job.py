@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from fedesm.launch.jobs import JOBS, export_job, job_settings, list_jobs, write_shipped_jobs
+from fedesm.settings import parse_assignment
 
 
 def register(sub) -> None:
@@ -38,6 +39,10 @@ def register(sub) -> None:
                    help="also copy the fedesm package into app/custom (a bring-your-own-code job): for a plain "
                    "`nvflare simulator` run in a workspace without fedesm's class allow-list, or a network "
                    "whose policy grants BYOC. The shipped site policy refuses such jobs.")
+    q.add_argument("--resume-from", default=None, metavar="PATH",
+                   help="continue a crashed run: its saved round on the server, <server workspace>/<job id>/fedesm/"
+                   "rounds/round_NNN (or .../fedesm/last), or an s3:// URI of one; the job runs rounds NNN+1 to "
+                   "training.rounds (= --set federation.resume_from=PATH)")
     q.set_defaults(func=_export)
 
     q = jsub.add_parser("render", help="rewrite the shipped job folders from their definitions",
@@ -61,10 +66,13 @@ def _show(args) -> int:
 
 def _export(args) -> int:
     names = args.jobs or list_jobs()
+    overrides = {".".join(parts): value for parts, value in map(parse_assignment, args.set)}
+    if args.resume_from is not None:
+        overrides["federation.resume_from"] = args.resume_from  # a path, never parsed as YAML
     for name in names:
-        dest = export_job(name, args.out, args.set, job_name=args.name if len(names) == 1 else None,
+        dest = export_job(name, args.out, overrides, job_name=args.name if len(names) == 1 else None,
                           include_package=args.with_code)
-        print(f"exported {dest}")
+        print(f"exported {dest}" + (f" (resumes from {args.resume_from})" if args.resume_from else ""))
     return 0
 
 

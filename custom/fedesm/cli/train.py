@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
@@ -48,13 +49,16 @@ def register(sub) -> None:
 
 
 def _train(args) -> int:
+    from fedesm.data.validate import check_site_data
     from fedesm.training.centralized import run_centralized
 
+    cfg, lora = train_config_from_args(args), lora_from_args(args)  # bad settings: one line before any read
     train = load_data(args.train)
     val = load_data(args.val)
-    cfg = train_config_from_args(args)
-    rows = run_centralized(train, val, args.backbone, args.out, cfg, lora_from_args(args),
-                           progress=not args.no_progress, attention=attention_from_args(args))
+    for note in check_site_data(train, val, args.train, args.val, cfg.max_len):
+        print(f"fedesm: note: {note}", file=sys.stderr)
+    rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
+                           attention=attention_from_args(args))
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) and v == v else f"{'-':>6}"  # noqa: E731
     best = max(rows[1:], key=lambda r: (r["auprc"] if r["auprc"] == r["auprc"] else -1, r["f1"]))
     print("validation metrics per round (precision/recall/F1 at 0.5; thr = the F1-maximising threshold)")

@@ -12,12 +12,14 @@ Formats, chosen by file extension (each also readable and writable gzip-compress
   sets the record's family (used by family-disjoint splits), other fields are ignored. The next line
   is the sequence, the one after it one 0/1 label per residue. Blank lines and lines starting with
   ``#`` (comments) are ignored.
-- Tables: CSV (``.csv``), TSV (``.tsv``), Parquet (``.parquet``), JSON Lines (``.jsonl``) with
+- Tables: CSV (``.csv``), TSV (``.tsv``), Parquet (``.parquet``; written with page checksums, which
+  are verified on reading when a file has them), JSON Lines (``.jsonl``) with
   columns ``id``, ``sequence``, ``labels`` (a 0/1 string like ``"00110"``, or a list of 0/1 ints;
   in CSV/TSV also ``"[0, 0, 1]"``) and optional ``family`` (empty = none). In CSV, TSV and JSONL,
   ``#`` lines before the data are comments.
 
-Sequences are upper-cased and whitespace is removed. Structural problems (a missing label line, a
+Text is UTF-8 (a leading byte-order mark, as spreadsheet exports write, is skipped). Sequences are
+upper-cased and whitespace is removed. Structural problems (a missing label line, a
 label that is not 0/1, a label count that differs from the sequence length, a missing column, bad
 JSON) raise ``DataError`` naming the file, the record id and the line (Parquet: ``row N``, 0-based).
 Content checks (alphabet, duplicate ids, empty sequences) are ``fedesm.data.validate``'s job.
@@ -31,6 +33,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 
@@ -60,6 +63,24 @@ _EXTENSIONS = {
 # The extension write_split and friends use for each format.
 FORMAT_EXTENSION = {"fasta": "fa", "csv": "csv", "tsv": "tsv", "parquet": "parquet", "jsonl": "jsonl"}
 _REQUIRED_COLUMNS = ("id", "sequence", "labels")
+# What a damaged file can raise while it is decompressed and decoded (zlib.error is not an OSError).
+_UNREADABLE = (OSError, EOFError, UnicodeDecodeError, zlib.error)
+# A CSV field may hold a whole chain with its labels (titin: 34,350 residues, 3 characters each as "[0, 1, ...]").
+_CSV_FIELD_LIMIT = 1 << 28
+
+
+def no_records_error(path: PathLike, detail: str) -> DataError:
+    """The one message for a file that holds no records (`fedesm.data.validate` and the table readers)."""
+    err = DataError(f"no records in {path} ({detail})")
+    err.path = path
+    return err
+
+
+def _unreadable(path: PathLike, e: BaseException) -> DataError:
+    if isinstance(e, UnicodeDecodeError):
+        bad = e.object[e.start:e.start + 1]
+        return DataError(f"cannot read file: not UTF-8 text (byte 0x{bad.hex()} at offset {e.start})", path=path)
+    return DataError(f"cannot read file: {e}", path=path)
 
 
 def detect_format(path: PathLike) -> tuple[str, bool]:
@@ -158,6 +179,8 @@ def read_sequences(path: PathLike) -> list[tuple[str, str]]:
 
 def make_record(rid, sequence, labels, family=None, path=None, line=None) -> Record:
     """Normalise raw fields into a Record: id as text, upper-case sequence without whitespace, uint8 labels."""
+    if isinstance(rid, (list, tuple, dict, set, bytes)):
+        raise DataError(f"record id must be text or a number, got {type(rid).__name__}", path=path, line=line)
     rid = "" if rid is None else str(rid).strip()
     if not rid:
         raise DataError("empty record id", path=path, line=line)
@@ -185,6 +208,9 @@ def parse_labels(labels, path=None, record_id=None, line=None) -> np.ndarray:
             if bad is not None:
                 raise DataError(f"label {text[bad]!r} at position {bad + 1} is not 0 or 1", path, record_id, line)
             return (np.frombuffer(text.encode("ascii"), dtype=np.uint8) - ord("0")).astype(np.uint8)
+    if isinstance(labels, (bytes, dict, set)) or not hasattr(labels, "__iter__"):
+        raise DataError(f"labels must be a 0/1 string or a list of 0/1, got {type(labels).__name__}",
+                        path, record_id, line)
     values = list(labels)
     for i, v in enumerate(values):
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
@@ -194,10 +220,11 @@ def parse_labels(labels, path=None, record_id=None, line=None) -> np.ndarray:
 
 
 def _open_text(path: Path, gz: bool):
-    # newline=None: universal newlines, so CRLF files (as GPSite ships) read the same as LF ones.
+    # newline=None: universal newlines, so CRLF files (as GPSite ships) read the same as LF ones;
+    # utf-8-sig: a leading byte-order mark is not part of the first line.
     if gz:
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    return open(path, "rt", encoding="utf-8", newline=None)
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
+    return open(path, "rt", encoding="utf-8-sig", newline=None)
 
 
 def _numbered_lines(path: Path, gz: bool) -> Iterator[tuple[int, str]]:
@@ -205,8 +232,8 @@ def _numbered_lines(path: Path, gz: bool) -> Iterator[tuple[int, str]]:
         with _open_text(path, gz) as f:
             for n, line in enumerate(f, start=1):
                 yield n, line.rstrip("\r\n")
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated gzip, binary file...
-        raise DataError(f"cannot read file: {e}", path=path)
+    except _UNREADABLE as e:  # truncated or damaged gzip, binary file, another encoding...
+        raise _unreadable(path, e) from None
 
 
 def _parse_header(text: str) -> tuple[str, Optional[str]]:
@@ -275,21 +302,29 @@ def _check_columns(path, columns, line) -> None:
     if missing:
         found = ", ".join(map(str, columns)) or "none"
         raise DataError(f"missing column {missing[0]!r} (found: {found})", path=path, line=line)
+    twice = [c for c in (*_REQUIRED_COLUMNS, "family") if list(columns).count(c) > 1]
+    if twice:
+        raise DataError(f"column {twice[0]!r} appears {list(columns).count(twice[0])} times", path=path, line=line)
 
 
 def _read_delimited(path: Path, gz: bool, delimiter: str):
     try:
         with _open_text(path, gz) as f:
             text = f.read()
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read file: {e}", path=path)
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from None
     lines = text.splitlines(keepends=True)
     skip = _skip_leading_comments(lines)
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.reader(lines[skip:], delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
-        raise DataError("empty file: no header row", path=path)
+        raise no_records_error(path, "the file is empty" if not text else
+                               "only blank lines and comments, no header row")
+    except csv.Error as e:
+        raise DataError(f"malformed {'TSV' if delimiter == chr(9) else 'CSV'} header: {e}", path=path, line=skip + 1)
     header = [h.strip() for h in header]
     _check_columns(path, header, skip + 1)
     col = {name: header.index(name) for name in header}
@@ -341,11 +376,14 @@ def _read_parquet(path: Path, gz: bool):
     try:
         if gz:
             with gzip.open(path, "rb") as f:
-                table = pq.read_table(io.BytesIO(f.read()))
+                table = pq.read_table(io.BytesIO(f.read()), page_checksum_verification=True)
         else:
-            table = pq.read_table(path)
-    except (OSError, EOFError, pa.ArrowException) as e:
-        raise DataError(f"cannot read Parquet file: {e}", path=path)
+            # pages carrying a CRC (fedesm writes them) are verified: damage inside a data page can otherwise
+            # decode into other, valid-looking labels
+            table = pq.read_table(path, page_checksum_verification=True)
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+        raise DataError(f"cannot read Parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                        path=path) from None
     _check_columns(path, table.column_names, None)
     ids = table.column("id").to_pylist()
     seqs = table.column("sequence").to_pylist()
@@ -461,5 +499,5 @@ def _parquet_bytes(records: list[Record], comment: Optional[str]) -> bytes:
     if comment:
         table = table.replace_schema_metadata({"comment": comment})
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, write_page_checksum=True)
     return buf.getvalue()

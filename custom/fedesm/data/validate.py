@@ -3,6 +3,9 @@
 Each check gives its own DataError naming the file, the record id and the line:
 label length == sequence length, labels only 0/1, residues in ESM-2's alphabet (the bad
 character and its 1-based position named), no empty sequences, no duplicate ids (both lines named).
+A file without records (empty, only blank lines or comments, a header or a table without rows) is
+refused too ("no records in FILE"), so `fedesm data validate`, training and a site at job start
+all stop on it at once; `check_site_data` adds what a site's sets need before the first round.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from fedesm.data.readers import Location, PathLike, read_records_with_lines
+from fedesm.data.readers import Location, PathLike, detect_format, no_records_error, read_records_with_lines
 from fedesm.data.records import ESM_RESIDUES, Record
 from fedesm.errors import DataError
 
@@ -70,7 +73,48 @@ def check_file(path: PathLike) -> tuple[list[Record], list[DataError]]:
     records, lines = read_records_with_lines(path, problems=problems)
     problems.extend(find_problems(records, path, lines))
     problems.sort(key=lambda e: _order(e.line))
+    if not records and not problems:
+        problems.append(no_records_error(path, _why_empty(path)))
     return records, problems
+
+
+def _why_empty(path: PathLike) -> str:
+    from pathlib import Path
+
+    from fedesm.data.catalog import resolve
+
+    local = Path(resolve(path))
+    fmt, gz = detect_format(local)
+    if not gz and local.stat().st_size == 0:
+        return "the file is empty"
+    if fmt in ("csv", "tsv"):
+        return "a header but no rows"
+    if fmt == "parquet":
+        return "a table with no rows"
+    return "empty, or only blank lines and comments"
+
+
+def check_site_data(train: Sequence[Record], val: Sequence[Record], train_name, val_name,
+                    max_len: int) -> list[str]:
+    """What a site's sets need before its first round, said at set-up instead of after it.
+
+    Raises DataError for a set that cannot train (no binding residue at all: nothing to learn, and
+    balanced class weights are undefined) or cannot be scored (AUPRC, F1 need binding residues).
+    Returns notes worth a warning: every record longer than the training window (they are cropped in
+    training and tiled in evaluation, so they still count, but the user should know).
+    """
+    for name, records, why in ((train_name, train, "nothing to learn"),
+                               (val_name, val, "the model cannot be scored on it (AUPRC and F1 need them)")):
+        if records and not any(r.n_positive for r in records):
+            err = DataError(f"no binding residues in {name}: all {len(records)} records are labelled 0 only, {why}")
+            err.path = name
+            raise err
+    notes = []
+    for name, records in ((train_name, train), (val_name, val)):
+        if records and all(len(r) > max_len for r in records):
+            notes.append(f"all {len(records)} records in {name} are longer than training.max_len={max_len} "
+                         "residues: training sees random crops of them, evaluation tiles them")
+    return notes
 
 
 def load_dataset(path: PathLike) -> list[Record]:

@@ -3,8 +3,18 @@ feedback, FedIT and FFA-LoRA, on ``DXO(WEIGHTS)`` contributions of numpy arrays.
 
 Drop-in for ScatterAndGather's ``aggregator`` component. Unlike the in-time accumulating FedAvg
 aggregator it keeps the round's contributions until ``aggregate()``, because re-factoring needs
-every site's factors together. Contributions are vetted in ``accept()`` (round, duplicates, keys,
-shapes, finiteness, weight) so one bad site cannot poison the global adapter.
+every site's factors together. Two lines of defence, whatever the strategy:
+
+* ``accept()`` vets each contribution on arrival against the global model the server sent this round
+  (round, duplicates, the same keys, shapes and float dtypes, finite values, a positive weight), so
+  the order in which sites arrive changes nothing;
+* ``aggregate()`` bounds the updates (``aggregation.screen_updates``: the norm of each site's change
+  of B·A and of the head, against an absolute cap and a multiple of the other sites' median), so a
+  diverged or malicious site cannot move the global model arbitrarily.
+
+Every rejection is logged with its reason and lands in the metrics table (row of the round, column
+``rejected``). With fewer than ``federation.min_clients`` contributions left the round fails: the job
+stops before anything is persisted, so the last saved round stays the last good one.
 """
 
 from __future__ import annotations
@@ -34,16 +44,19 @@ def _is_positive_number(value: Any) -> bool:
 
 class FraLoraAggregator(Aggregator):
     def __init__(self, lora: dict | LoraSettings | None = None, federation: dict | FederationSettings | None = None,
-                 expected_data_kind: str = DataKind.WEIGHTS):
+                 expected_data_kind: str = DataKind.WEIGHTS, metrics_recorder_id: str = "metrics_recorder"):
         """Aggregate the sites' PEFT LoRA state dicts with a strategy from ``fedesm.aggregation``.
 
         Args:
             lora: the job's LoRA block; ``r`` is the rank fra/fra-ef re-factor to.
             federation: the job's federation block: ``strategy`` (fra | fra-ef | fedit | ffa),
                 ``weigh_by`` (samples: meta "n_samples"; steps: meta NUM_STEPS_CURRENT_ROUND; uniform),
-                ``max_residual_rank`` (fra-ef: cap on the kept residual's rank, default K*r).
+                ``max_residual_rank`` (fra-ef: cap on the kept residual's rank, default K*r),
+                ``max_update_ratio`` / ``max_update_norm`` (the bounds on each site's update) and
+                ``min_clients`` (contributions a round needs after vetting).
             expected_data_kind: only "WEIGHTS": LoRA products are not linear in factor differences,
                 so factor diffs (WEIGHT_DIFF) cannot be re-factored.
+            metrics_recorder_id: the MetricsRecorder that gets each site's update norm and rejections.
         """
         super().__init__()
         if expected_data_kind != DataKind.WEIGHTS:
@@ -58,6 +71,9 @@ class FraLoraAggregator(Aggregator):
         self.last_round_metrics: dict[str, dict] = {}
         self.last_round_weights: dict[str, float] = {}
         self.last_reject_reason: str | None = None
+        self.last_round_checks: dict[str, aggregation.UpdateCheck] = {}
+        self.last_round_sites: list[str] = []  # sites whose update reached aggregate() last round
+        self.metrics_recorder_id = metrics_recorder_id
         self._lock = threading.Lock()
         self._round = None
         self._contributions: dict[str, tuple[dict[str, np.ndarray], float]] = {}
@@ -73,6 +89,9 @@ class FraLoraAggregator(Aggregator):
             if reason:
                 self.last_reject_reason = reason
                 self.log_warning(fl_ctx, f"rejected contribution from {site}: {reason}")
+                current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+                if isinstance(current, int):
+                    self._record(fl_ctx, current + 1, {site: {"rejected": reason}})
                 return False
             self._contributions[site] = (weights, weight)
             if meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32":
@@ -128,12 +147,30 @@ class FraLoraAggregator(Aggregator):
         return None, weights, float(weight), meta
 
     def _check_arrays(self, weights: dict[str, np.ndarray], fl_ctx: FLContext) -> str | None:
+        """Names, shapes, dtypes and values against the global model sent this round (ScatterAndGather
+        always has one); only without it does the round's first contribution serve as the reference.
+        Float arrays of another width are cast to the global model's dtype in place."""
+        global_weights = self._global_weights(fl_ctx)
+        if global_weights is not None:
+            missing = [k for k in global_weights if k not in weights]
+            if missing:
+                return f"missing keys (the global model has them): {missing[:3]}"
+            unknown = [k for k in weights if k not in global_weights]
+            if unknown:
+                return f"unknown keys (not in the global model): {unknown[:3]}"
         for key, arr in weights.items():
-            if not np.issubdtype(arr.dtype, np.number):
-                return f"{key!r} is not a numeric array (dtype {arr.dtype})"
+            if not np.issubdtype(arr.dtype, np.floating):
+                return f"{key!r} is not a float array (dtype {arr.dtype})"
+            if global_weights is not None:
+                ref = np.asarray(global_weights[key])
+                if arr.shape != ref.shape:
+                    return f"shape of {key!r} is {arr.shape}, global model has {ref.shape}"
+                if np.issubdtype(ref.dtype, np.floating) and arr.dtype != ref.dtype:
+                    with np.errstate(over="ignore"):
+                        arr = weights[key] = arr.astype(ref.dtype)
             if not np.all(np.isfinite(arr)):
                 return f"{key!r} has non-finite values"
-        if self._contributions:
+        if global_weights is None and self._contributions:
             ref_site, (ref, _) = next(iter(self._contributions.items()))
             missing = [k for k in ref if k not in weights]
             extra = [k for k in weights if k not in ref]
@@ -142,15 +179,6 @@ class FraLoraAggregator(Aggregator):
             for key, arr in weights.items():
                 if arr.shape != ref[key].shape:
                     return f"shape of {key!r} is {arr.shape}, {ref_site} sent {ref[key].shape}"
-        global_weights = self._global_weights(fl_ctx)
-        if global_weights is not None:
-            unknown = [k for k in weights if k not in global_weights]
-            if unknown:
-                return f"unknown keys (not in the global model): {unknown[:3]}"
-            for key, arr in weights.items():
-                g_shape = tuple(np.shape(global_weights[key]))
-                if arr.shape != g_shape:
-                    return f"shape of {key!r} is {arr.shape}, global model has {g_shape}"
         return None
 
     @staticmethod
@@ -168,32 +196,73 @@ class FraLoraAggregator(Aggregator):
     # ------------------------------------------------------------------------------- aggregate
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        fed = self.federation
         with self._lock:
-            sites = list(self._contributions)
-            if not sites:
-                self.log_error(fl_ctx, f"round {self._round}: no accepted contributions to aggregate")
-                return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
-            states = [self._contributions[s][0] for s in sites]
-            raw = np.array([self._contributions[s][1] for s in sites], dtype=np.float64)
-            result = aggregation.aggregate(
-                states,
-                raw,
-                strategy=self.strategy,
-                rank=self.rank,
-                state=self.ef_state if self.strategy == "fra-ef" else None,
-                global_state=self._global_weights(fl_ctx),
-                # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
-                ffa_tol=1e-3 if self._reduced_precision else 1e-6,
-            )
-            self.last_round_weights = {s: float(w) for s, w in zip(sites, raw / raw.sum())}
-            self.last_round_metrics = dict(self._round_metrics)
+            round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+            global_state = self._global_weights(fl_ctx)
+            vetted = list(self._contributions)
+            checks = aggregation.screen_updates([self._contributions[s][0] for s in vetted], global_state,
+                                                max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm)
+            self.last_round_checks = dict(zip(vetted, checks))
+            self.last_round_sites = list(vetted)
+            sites = [s for s, c in zip(vetted, checks) if c.reason is None]
+            if len(sites) >= fed.min_clients:
+                states = [self._contributions[s][0] for s in sites]
+                raw = np.array([self._contributions[s][1] for s in sites], dtype=np.float64)
+                result = aggregation.aggregate(
+                    states,
+                    raw,
+                    strategy=self.strategy,
+                    rank=self.rank,
+                    state=self.ef_state if self.strategy == "fra-ef" else None,
+                    global_state=global_state,
+                    # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
+                    ffa_tol=1e-3 if self._reduced_precision else 1e-6,
+                )
+                self.last_round_weights = {s: float(w) for s, w in zip(sites, raw / raw.sum())}
+                self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in sites}
+        row = round_ + 1 if isinstance(round_, int) else None
+        verdicts = {}
+        for site, check in self.last_round_checks.items():
+            verdicts[site] = {"update_norm": check.norm, "update_norm_ratio": check.ratio}
+            if check.reason:
+                verdicts[site]["rejected"] = check.reason
+                self.log_warning(fl_ctx, f"round {round_}: rejected the update of {site}: {check.reason}")
+        if row is not None:
+            self._record(fl_ctx, row, verdicts)
+        if len(sites) < fed.min_clients:
+            reason = (f"round {round_}: {len(sites)} usable contribution(s) ({', '.join(sites) or 'none'}), "
+                      f"federation.min_clients is {fed.min_clients}: stopping; the last saved round is the last "
+                      "good one")
+            self.log_error(fl_ctx, reason)
+            self.system_panic(reason, fl_ctx)
+            return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
         summary = ", ".join(f"{s}={w:.3f}" for s, w in self.last_round_weights.items())
-        msg = f"round {self._round}: {self.strategy} of {len(sites)} sites, weights by {self.weigh_by}: {summary}"
+        msg = f"round {round_}: {self.strategy} of {len(sites)} sites, weights by {self.weigh_by}: {summary}"
         if self.strategy == "fra-ef" and self.ef_state.residual_norms:
             msg += f"; max EF residual norm {max(self.ef_state.residual_norms.values()):.3g}"
         self.log_info(fl_ctx, msg)
-        meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: self._round}
+        meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: round_}
         return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+
+    def restore_ef_state(self, residuals: dict, rounds: int) -> None:
+        """Continue fra-ef from a saved round (a resumed job): its residual factors and round count."""
+        with self._lock:
+            self.ef_state.clear()
+            for pair, (a_res, b_res) in residuals.items():
+                a64, b64 = np.asarray(a_res, dtype=np.float64), np.asarray(b_res, dtype=np.float64)
+                self.ef_state.residuals[pair] = (a64, b64)
+                self.ef_state.residual_norms[pair] = aggregation.product_norm(a64, b64)
+            self.ef_state.rounds = int(rounds)
+
+    def _record(self, fl_ctx: FLContext, row: int, values_by_site: dict[str, dict]) -> None:
+        """Hand per-site values to the metrics recorder (absent in bare unit set-ups)."""
+        engine = fl_ctx.get_engine()
+        recorder = engine.get_component(self.metrics_recorder_id) if engine and self.metrics_recorder_id else None
+        if recorder is None or not hasattr(recorder, "record"):
+            return
+        for site, values in values_by_site.items():
+            recorder.record(row, site, values)
 
     def reset(self, fl_ctx: FLContext):
         """Forget this round's contributions; the fra-ef residual is kept on purpose."""

@@ -68,7 +68,7 @@ class EsmLoraExecutor(Executor):
     # ------------------------------------------------------------------ set-up, once per job
 
     def _setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
-        from fedesm.data.validate import load_dataset
+        from fedesm.data.validate import check_site_data, load_dataset
         from fedesm.model.adapters import build_lora_model
         from fedesm.model.backbone import load_backbone
         from fedesm.site_config import load_site_config, resolve_site_path
@@ -85,6 +85,9 @@ class EsmLoraExecutor(Executor):
         self.train_records = load_dataset(resolve_site_path(cfg, cfg.train))
         self.val_records = load_dataset(resolve_site_path(cfg, cfg.val))
         self.test_records = load_dataset(resolve_site_path(cfg, cfg.test)) if cfg.test else None
+        for note in check_site_data(self.train_records, self.val_records, cfg.train, cfg.val,
+                                    self.settings.training.max_len):
+            self.log_warning(fl_ctx, f"{self.site}: {note}")
         backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
@@ -110,6 +113,22 @@ class EsmLoraExecutor(Executor):
     def _ensure_setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
         if self.trainer is None:
             self._setup(fl_ctx, num_rounds)
+
+    def _align_schedule(self, current_round, fl_ctx: FLContext) -> None:
+        """A site whose first round is round k > 0 (a resumed job) takes the learning rate the job's schedule
+        has there, instead of warming up again from step 0 (its optimizer moments start afresh)."""
+        if self.rounds_done or not isinstance(current_round, int) or current_round <= 0:
+            return
+        import warnings
+
+        steps = current_round * self.trainer.config.steps_per_round
+        with warnings.catch_warnings():  # torch warns when the scheduler moves before the optimizer's first step
+            warnings.simplefilter("ignore", UserWarning)
+            self.trainer.scheduler.last_epoch = steps - 1
+            self.trainer.scheduler.step()
+        self.trainer.global_step = steps
+        self.log_info(fl_ctx, f"{self.site}: joining at round {current_round + 1}: learning-rate schedule moved to "
+                              f"step {steps} (lr {self.trainer.scheduler.get_last_lr()[0]:.3g})")
 
     # ------------------------------------------------------------------ tasks
 
@@ -145,11 +164,13 @@ class EsmLoraExecutor(Executor):
         num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
         self._ensure_setup(fl_ctx, num_rounds)
         self.num_rounds = num_rounds or self.num_rounds
+        self._align_schedule(current_round, fl_ctx)
         t0 = time.perf_counter()
         f = self.settings.federation
         self.trainer.load_global(self._global_state(shareable), resolve_policy(f.optimizer_state, f.strategy))
         metrics = {}
-        rounds_before = self.rounds_done
+        # the round's number, not a local count: a resumed job or a site that joins late continues the table
+        rounds_before = current_round if isinstance(current_round, int) else self.rounds_done
         if self.settings.federation.evaluate_global:
             metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
         if abort_signal.triggered:

@@ -8,7 +8,9 @@ and `.csv` after every update. Semantics of a row (round n, site s):
   the rest  s's local model after its n-th round of local training (accuracy, f1, train_loss, ...)
   sent_*    what the site sent the server that round (tensors, parameters, serialized bytes)
 The server's own rows (site "server") hold each round's wall time. `payload_manifest.json` lists
-the names of the tensors each site sent: adapters and head only.
+the names of the tensors each site sent: adapters and head only. The aggregator adds what it judged
+of each site's update (`update_norm`, `update_norm_ratio`, and `rejected` with the reason), and a
+resumed job starts from the old run's rows (`seed`), so its table continues the old one.
 """
 
 from __future__ import annotations
@@ -92,6 +94,30 @@ class MetricsRecorder(AnalyticsReceiver):
             self._set(r + 1, site, "sent_parameters", n_params)
             self._set(r + 1, site, "sent_bytes", shareable_nbytes(result))
             self.manifest.setdefault(site, {"tensors": sorted(weights), "parameters": n_params})
+            self._write()
+
+    # --------------------------------------------------------------------------------- other components
+
+    def seed(self, rows: list[dict], manifest: Optional[dict] = None) -> None:
+        """Start from an earlier run's rows (a resumed job): same (round, site) keys, later values merge in."""
+        with self._save_lock:
+            for row in rows:
+                if isinstance(row.get("round"), int) and isinstance(row.get("site"), str):
+                    self.rows[(row["round"], row["site"])] = dict(row)
+            for site, info in (manifest or {}).items():
+                self.manifest.setdefault(site, info)
+            self._write()
+
+    def snapshot(self) -> list[dict]:
+        """The table as it stands, for another thread (metrics keep streaming in while the server saves a round)."""
+        with self._save_lock:
+            return [dict(r) for r in self.table()]
+
+    def record(self, round_num: int, site: str, values: dict) -> None:
+        """Put values from another server component into row (round, site) (e.g. the aggregator's verdict)."""
+        with self._save_lock:
+            for key, value in values.items():
+                self._set(round_num, site, key, value)
             self._write()
 
     # ---------------------------------------------------------------------------------

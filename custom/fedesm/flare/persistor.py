@@ -1,4 +1,5 @@
-"""The server's copy of the global adapters + head: initial state, one PEFT folder per round, best and last."""
+"""The server's copy of the global adapters + head: initial state (or a resumed round), one PEFT folder per
+round, best and last; every round folder is also a resume point (`fedesm.resume`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey,
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 
-from fedesm import results
+from fedesm import results, resume
+from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
 from fedesm.flare.payload import to_numpy_dict
 from fedesm.model.architectures import get_architecture
@@ -29,6 +31,7 @@ class LoraPersistor(ModelPersistor):
         training: Optional[dict] = None,
         federation: Optional[dict] = None,
         metrics_recorder_id: str = "metrics_recorder",
+        aggregator_id: str = "aggregator",
     ):
         """Builds the round-0 adapters from the architecture alone (no backbone weights on the server) and
         saves every round's global adapters + head in PEFT's layout under `<run dir>/fedesm/`
@@ -37,26 +40,39 @@ class LoraPersistor(ModelPersistor):
         splits, from the metrics recorder; its model card takes the mean of the sites' F1-tuned
         thresholds as its call threshold). `fedesm predict --model` takes the downloaded job result directly.
 
+        Each round folder also holds what a later job needs to continue from it (`fedesm.resume`): the
+        metrics table so far, the best-model bookkeeping and, for fra-ef, the aggregator's residual. With
+        `federation.resume_from` set, `load_model` starts from that saved round instead of round 0: it
+        copies the old run's earlier rounds into this run's folder, seeds the metrics recorder with the
+        old rows, restores the fra-ef residual into the aggregator, and tells the workflow
+        (`fedesm.flare.workflows`) where to continue through `resumed_rounds`.
+
         Args:
             model, lora, training, federation: the job's settings blocks. Used here: model.arch (adapter
                 names and shapes), model.backbone (recorded in the model card: what a user should load
-                predictions with), lora, training.seed (initial adapters), training.max_len and
-                training.threshold (model card), federation.best_metric and federation.keep_rounds.
+                predictions with), lora, training.seed (initial adapters), training.rounds (a resume
+                must leave rounds to run), training.max_len and training.threshold (model card),
+                federation.best_metric, keep_rounds, strategy and resume_from.
+            metrics_recorder_id, aggregator_id: the components whose state a round folder carries.
         """
         super().__init__()
         self.settings = JobSettings.from_dict({"model": model, "lora": lora, "training": training,
                                                "federation": federation}, where="LoraPersistor")
         self.arch = get_architecture(self.settings.model.arch)
         self.metrics_recorder_id = metrics_recorder_id
+        self.aggregator_id = aggregator_id
         self.output_dir: Optional[Path] = None
+        self.cache_dir: Optional[Path] = None
         self.last_weights: Optional[dict] = None
         self.best_round: Optional[int] = None
+        self.resumed_rounds: Optional[int] = None  # set by load_model when the job continues a saved round
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
-            self.output_dir = results.output_dir(run_dir)
+            workspace = fl_ctx.get_engine().get_workspace()
+            self.output_dir = results.output_dir(workspace.get_run_dir(fl_ctx.get_job_id()))
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.cache_dir = Path(workspace.get_root_dir()) / "local" / "fedesm_cache"
         elif event_type == EventType.END_RUN:
             self._update_best(fl_ctx)
 
@@ -67,11 +83,48 @@ class LoraPersistor(ModelPersistor):
 
         s = self.settings
         weights = to_numpy_dict(initial_exchanged_state(self.arch, s.lora, s.model.num_labels, s.training.seed))
+        if s.federation.resume_from:
+            try:
+                weights = self._resume(weights, fl_ctx)
+            except FedesmError as e:  # one line in the server log; the job stops before any round
+                self.log_error(fl_ctx, str(e))
+                self.system_panic(str(e), fl_ctx)
+                return make_model_learnable({}, {})
+            return make_model_learnable(weights, {})
         n = sum(v.size for v in weights.values())
         self.log_info(fl_ctx, f"initial global adapters + head for {s.model.arch}, r={s.lora.r}: "
                               f"{len(weights)} tensors, {n:,} parameters")
         self._save(weights, 0, fl_ctx)
         return make_model_learnable(weights, {})
+
+    def _resume(self, initial: dict, fl_ctx: FLContext) -> dict:
+        """Load the saved round `federation.resume_from` names and hand its state to the other components."""
+        s = self.settings
+        cache = self.cache_dir or Path.home() / ".cache" / "fedesm"
+        point = resume.read_resume_point(resume.fetch_resume_point(s.federation.resume_from, cache))
+        resume.check_compatible(point, {k: v.shape for k, v in initial.items()}, s.training.rounds)
+        weights = {k: np.asarray(point.weights[k], dtype=initial[k].dtype) for k in initial}
+        recorder = self._component(fl_ctx, self.metrics_recorder_id)
+        if recorder is not None:
+            recorder.seed(point.rows, point.manifest)
+        aggregator = self._component(fl_ctx, self.aggregator_id)
+        if s.federation.strategy == "fra-ef" and hasattr(aggregator, "restore_ef_state"):
+            if point.strategy != "fra-ef":
+                self.log_warning(fl_ctx, f"resuming a {point.strategy} run as fra-ef: no residual to carry over")
+            aggregator.restore_ef_state(point.residuals, point.rounds_done)
+        if self.output_dir is not None and s.federation.keep_rounds:
+            for n, folder in sorted(point.earlier_rounds.items()):
+                shutil.copytree(folder, results.round_dir(self.output_dir, n), dirs_exist_ok=True)
+        self.resumed_rounds = point.rounds_done
+        self.best_round = None
+        self._save(weights, point.rounds_done, fl_ctx)
+        self._update_best(fl_ctx)
+        kept = (f"rounds {', '.join(map(str, sorted(point.earlier_rounds)))} and {point.rounds_done}"
+                if point.earlier_rounds else f"round {point.rounds_done} only (no earlier rounds beside it)")
+        self.log_info(fl_ctx, f"resuming from {s.federation.resume_from} after {point.rounds_done} rounds "
+                              f"({point.strategy}): {len(point.rows)} metrics rows carried over, {kept} kept; "
+                              f"next: round {point.rounds_done + 1} of {s.training.rounds}")
+        return weights
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext):
         weights = model[ModelLearnableKey.WEIGHTS]
@@ -91,22 +144,40 @@ class LoraPersistor(ModelPersistor):
                                   extra={"rounds": rounds_done, "source": "fedesm federated job"})
 
     def _save(self, weights: dict, rounds_done: Optional[int], fl_ctx: FLContext) -> None:
-        from fedesm.model.cards import save_adapter_state
+        """rounds/round_NNN (first) and last/, each written whole under a temporary name and renamed into place,
+        with its resume files."""
+        from fedesm.model.cards import write_adapter_files
 
         self.last_weights = {k: np.asarray(v) for k, v in weights.items()}
         if self.output_dir is None:
             return
         card = self._card(rounds_done)
-        save_adapter_state(self.last_weights, card, self.output_dir / results.LAST)
+        targets = [self.output_dir / results.LAST]
         if self.settings.federation.keep_rounds and rounds_done is not None:
-            save_adapter_state(self.last_weights, card, results.round_dir(self.output_dir, rounds_done))
+            targets.insert(0, results.round_dir(self.output_dir, rounds_done))
+        recorder = self._component(fl_ctx, self.metrics_recorder_id)
+        aggregator = self._component(fl_ctx, self.aggregator_id)
+        ef_state = getattr(aggregator, "ef_state", None) if self.settings.federation.strategy == "fra-ef" else None
+        rows = recorder.snapshot() if recorder is not None else []
+        for target in targets:
+            with atomic_dir(target) as tmp:
+                write_adapter_files(self.last_weights, card, tmp)
+                if rounds_done is not None:
+                    resume.write_resume_files(tmp, rounds_done, self.settings.federation.strategy, rows,
+                                              residuals=dict(ef_state.residuals) if ef_state is not None else None,
+                                              best_round=self.best_round)
         self.log_info(fl_ctx, f"saved global adapters after {rounds_done} rounds in {self.output_dir}")
+
+    @staticmethod
+    def _component(fl_ctx: FLContext, cid: Optional[str]):
+        engine = fl_ctx.get_engine()
+        return engine.get_component(cid) if engine is not None and cid else None
 
     def _update_best(self, fl_ctx: FLContext) -> None:
         """Copy the round with the best mean global-model validation metric (over sites) to best/."""
         from fedesm.model.cards import MODEL_CARD
 
-        recorder = fl_ctx.get_engine().get_component(self.metrics_recorder_id) if self.metrics_recorder_id else None
+        recorder = self._component(fl_ctx, self.metrics_recorder_id)
         if recorder is None or self.output_dir is None:
             return
         metric = self.settings.federation.best_metric

@@ -55,14 +55,20 @@ def save_adapter_state(state: dict, card: ModelCard, out_dir) -> Path:
     Takes a plain state dict, so the server can save global adapters without building a model.
     Written to a temporary folder and renamed: a failure never leaves a half-written model.
     """
+    with atomic_dir(out_dir) as tmp:
+        write_adapter_files(state, card, tmp)
+    return Path(out_dir)
+
+
+def write_adapter_files(state: dict, card: ModelCard, folder) -> None:
+    """The three files of a model folder, written into `folder` as it is (a caller's temporary folder)."""
     from safetensors.torch import save_file
 
-    with atomic_dir(out_dir) as tmp:
-        tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        card.lora_settings.to_peft().save_pretrained(str(tmp))
-        (tmp / MODEL_CARD).write_text(json.dumps(asdict(card), indent=2))
-    return Path(out_dir)
+    folder = Path(folder)
+    tensors = {k: torch.as_tensor(v).detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    card.lora_settings.to_peft().save_pretrained(str(folder))
+    (folder / MODEL_CARD).write_text(json.dumps(asdict(card), indent=2))
 
 
 def save_adapters(model, card: ModelCard, out_dir) -> Path:

@@ -1,0 +1,264 @@
+"""Resume after a crash, server side: the persistor, aggregator, metrics recorder and workflow as NVFLARE
+builds them (real FLContext, Shareables, Workspace), driven round by round without the network.
+
+A run interrupted after 2 of 4 rounds and resumed from its round_002 must end exactly where the
+uninterrupted run ends (same global adapters, same fra-ef residual, same table), a crash in the middle
+of writing a round must leave the previous one whole, and a round on S3 resumes like a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+
+from fedesm import results
+from fedesm.cli import main
+from fedesm.errors import FedesmError
+from fedesm.resume import fetch_resume_point, read_resume_point
+from fedesm.settings import FederationSettings
+from fedesm.tables import read_table
+from tests.s3_server import s3, s3_server  # noqa: F401 (fixtures)
+from tests.unit.test_flare_aggregator import Engine, contribution
+
+BLOCKS = {"model": {"arch": "esm2_t2_tiny"}, "lora": {"r": 4}, "training": {"rounds": 4, "steps_per_round": 5}}
+SITES = ("site-1", "site-2", "site-3")
+
+
+class Job:
+    """One server-side run: the components of a fedesm job's server config, sharing one engine."""
+
+    def __init__(self, root: Path, job_id: str, strategy="fra-ef", **federation):
+        from fedesm.flare.aggregator import FraLoraAggregator
+        from fedesm.flare.metrics_recorder import MetricsRecorder
+        from fedesm.flare.persistor import LoraPersistor
+
+        fed = {"strategy": strategy, "min_clients": 2, "weigh_by": "uniform", **federation}
+        self.recorder = MetricsRecorder()
+        self.aggregator = FraLoraAggregator(lora=BLOCKS["lora"], federation=fed)
+        self.persistor = LoraPersistor(**BLOCKS, federation=fed)
+        self.engine = Engine(root, metrics_recorder=self.recorder, aggregator=self.aggregator,
+                             persistor=self.persistor)
+        self.job_id = job_id
+        fl_ctx = self.context()
+        self.persistor.handle_event(EventType.START_RUN, fl_ctx)
+        self.recorder.initialize(fl_ctx)
+        self.out = results.output_dir(Path(root) / job_id)
+        self.weights = self.persistor.load_model(fl_ctx)["weights"]
+
+    def context(self, round_=None) -> FLContext:
+        fl_ctx = FLContext()
+        fl_ctx.set_prop(ReservedKey.ENGINE, self.engine, private=True, sticky=False)
+        fl_ctx.set_prop(ReservedKey.RUN_NUM, self.job_id, private=True, sticky=False)
+        if round_ is not None:
+            fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_, private=True, sticky=True)
+            fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(self.weights, {}), private=True,
+                            sticky=True)
+        return fl_ctx
+
+    def round(self, n: int) -> None:
+        """Round n (0-based) as ScatterAndGather runs it: metrics stream in, contributions, aggregate, persist."""
+        fl_ctx = self.context(n)
+        for i, site in enumerate(SITES):
+            self.recorder.record(n, site, {"global_auprc": 0.1 * n + 0.01 * i})  # the global model after n
+            local = site_update(self.weights, n, i)
+            self.recorder.record(n + 1, site, {"auprc": 0.1 * n + 0.05, "train_loss": 1.0 / (n + 1)})
+            assert self.aggregator.accept(contribution(local, site, round_=n), fl_ctx)
+        self.weights = from_shareable(self.aggregator.aggregate(fl_ctx)).data
+        self.persistor.save_model(make_model_learnable(self.weights, {}), fl_ctx)
+        self.aggregator.reset(fl_ctx)
+        self.recorder.record(n + 1, "server", {"round_seconds": 10.0 + n})
+
+
+def site_update(weights, n, i):
+    """A deterministic local update of the global model (what site i would send in round n)."""
+    rng = np.random.default_rng(1000 * n + i)
+    return {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in weights.items()}
+
+
+@pytest.fixture
+def crashed(tmp_path):
+    """A 4-round run that got through 2 rounds (its process then died: nothing else happens to it)."""
+    job = Job(tmp_path / "server", "job-a")
+    for n in range(2):
+        job.round(n)
+    return job
+
+
+def test_a_resumed_run_ends_exactly_where_the_uninterrupted_one_does(tmp_path, crashed):
+    whole = Job(tmp_path / "server", "job-whole")
+    for n in range(4):
+        whole.round(n)
+    resumed = Job(tmp_path / "server", "job-b", resume_from=str(crashed.out / "rounds" / "round_002"))
+    assert resumed.persistor.resumed_rounds == 2
+    for k, v in resumed.weights.items():
+        np.testing.assert_array_equal(v, crashed.weights[k])
+    # the fra-ef residual came back with it, to the bit
+    ef_old, ef_new = crashed.aggregator.ef_state, resumed.aggregator.ef_state
+    assert ef_new.rounds == 2 and set(ef_new.residuals) == set(ef_old.residuals) and ef_old.residuals
+    for pair, (a, b) in ef_old.residuals.items():
+        np.testing.assert_array_equal(ef_new.residuals[pair][0], a)
+        np.testing.assert_array_equal(ef_new.residuals[pair][1], b)
+    for n in (2, 3):
+        resumed.round(n)
+    for k, v in whole.weights.items():
+        np.testing.assert_allclose(resumed.weights[k], v, rtol=0, atol=1e-6)
+    # the table continues the old one: rounds 0-4, each (round, site) once, the same values
+    assert resumed.recorder.table() == whole.recorder.table()
+    rows = read_table(resumed.out / results.METRICS)
+    assert sorted({r["round"] for r in rows}) == [0, 1, 2, 3, 4]
+    assert len({(r["round"], r["site"]) for r in rows}) == len(rows)
+    # rounds 0-2 were copied from the old run, 3-4 written here; best/ is the best round of all four
+    assert [results.round_number(d) for d in results.round_dirs(resumed.out)] == [0, 1, 2, 3, 4]
+    card = json.loads((resumed.out / results.BEST / "fedesm_model.json").read_text())
+    assert card["extra"]["best_round"] == whole.recorder.best_round("global_auprc")[0]
+    assert json.loads((resumed.out / "last" / "fedesm_model.json").read_text())["extra"]["rounds"] == 4
+
+
+def test_resume_from_last_and_an_old_round(tmp_path, crashed):
+    from_last = Job(tmp_path / "server", "job-last", resume_from=str(crashed.out / results.LAST))
+    assert from_last.persistor.resumed_rounds == 2
+    back = Job(tmp_path / "server", "job-back", resume_from=str(crashed.out / "rounds" / "round_001"))
+    assert back.persistor.resumed_rounds == 1
+    assert {r["round"] for r in back.recorder.table()} == {0, 1}  # rows of round 2 belong to a later model
+    assert [results.round_number(d) for d in results.round_dirs(back.out)] == [0, 1]
+
+
+def test_a_round_folder_alone_still_resumes(tmp_path, crashed):
+    """Copied out of its run (say to another disk): its own table snapshot and state suffice."""
+    import shutil
+
+    alone = tmp_path / "copy" / "round_002"
+    shutil.copytree(crashed.out / "rounds" / "round_002", alone)
+    point = read_resume_point(alone)
+    assert point.rounds_done == 2 and point.earlier_rounds == {} and point.residuals
+    assert {r["round"] for r in point.rows} == {0, 1, 2}
+    job = Job(tmp_path / "server", "job-c", resume_from=str(alone))
+    assert [results.round_number(d) for d in results.round_dirs(job.out)] == [2]
+
+
+def test_the_workflow_continues_at_the_next_round(tmp_path, crashed):
+    from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
+
+    from fedesm.flare.workflows import CyclicController, ScatterAndGather
+
+    for flow in (ScatterAndGather(min_clients=2, num_rounds=4, persistor_id="persistor"),
+                 CyclicController(num_rounds=4, persistor_id="persistor")):
+        job = Job(tmp_path / "server", f"job-{type(flow).__name__}",
+                  resume_from=str(crashed.out / "rounds" / "round_002"))
+        job.engine.components["shareable_generator"] = FullModelShareableGenerator()
+        job.engine.get_clients = lambda: ["site-1", "site-2"]
+        flow._engine = job.engine
+        flow.start_controller(job.context())
+        assert flow._current_round == 2  # runs rounds 2, 3 (0-based): the job's rounds 3 and 4
+        assert getattr(flow, "_end_round", 4) == 4 and flow._num_rounds == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lora": {"r": 8}}, "has shape"),
+    ({"training": {"rounds": 2, "steps_per_round": 5}}, "nothing left to run"),
+])
+def test_a_saved_round_that_does_not_fit_the_job_stops_it_with_one_line(tmp_path, crashed, change, message):
+    from fedesm.flare.persistor import LoraPersistor
+
+    blocks = {**BLOCKS, **change}
+    persistor = LoraPersistor(**blocks, federation={"resume_from": str(crashed.out / "rounds" / "round_002")})
+    engine = Engine(tmp_path / "server")
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    assert persistor.load_model(fl_ctx).is_empty()
+    (panic,) = [data for event, data in engine.events if event == EventType.FATAL_SYSTEM_ERROR]
+    assert message in panic and "\n" not in panic
+
+
+def test_what_is_not_a_saved_round_is_refused(tmp_path):
+    with pytest.raises(FedesmError, match="no such folder on the server"):
+        fetch_resume_point(str(tmp_path / "nowhere"), tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedesmError, match="not a saved round"):
+        read_resume_point(tmp_path / "empty")
+    assert FederationSettings(resume_from="  ").resume_from is None  # blank = a fresh run
+    assert FederationSettings(resume_from=" /ws/j/fedesm/last ").resume_from == "/ws/j/fedesm/last"
+    with pytest.raises(FedesmError, match="federation.resume_from: .*malformed S3 URI"):
+        FederationSettings(resume_from="s3:///rounds/round_002")
+
+
+def test_a_crash_while_a_round_is_written_leaves_the_previous_round_whole(tmp_path, crashed):
+    """The server process dies (SIGKILL) half-way through writing round_003: round_002 and last/ are intact."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        import numpy as np
+        from nvflare.apis.fl_context import FLContext
+        from fedesm import resume
+        from fedesm.flare.persistor import LoraPersistor
+        from pathlib import Path
+        p = LoraPersistor(**{BLOCKS!r})
+        p.output_dir = Path({str(crashed.out)!r})
+        real = resume.write_resume_files
+        def dying(folder, *a, **k):
+            (Path(folder) / "half-written").write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        resume.write_resume_files = dying
+        weights = {{k: np.asarray(v) for k, v in {{}}.items()}}
+        from safetensors.numpy import load_file
+        w = load_file(str(p.output_dir / "last" / "adapter_model.safetensors"))
+        p._save({{k: v + 1 for k, v in w.items()}}, 3, FLContext())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [results.round_number(d) for d in results.round_dirs(crashed.out)] == [0, 1, 2]
+    leftovers = [p.name for p in (crashed.out / "rounds").iterdir() if p.name.startswith(".round_003")]
+    assert leftovers  # the half-written folder sits under a temporary name, never as round_003
+    for folder in (crashed.out / "rounds" / "round_002", crashed.out / results.LAST):
+        point = read_resume_point(folder)
+        assert point.rounds_done == 2
+        for k, v in crashed.weights.items():
+            np.testing.assert_array_equal(point.weights[k], v)
+    resumed = Job(tmp_path / "server", "job-after-crash", resume_from=str(crashed.out / "rounds" / "round_002"))
+    assert resumed.persistor.resumed_rounds == 2
+
+
+def test_job_export_resume_from_flag(tmp_path, capsys):
+    from fedesm.launch.jobs import CLIENT_CONFIG, SERVER_CONFIG
+
+    where = "/srv/fl/ws/4f1c/fedesm/rounds/round_002"
+    assert main(["job", "export", "esm2_fra_lora", "--out", str(tmp_path), "--resume-from", where,
+                 "--set", "training.rounds=40"]) == 0
+    assert "resumes from /srv/fl/ws/4f1c/fedesm/rounds/round_002" in capsys.readouterr().out
+    for cfg in (SERVER_CONFIG, CLIENT_CONFIG):
+        data = json.loads((tmp_path / "esm2_fra_lora" / cfg).read_text())
+        assert data["federation"]["resume_from"] == where and data["training"]["rounds"] == 40
+    server = json.loads((tmp_path / "esm2_fra_lora" / SERVER_CONFIG).read_text())
+    assert server["workflows"][0]["path"] == "fedesm.flare.workflows.ScatterAndGather"
+    assert main(["job", "export", "esm2_fra_lora", "--out", str(tmp_path / "x"), "--resume-from", "s3://"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].startswith("fedesm: error: federation.resume_from")
+    assert not (tmp_path / "x").exists()
+
+
+
+def test_a_round_on_s3_resumes_with_its_run(tmp_path, crashed, s3):
+    import boto3
+
+    from fedesm.storage import upload
+
+    boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="fl-runs")
+    upload(crashed.out, "s3://fl-runs/job-a/fedesm/")
+    local = fetch_resume_point("s3://fl-runs/job-a/fedesm/rounds/round_002", tmp_path / "cache")
+    point = read_resume_point(local)
+    assert point.rounds_done == 2 and sorted(point.earlier_rounds) == [0, 1]
+    assert {r["round"] for r in point.rows} == {0, 1, 2} and point.manifest == {}
+    job = Job(tmp_path / "server", "job-s3", resume_from="s3://fl-runs/job-a/fedesm/rounds/round_002")
+    assert job.persistor.resumed_rounds == 2
+    assert (tmp_path / "server" / "local" / "fedesm_cache" / "fl-runs").is_dir()  # the server's cache, not the run
