@@ -213,8 +213,9 @@ class ModelSettings(Settings):
 
     arch: str = setting("esm2_t12_35M_UR50D", "ESM-2 architecture: fixes adapter names and shapes")
     backbone: Optional[str] = setting(
-        None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, s3:// URI or "
-        "random:ARCH (default: the hub checkpoint of `arch`); recorded in saved model cards")
+        None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, a Hugging Face "
+        "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
+        "model cards")
     num_labels: int = setting(2, "classes of the per-residue head")
 
     def check(self) -> None:

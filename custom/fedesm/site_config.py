@@ -4,7 +4,8 @@ It lives at the site, never in the job, so one job bundle runs unchanged at ever
 in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
 `<site workspace>/local/fedesm_site.yaml`. Example::
 
-    backbone: s3://acme-fl/models/esm2_t12_35M_UR50D.pt     # or a local .pt, a hub name, random:ARCH
+    backbone: s3://acme-fl/models/esm2_t12_35M_UR50D.pt     # or a local .pt, a hub name, random:ARCH, a
+                                                             # Hugging Face folder or hf:facebook/esm2_...
     data:
       train: s3://acme-fl/binding/train.parquet              # or a local path
       val: /data/binding/val.fa
