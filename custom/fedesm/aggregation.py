@@ -168,18 +168,28 @@ def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank:
 
 
 def _check_sites(site_states: Sequence[dict[str, Any]]) -> list[str]:
+    """Same keys everywhere; same shapes, except that LoRA factors may differ in rank (sites of different
+    means: A is r_k x d_in, B d_out x r_k, with r_k the site's own)."""
     if not site_states:
         raise ValueError("no site states to aggregate")
     ref = site_states[0]
     keys = list(ref.keys())
+    factor_axis = {}
+    for a_key, b_key in lora_pairs(keys).values():
+        factor_axis[a_key], factor_axis[b_key] = 0, 1  # the rank axis of each factor
     for i, st in enumerate(site_states[1:], start=1):
         missing = [k for k in keys if k not in st]
         extra = [k for k in st if k not in ref]
         if missing or extra:
             raise ValueError(f"site {i}: keys differ from site 0 (missing {missing[:5]}, unexpected {extra[:5]})")
         for k in keys:
-            if _shape(st[k]) != _shape(ref[k]):
-                raise ValueError(f"site {i}: shape of {k!r} is {_shape(st[k])}, site 0 has {_shape(ref[k])}")
+            s_shape, r_shape = _shape(st[k]), _shape(ref[k])
+            if k in factor_axis and len(s_shape) == len(r_shape) == 2:
+                keep = 1 - factor_axis[k]
+                if s_shape[keep] == r_shape[keep]:
+                    continue
+            if s_shape != r_shape:
+                raise ValueError(f"site {i}: shape of {k!r} is {s_shape}, site 0 has {r_shape}")
     return keys
 
 
@@ -203,10 +213,11 @@ def aggregate(
     """Aggregate the sites' PEFT state dicts into one global state dict.
 
     Args:
-        site_states: one flat ``{name: array}`` dict per site, same keys and shapes.
+        site_states: one flat ``{name: array}`` dict per site, same keys and shapes, except that a site's
+            LoRA factors may have its own rank r_k (fra / fra-ef average the products B_k A_k whatever r_k).
         weights: per-site weights (normalised here; a weight of 0 drops the site).
         strategy: ``fra`` | ``fra-ef`` | ``fedit`` | ``ffa`` (see the module docstring).
-        rank: output LoRA rank for ``fra``/``fra-ef``; default: each pair's input rank.
+        rank: output LoRA rank for ``fra``/``fra-ef``; default: each pair's largest input rank.
         state: the :class:`AggregationState` kept between rounds (required by ``fra-ef``).
         global_state: the global model sent this round; ``ffa`` takes the frozen A from it
             (falls back to site 0's A when absent).
@@ -231,10 +242,18 @@ def aggregate(
 
     out: dict[str, Any] = {}
     for name, (a_key, b_key) in pairs.items():
+        ranks = []
+        for i in range(len(site_states)):
+            a_shape, b_shape = _shape(site_states[i][a_key]), _shape(site_states[i][b_key])
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise ValueError(f"{name}: site {i}'s lora_A {a_shape} and lora_B {b_shape} are not an "
+                                 "(r x d_in, d_out x r) pair")
+            ranks.append(a_shape[0])
         a_shape, b_shape = _shape(ref[a_key]), _shape(ref[b_key])
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise ValueError(f"{name}: lora_A {a_shape} and lora_B {b_shape} are not an (r x d_in, d_out x r) pair")
-        r_out = int(rank) if rank is not None else a_shape[0]
+        if strategy in ("fedit", "ffa") and len(set(ranks)) > 1:
+            raise ValueError(f"{name}: {strategy} averages the factors themselves, so every site needs the same "
+                             f"rank (got {sorted(set(ranks))}); fra and fra-ef average products of any ranks")
+        r_out = int(rank) if rank is not None else max(ranks)
         if strategy == "fedit":
             a_new = _weighted_mean([site_states[i][a_key] for i in active], w[active])
             b_new = _weighted_mean([site_states[i][b_key] for i in active], w[active])
@@ -244,7 +263,7 @@ def aggregate(
         else:
             a_list = [_to_f64(site_states[i][a_key]) for i in active]
             b_list = [_to_f64(site_states[i][b_key]) for i in active]
-            cols = [np.full(a_shape[0], w[i]) for i in active]
+            cols = [np.full(ranks[i], w[i]) for i in active]  # each site's own rank r_k
             if strategy == "fra-ef" and name in state.residuals:
                 a_res, b_res = state.residuals[name]
                 if a_res.shape[1] != a_shape[1] or b_res.shape[0] != b_shape[0]:
@@ -254,7 +273,7 @@ def aggregate(
                 cols.append(np.ones(a_res.shape[0]))
             a_new, b_new, a_tail, b_tail, s_tail = _refactor(a_list, b_list, np.concatenate(cols), r_out)
             if strategy == "fra-ef":
-                _store_residual(state, name, a_tail, b_tail, s_tail, len(active) * a_shape[0])
+                _store_residual(state, name, a_tail, b_tail, s_tail, sum(ranks[i] for i in active))
         out[a_key] = _like(a_new, ref[a_key])
         out[b_key] = _like(b_new, ref[b_key])
 

@@ -386,8 +386,20 @@ class FederationSettings(Settings):
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
     keep_rounds: bool = setting(True, "the server keeps every round's global adapters (rounds/round_NNN)")
     train_timeout: int = setting(0, "seconds the server waits for a site's round (0 = no limit)")
+    mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
+                           "same tags and steps as TensorBoard); needs the mlflow package on the server")
+    mlflow_tracking_uri: Optional[str] = setting(
+        None, "MLflow tracking server (http://host:5000, sqlite:///path.db, file:/path) when mlflow is on; default: "
+        "the server's MLFLOW_TRACKING_URI environment variable, else mlflow.db in the job's result folder",
+        metavar="URI")
+    mlflow_experiment: str = setting("fedesm", "MLflow experiment the runs are logged under")
 
     def check(self) -> None:
+        if self.mlflow_tracking_uri and not self.mlflow:
+            self.fail("mlflow_tracking_uri", "is set but federation.mlflow is off; set federation.mlflow: true to "
+                      "stream metrics to it")
+        if not self.mlflow_experiment.strip():
+            self.fail("mlflow_experiment", "needs a name")
         if self.min_clients < 1:
             self.fail("min_clients", f"need at least one site, got {self.min_clients}")
         if self.max_residual_rank is not None and self.max_residual_rank < 1:

@@ -15,6 +15,8 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     s3_endpoint_url: null                                    # default: boto3's own resolution
     device: auto
     cpu_threads: null                                        # torch CPU threads (default: torch's)
+    lora_r: null                                             # this site's LoRA rank, <= the job's lora.r
+                                                             # (less memory and upload; default: the job's)
 
 One file may also serve several sites (handy for the simulator): values under `sites: {NAME: ...}`
 override the top-level ones, and `{site}` in any string is replaced by the site's name.
@@ -34,7 +36,8 @@ from fedesm.errors import FedesmError
 
 ENV_VAR = "FEDESM_SITE_CONFIG"
 DEFAULT_NAME = "fedesm_site.yaml"
-_KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "sites"}
+_KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "lora_r",
+         "sites"}
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SiteConfig:
     s3_endpoint_url: Optional[str] = None
     device: str = "auto"
     cpu_threads: Optional[int] = None  # torch CPU threads; set it when several sites share one machine
+    lora_r: Optional[int] = None  # this site's LoRA rank (<= the job's lora.r; fedesm.ranks); None: the job's
     source: str = ""  # the file it came from, for messages
 
     def policy(self):
@@ -108,6 +112,9 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         if not data.get(key):
             raise FedesmError(f"{path}: site {site!r} has no data.{key} location")
     default_cache = str(Path(workspace_root) / "local" / "fedesm_cache") if workspace_root else None
+    lora_r = merged.get("lora_r")
+    if lora_r is not None and (isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1):
+        raise FedesmError(f"{path}: lora_r must be a positive integer (the site's LoRA rank), got {lora_r!r}")
     return SiteConfig(
         site=site,
         train=str(data["train"]),
@@ -119,6 +126,7 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         s3_endpoint_url=merged.get("s3_endpoint_url"),
         device=merged.get("device", "auto"),
         cpu_threads=merged.get("cpu_threads"),
+        lora_r=lora_r,
         source=str(path),
     )
 
