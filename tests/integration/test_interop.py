@@ -238,3 +238,35 @@ def _same_model(a: dict, b: dict, atol: float) -> None:
             np.testing.assert_allclose(a[kb] @ a[k], b[kb] @ v, rtol=0, atol=atol, err_msg=k)
         elif ".lora_" not in k:
             np.testing.assert_allclose(a[k], v, rtol=0, atol=atol, err_msg=k)
+
+
+def test_the_recipe_example_runs_in_the_simulator(tmp_path):
+    """examples/fra_lora_recipe.py, as a user runs it: FraLoraRecipe + SimEnv, 2 sites x 2 rounds; then its
+    --export writes the bundle `fedesm job export` writes from the same settings."""
+    from fedesm import results
+    from fedesm.launch.jobs import export_job, read_job_settings
+    from fedesm.site_config import write_site_config
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "fra_lora_recipe.py"
+    cfg = write_site_config(tmp_path / "site.yaml", "random:esm2_t2_tiny", _data(tmp_path, seed=4))
+    env = {**__import__("os").environ, "FEDESM_SITE_CONFIG": str(cfg), "FEDESM_SIM_ROOT": str(tmp_path / "sim")}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "fedesm: round 2 done (2 sites)" in done.stdout
+    result = tmp_path / "sim" / "esm2_fra_lora" / "server" / "simulate_job"
+    out = results.output_dir(result)
+    rows = read_table(out / results.METRICS)
+    assert {(r["round"], r["site"]) for r in rows if r.get("train_loss") is not None} == {
+        (1, "site-1"), (1, "site-2"), (2, "site-1"), (2, "site-2")}
+    assert (out / results.LAST / "adapter_model.safetensors").is_file()
+
+    done = subprocess.run([sys.executable, str(script), "--export", "--export-dir", str(tmp_path / "exported")],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = read_job_settings(tmp_path / "exported" / "esm2_fra_lora")
+    assert (exported.model.arch, exported.lora.r, exported.training.rounds) == ("esm2_t2_tiny", 4, 2)
+    export_job("esm2_fra_lora", tmp_path / "bundle", settings=exported)
+    for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
+        assert json.loads((tmp_path / "exported" / "esm2_fra_lora" / rel).read_text()) == \
+            json.loads((tmp_path / "bundle" / "esm2_fra_lora" / rel).read_text()), rel
