@@ -105,3 +105,29 @@ def _load_hub(name: str) -> Backbone:
         ) from None
     model, alphabet = build_from_checkpoint(name, data, name)
     return Backbone(model, alphabet, name, architecture_of(model))
+
+
+def hub_cache_path(name: str) -> Path:
+    """Where torch's hub cache keeps a fair-esm checkpoint (where `load_backbone(name)` downloads it to)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def fetch_hub_checkpoint(name: str, timeout: float = 10.0) -> Path:
+    """A fair-esm hub checkpoint as a local file: the torch hub cache's copy, else downloaded into it.
+
+    Probes the URL first (`timeout` seconds), so an offline machine finds out in seconds, not minutes;
+    FedesmError (one line, with the reason) when the file can be neither found nor downloaded."""
+    import urllib.request
+
+    path = hub_cache_path(name)
+    if path.is_file():
+        return path
+    url = HUB_URL.format(name=name)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=True)
+    except Exception as e:
+        raise FedesmError(f"{name}: not in {path} and not downloadable ({type(e).__name__})") from None
+    return path
