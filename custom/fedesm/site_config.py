@@ -140,10 +140,11 @@ def resolve_site_path(config: SiteConfig, uri: str) -> Path:
 
 
 def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, device: Optional[str] = None,
-                      test=None) -> Path:
+                      test=None, per_site: Optional[dict] = None) -> Path:
     """One site config for every simulated site: `data_dir/{site}/{train,val}.fa` (a `fedesm data split`
     layout), the backbone, an allow-list of exactly those folders; `test` (a path or a shipped set's
-    name) is every site's test split. `cpu_threads`/`device` are written when given."""
+    name) is every site's test split. `cpu_threads`/`device` are written when given; `per_site`
+    ({site-1: {lora_r: 4}}) becomes the `sites:` section, one site's own values."""
     data_dir = Path(data_dir).resolve()
     backbone_path = Path(backbone)
     config = {
@@ -157,6 +158,8 @@ def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, 
         config["device"] = device
     if cpu_threads:
         config["cpu_threads"] = int(cpu_threads)
+    if per_site:
+        config["sites"] = {site: dict(values) for site, values in per_site.items()}
     path = Path(path)
     path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
                     + yaml.safe_dump(config, sort_keys=False))
