@@ -16,7 +16,9 @@ makes plain averaging of B exact.
 
 State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.model.keys``): LoRA pairs
 end in ``.lora_A.weight`` / ``.lora_B.weight`` and share a prefix; every other tensor (e.g. the
-classification head) is weighted-averaged (FedAvg).
+classification head) is weighted-averaged (FedAvg). Sites may send factors of different ranks r_k
+(``fedesm.ranks``): the stacks above simply have ``sum_k r_k`` columns; fedit and ffa, which average
+the factors themselves, need equal ranks.
 """
 
 from __future__ import annotations

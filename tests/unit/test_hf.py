@@ -191,6 +191,12 @@ def test_hf_round_trip_train_export_load_predict(hf_dir, synth_data, tmp_path, c
         assert np.abs(probs - fedesm_probs).max() < 1e-4, name
         diffs[name] = float(np.abs(probs - exact).max())
         assert diffs[name] < 1e-5, name
+    # the exported folder is itself a backbone fedesm reads (EsmForTokenClassification: the head is not taken)
+    again = load_backbone(str(tmp_path / "hf_out"))
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    for k, v in merged.esm.state_dict().items():
+        if not k.startswith(("lm_head", "contact_head")) and ".rot_emb." not in k:
+            assert torch.allclose(again.model.state_dict()[k], v, atol=1e-6), k
     (tmp_path / "max_diff.json").write_text(json.dumps(diffs))
     print(f"HF round trip, max |p - fedesm|: {diffs}")
 
