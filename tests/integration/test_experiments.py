@@ -91,7 +91,7 @@ def test_an_experiment_can_use_every_shipped_job(job, capsys):
     assert cfg.experiments[0].job == job
     from fedesm.experiments.plan import dry_run
 
-    assert "  checked: 8 job export(s) accept their settings" in dry_run(cfg)
+    assert "  checked: 9 job export(s) accept their settings" in dry_run(cfg)
 
 
 def test_both_set_flags_parse_values_alike(tmp_path):
