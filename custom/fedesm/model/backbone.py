@@ -63,8 +63,8 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
         if policy is not None:
             policy.check(str(path))
         if not path.is_file():
-            raise FedesmError(f"{source}: checkpoint file not found" + (
-            " (a folder: a Hugging Face model folder needs config.json)" if path.is_dir() else ""))
+            hint = " (a folder: a Hugging Face model folder needs config.json)" if path.is_dir() else ""
+            raise FedesmError(f"{source}: checkpoint file not found{hint}")
         return _load_local(path, origin=source)
 
     if source in ARCHITECTURES and not ARCHITECTURES[source].on_hub:

@@ -169,9 +169,10 @@ def _resolve_hf_path(source: str, cache_dir=None) -> tuple[str, str]:
         try:
             from huggingface_hub import snapshot_download
 
-            path = snapshot_download(repo, cache_dir=str(Path(cache_dir) / "hf") if cache_dir else None,
-                                     allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"],
-                                     ignore_patterns=["*onnx*", "*tf_model*", "*flax*"])
+            cache = str(Path(cache_dir) / "hf") if cache_dir else None
+            path = snapshot_download(repo, cache_dir=cache, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+            if not any(Path(path).glob("*.safetensors")):  # older repositories: PyTorch pickles only
+                path = snapshot_download(repo, cache_dir=cache, allow_patterns=["*.json", "*.bin", "*.txt"])
         except Exception as e:
             raise FedesmError(f"could not fetch {repo} from the Hugging Face hub ({type(e).__name__}); offline "
                               "sites should pass a local folder written by save_pretrained instead") from None
