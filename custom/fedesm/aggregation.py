@@ -23,7 +23,9 @@ it back the next round, so nothing is lost over rounds; only ``fra-ef`` forms th
 
 State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.model.keys``): LoRA pairs
 end in ``.lora_A.weight`` / ``.lora_B.weight`` and share a prefix; every other tensor (e.g. the
-classification head) is weighted-averaged (FedAvg).
+classification head) is weighted-averaged (FedAvg). Sites may send factors of different ranks r_k
+(``fedesm.ranks``): the stacks above simply have ``sum_k r_k`` columns; fedit and ffa, which average
+the factors themselves, need equal ranks.
 """
 
 from __future__ import annotations
@@ -172,6 +174,20 @@ def _split(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> tuple[torch.Te
     return root.unsqueeze(-1) * vt, u * root.unsqueeze(-2)
 
 
+def _fix_signs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each component's sign chosen so that its B column's largest-magnitude entry is positive.
+
+    A singular pair (u, v) is only defined up to a common sign, and which one the eigensolver returns
+    depends on the order the sites were stacked in; fixing it makes the global factors (and so every
+    site's next start) a function of the contributions alone. B A is unchanged.
+    """
+    if b.shape[-1] == 0:
+        return a, b
+    idx = b.abs().argmax(dim=-2, keepdim=True)  # (..., 1, k)
+    sign = torch.where(torch.gather(b, -2, idx) < 0, -1.0, 1.0).to(b.dtype)
+    return a * sign.transpose(-1, -2), b * sign
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[-2] == rows:
         return x
@@ -211,6 +227,7 @@ def _refactor(a_stack: torch.Tensor, b_stack: torch.Tensor, col_weights: torch.T
 
     def factors(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = _split(u[..., lo:hi], s[..., lo:hi], vt[..., lo:hi, :])
+        a, b = _fix_signs(a, b)
         if h_a is not None:  # back from the QR coordinates: A^T = Q_A a^T
             a = torch.ormqr(h_a, tau_a, _pad_rows(a.transpose(-1, -2), d_in)).transpose(-1, -2)
         return a, b
@@ -291,18 +308,28 @@ def fra_lora(factors: Sequence[tuple[Any, Any]], weights: Sequence[float], rank:
 
 
 def _check_sites(site_states: Sequence[dict[str, Any]]) -> list[str]:
+    """Same keys everywhere; same shapes, except that LoRA factors may differ in rank (sites of different
+    means: A is r_k x d_in, B d_out x r_k, with r_k the site's own)."""
     if not site_states:
         raise ValueError("no site states to aggregate")
     ref = site_states[0]
     keys = list(ref.keys())
+    factor_axis = {}
+    for a_key, b_key in lora_pairs(keys).values():
+        factor_axis[a_key], factor_axis[b_key] = 0, 1  # the rank axis of each factor
     for i, st in enumerate(site_states[1:], start=1):
         missing = [k for k in keys if k not in st]
         extra = [k for k in st if k not in ref]
         if missing or extra:
             raise ValueError(f"site {i}: keys differ from site 0 (missing {missing[:5]}, unexpected {extra[:5]})")
         for k in keys:
-            if _shape(st[k]) != _shape(ref[k]):
-                raise ValueError(f"site {i}: shape of {k!r} is {_shape(st[k])}, site 0 has {_shape(ref[k])}")
+            s_shape, r_shape = _shape(st[k]), _shape(ref[k])
+            if k in factor_axis and len(s_shape) == len(r_shape) == 2:
+                keep = 1 - factor_axis[k]
+                if s_shape[keep] == r_shape[keep]:
+                    continue
+            if s_shape != r_shape:
+                raise ValueError(f"site {i}: shape of {k!r} is {s_shape}, site 0 has {r_shape}")
     return keys
 
 
@@ -326,10 +353,11 @@ def aggregate(
     """Aggregate the sites' PEFT state dicts into one global state dict.
 
     Args:
-        site_states: one flat ``{name: array}`` dict per site, same keys and shapes.
+        site_states: one flat ``{name: array}`` dict per site, same keys and shapes, except that a site's
+            LoRA factors may have its own rank r_k (fra / fra-ef average the products B_k A_k whatever r_k).
         weights: per-site weights (normalised here; a weight of 0 drops the site).
         strategy: ``fra`` | ``fra-ef`` | ``fedit`` | ``ffa`` (see the module docstring).
-        rank: output LoRA rank for ``fra``/``fra-ef``; default: each pair's input rank.
+        rank: output LoRA rank for ``fra``/``fra-ef``; default: each pair's largest input rank.
         state: the :class:`AggregationState` kept between rounds (required by ``fra-ef``).
         global_state: the global model sent this round; ``ffa`` takes the frozen A from it
             (falls back to site 0's A when absent).
@@ -355,10 +383,18 @@ def aggregate(
     out: dict[str, Any] = {}
     groups: dict[tuple, list[str]] = {}  # fra / fra-ef: pairs of one shape, re-factored together
     for name, (a_key, b_key) in pairs.items():
+        ranks = []
+        for i in range(len(site_states)):
+            a_shape, b_shape = _shape(site_states[i][a_key]), _shape(site_states[i][b_key])
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise ValueError(f"{name}: site {i}'s lora_A {a_shape} and lora_B {b_shape} are not an "
+                                 "(r x d_in, d_out x r) pair")
+            ranks.append(a_shape[0])
         a_shape, b_shape = _shape(ref[a_key]), _shape(ref[b_key])
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise ValueError(f"{name}: lora_A {a_shape} and lora_B {b_shape} are not an (r x d_in, d_out x r) pair")
-        r_out = int(rank) if rank is not None else a_shape[0]
+        if strategy in ("fedit", "ffa") and len(set(ranks)) > 1:
+            raise ValueError(f"{name}: {strategy} averages the factors themselves, so every site needs the same "
+                             f"rank (got {sorted(set(ranks))}); fra and fra-ef average products of any ranks")
+        r_out = int(rank) if rank is not None else max(ranks)
         if strategy == "fedit":
             out[a_key] = _like(_weighted_mean([site_states[i][a_key] for i in active], w[active]), ref[a_key])
             out[b_key] = _like(_weighted_mean([site_states[i][b_key] for i in active], w[active]), ref[b_key])
@@ -372,17 +408,19 @@ def aggregate(
                 if a_res.shape[1] != a_shape[1] or b_res.shape[0] != b_shape[0]:
                     raise ValueError(f"{name}: error-feedback residual shape does not match this round's factors")
                 res_rank = a_res.shape[0]
-            groups.setdefault((a_shape, b_shape, r_out, res_rank), []).append(name)
+            site_ranks = tuple(ranks[i] for i in active)  # each site's own rank r_k
+            groups.setdefault((a_shape[1], b_shape[0], site_ranks, r_out, res_rank), []).append(name)
 
-    for (a_shape, b_shape, r_out, res_rank), names in groups.items():
+    for (d_in, d_out, site_ranks, r_out, res_rank), names in groups.items():
         arrays = [site_states[i][k] for name in names for k in pairs[name] for i in active]
         dtype = _compute_dtype(arrays)
-        m = len(active) * a_shape[0] + res_rank
-        per_pair = (a_shape[1] + b_shape[0]) * m * torch.empty((), dtype=dtype).element_size()
+        m = sum(site_ranks) + res_rank
+        per_pair = (d_in + d_out) * m * torch.empty((), dtype=dtype).element_size()
         step = max(1, _CHUNK_BYTES // per_pair)
         for lo in range(0, len(names), step):
             chunk = names[lo : lo + step]
-            a_stack, b_stack, cols = _stack_pairs(site_states, active, w, pairs, chunk, state, res_rank, dtype)
+            a_stack, b_stack, cols = _stack_pairs(site_states, active, w, pairs, chunk, state, site_ranks,
+                                                  res_rank, dtype)
             if strategy == "fra-ef":
                 a_new, b_new, tail = _refactor(a_stack, b_stack, cols, r_out, tail=True)
             else:
@@ -393,7 +431,7 @@ def aggregate(
                 out[b_key] = _like(b_new[j].numpy(), ref[b_key])
                 if strategy == "fra-ef":
                     _store_residual(state, name, tail.a[j].double().numpy(), tail.b[j].double().numpy(),
-                                    tail.s[j].double().numpy(), len(active) * a_shape[0], torch.finfo(dtype).eps)
+                                    tail.s[j].double().numpy(), sum(site_ranks), torch.finfo(dtype).eps)
 
     for k in keys:
         if k not in lora_keys:
@@ -403,29 +441,31 @@ def aggregate(
     return {k: out[k] for k in keys}
 
 
-def _stack_pairs(site_states, active, w, pairs, names, state, res_rank, dtype):
+def _stack_pairs(site_states, active, w, pairs, names, state, site_ranks, res_rank, dtype):
     """The stacks of the pairs ``names`` (same shapes): A (n, m, d_in), B (n, d_out, m), column weights (m,).
 
-    Site k's factors occupy columns ``k*r .. (k+1)*r`` with weight w_k; an ``fra-ef`` residual (rank
-    ``res_rank``) takes the last columns with weight 1.
+    Site k's factors (its own rank r_k, ``site_ranks``) occupy the next r_k columns with weight w_k; an
+    ``fra-ef`` residual (rank ``res_rank``) takes the last columns with weight 1.
     """
     ref = site_states[active[0]]
-    r, d_in = _shape(ref[pairs[names[0]][0]])
+    d_in = _shape(ref[pairs[names[0]][0]])[1]
     d_out = _shape(ref[pairs[names[0]][1]])[0]
-    m = len(active) * r + res_rank
+    offsets = np.concatenate([[0], np.cumsum(site_ranks)]).astype(int)
+    m = int(offsets[-1]) + res_rank
     a_stack = torch.empty((len(names), m, d_in), dtype=dtype)
     b_stack = torch.empty((len(names), d_out, m), dtype=dtype)
     for j, name in enumerate(names):
         a_key, b_key = pairs[name]
         for slot, i in enumerate(active):
-            _fill(a_stack[j, slot * r : (slot + 1) * r], site_states[i][a_key])
-            _fill(b_stack[j, :, slot * r : (slot + 1) * r], site_states[i][b_key])
+            lo, hi = offsets[slot], offsets[slot + 1]
+            _fill(a_stack[j, lo:hi], site_states[i][a_key])
+            _fill(b_stack[j, :, lo:hi], site_states[i][b_key])
         if res_rank:
             a_res, b_res = state.residuals[name]
             _fill(a_stack[j, m - res_rank :], a_res)
             _fill(b_stack[j, :, m - res_rank :], b_res)
     cols = torch.ones(m, dtype=dtype)
-    cols[: len(active) * r] = torch.from_numpy(np.repeat(w[active], r)).to(dtype)
+    cols[: offsets[-1]] = torch.from_numpy(np.repeat(w[active], site_ranks)).to(dtype)
     return a_stack, b_stack, cols
 
 

@@ -220,8 +220,9 @@ class ModelSettings(Settings):
 
     arch: str = setting("esm2_t12_35M_UR50D", "ESM-2 architecture: fixes adapter names and shapes")
     backbone: Optional[str] = setting(
-        None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, s3:// URI or "
-        "random:ARCH (default: the hub checkpoint of `arch`); recorded in saved model cards")
+        None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, a Hugging Face "
+        "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
+        "model cards")
     num_labels: int = setting(2, "classes of the per-residue head")
     attention: str = setting("fused", "self-attention kernel: fused (PyTorch scaled_dot_product_attention: flash / "
                              "memory-efficient on CUDA, same weights and outputs) or stock (fair-esm's explicit "
@@ -418,8 +419,20 @@ class FederationSettings(Settings):
                                          "fedesm/rounds/round_NNN (or fedesm/last) folder, a path or s3:// URI "
                                          "on the server; the job runs rounds NNN+1 .. training.rounds",
                                          metavar="PATH")
+    mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
+                           "same tags and steps as TensorBoard); needs the mlflow package on the server")
+    mlflow_tracking_uri: Optional[str] = setting(
+        None, "MLflow tracking server (http://host:5000, sqlite:///path.db, file:/path) when mlflow is on; default: "
+        "the server's MLFLOW_TRACKING_URI environment variable, else mlflow.db in the job's result folder",
+        metavar="URI")
+    mlflow_experiment: str = setting("fedesm", "MLflow experiment the runs are logged under")
 
     def check(self) -> None:
+        if self.mlflow_tracking_uri and not self.mlflow:
+            self.fail("mlflow_tracking_uri", "is set but federation.mlflow is off; set federation.mlflow: true to "
+                      "stream metrics to it")
+        if not self.mlflow_experiment.strip():
+            self.fail("mlflow_experiment", "needs a name")
         if self.min_clients < 1:
             self.fail("min_clients", f"need at least one site, got {self.min_clients}")
         if self.max_residual_rank is not None and self.max_residual_rank < 1:

@@ -4,7 +4,8 @@ It lives at the site, never in the job, so one job bundle runs unchanged at ever
 in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
 `<site workspace>/local/fedesm_site.yaml`. Example::
 
-    backbone: s3://acme-fl/models/esm2_t12_35M_UR50D.pt     # or a local .pt, a hub name, random:ARCH
+    backbone: s3://acme-fl/models/esm2_t12_35M_UR50D.pt     # or a local .pt, a hub name, random:ARCH, a
+                                                             # Hugging Face folder or hf:facebook/esm2_...
     data:
       train: s3://acme-fl/binding/train.parquet              # or a local path
       val: /data/binding/val.fa
@@ -14,6 +15,8 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     s3_endpoint_url: null                                    # default: boto3's own resolution
     device: auto
     cpu_threads: null                                        # torch CPU threads (default: torch's)
+    lora_r: null                                             # this site's LoRA rank, <= the job's lora.r
+                                                             # (less memory and upload; default: the job's)
 
 One file may also serve several sites (handy for the simulator): values under `sites: {NAME: ...}`
 override the top-level ones, and `{site}` in any string is replaced by the site's name.
@@ -37,7 +40,8 @@ from fedesm.errors import FedesmError
 
 ENV_VAR = "FEDESM_SITE_CONFIG"
 DEFAULT_NAME = "fedesm_site.yaml"
-_KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "sites"}
+_KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "lora_r",
+         "sites"}
 
 
 @dataclass
@@ -52,6 +56,7 @@ class SiteConfig:
     s3_endpoint_url: Optional[str] = None
     device: str = "auto"
     cpu_threads: Optional[int] = None  # torch CPU threads; set it when several sites share one machine
+    lora_r: Optional[int] = None  # this site's LoRA rank (<= the job's lora.r; fedesm.ranks); None: the job's
     source: str = ""  # the file it came from, for messages
 
     def policy(self):
@@ -125,6 +130,9 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         if not data.get(key):
             raise FedesmError(f"{path}: site {site!r} has no data.{key} location")
     default_cache = str(Path(workspace_root) / "local" / "fedesm_cache") if workspace_root else None
+    lora_r = merged.get("lora_r")
+    if lora_r is not None and (isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1):
+        raise FedesmError(f"{path}: lora_r must be a positive integer (the site's LoRA rank), got {lora_r!r}")
     return SiteConfig(
         site=site,
         train=str(data["train"]),
@@ -136,6 +144,7 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         s3_endpoint_url=merged.get("s3_endpoint_url"),
         device=merged.get("device", "auto"),
         cpu_threads=merged.get("cpu_threads"),
+        lora_r=lora_r,
         source=str(path),
     )
 
@@ -149,10 +158,11 @@ def resolve_site_path(config: SiteConfig, uri: str) -> Path:
 
 
 def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, device: Optional[str] = None,
-                      test=None) -> Path:
+                      test=None, per_site: Optional[dict] = None) -> Path:
     """One site config for every simulated site: `data_dir/{site}/{train,val}.fa` (a `fedesm data split`
     layout), the backbone, an allow-list of exactly those folders; `test` (a path or a shipped set's
-    name) is every site's test split. `cpu_threads`/`device` are written when given."""
+    name) is every site's test split. `cpu_threads`/`device` are written when given; `per_site`
+    ({site-1: {lora_r: 4}}) becomes the `sites:` section, one site's own values."""
     data_dir = Path(data_dir).resolve()
     backbone_path = Path(backbone)
     config = {
@@ -166,6 +176,8 @@ def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, 
         config["device"] = device
     if cpu_threads:
         config["cpu_threads"] = int(cpu_threads)
+    if per_site:
+        config["sites"] = {site: dict(values) for site, values in per_site.items()}
     path = Path(path)
     path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
                     + yaml.safe_dump(config, sort_keys=False))

@@ -48,7 +48,7 @@ def _rows(path):
 def test_presets_dry_run(preset, capsys):
     assert main(["experiment", "run", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    sims, central = (24, 21) if preset == "cpu" else (18, 15)  # 3 seeds each
+    sims, central = (27, 21) if preset == "cpu" else (18, 15)  # 3 seeds each
     assert f"{sims} simulator run(s), {central} centralized run(s)" in out and "3 seed(s)" in out
     assert "job export(s) accept their settings" in out
     for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "central-2x", "alone", "fra-dpsgd"):
@@ -58,6 +58,7 @@ def test_presets_dry_run(preset, capsys):
         assert "30 rounds x 5000 steps" in out and "r=16" in out and "max_len 1000" in out
     else:
         assert "class_weights balanced" in out and "- fra-keep" in out and "optimizer_state=keep" in out
+        assert "- fra-low-rank" in out and "site config: site-1 lora_r 2" in out
 
 
 def test_config_errors_are_one_line(tmp_path):
@@ -90,7 +91,7 @@ def test_an_experiment_can_use_every_shipped_job(job, capsys):
     assert cfg.experiments[0].job == job
     from fedesm.experiments.plan import dry_run
 
-    assert "  checked: 8 job export(s) accept their settings" in dry_run(cfg)
+    assert "  checked: 9 job export(s) accept their settings" in dry_run(cfg)
 
 
 def test_both_set_flags_parse_values_alike(tmp_path):

@@ -12,7 +12,8 @@ def register(sub) -> None:
                        "simulator (CPU, minutes)",
                        description="Split a shipped real binding-site set (GPSite ATP by default; `fedesm data "
                        "list`) at random between N sites, hold out a validation split for the call threshold, "
-                       "write a tiny random-init ESM-2 checkpoint (or use --backbone), export the esm2_fra_lora job "
+                       "take pretrained ESM-2 8M weights when they are cached or downloadable, else write a tiny "
+                       "random-init ESM-2 checkpoint (or use --backbone), export the esm2_fra_lora job "
                        "with small settings, run it with `nvflare simulator`, then print per round each site's "
                        "local model and the global model on the set's test split (AUROC, AUPRC, F1/MCC/precision/"
                        "recall at 0.5 and at the threshold tuned on validation) beside a sequence-only logistic-"
@@ -26,9 +27,11 @@ def register(sub) -> None:
                    help=f"number of sites (default {DEMO.federation.min_clients})")
     p.add_argument("--arch", default=DEMO.model.arch, help=f"ESM-2 architecture (default {DEMO.model.arch}, "
                    "random init)")
-    p.add_argument("--backbone", default=None,
-                   help="ESM-2 weights instead of a random init: fair-esm hub name, local .pt or s3:// (give --arch "
-                   "to match)")
+    p.add_argument("--backbone", default="auto",
+                   help="auto (default): pretrained ESM-2 8M weights when they are in the fair-esm/torch hub cache "
+                   "or downloadable, else a random init of --arch (one line says which); random: always the random "
+                   "init; or any source: fair-esm hub name, local .pt, Hugging Face folder or hf:ID, s3:// (give "
+                   "--arch to match)")
     add_arguments(p, TrainConfig, title="training", defaults=DEMO.training,
                   skip=("device", "precision"))
     add_arguments(p, LoraSettings, prefix="lora-", title="LoRA", defaults=DEMO.lora)
@@ -38,12 +41,13 @@ def register(sub) -> None:
 
 
 def _demo(args) -> int:
-    from fedesm.experiments.demo import DEMO, run_demo
+    from fedesm.experiments.demo import DEMO, choose_backbone, run_demo
 
+    arch, backbone, line = choose_backbone(args.backbone, args.arch)
     settings = DEMO.replace(
-        model=DEMO.model.replace(arch=args.arch, backbone=args.backbone),
+        model=DEMO.model.replace(arch=arch, backbone=backbone),
         lora=from_arguments(args, LoraSettings, prefix="lora-", base=DEMO.lora),
         training=from_arguments(args, TrainConfig, base=DEMO.training),
         federation=from_arguments(args, FederationSettings, base=DEMO.federation).replace(min_clients=args.sites))
-    run_demo(args.out, dataset=args.dataset, settings=settings)
+    run_demo(args.out, dataset=args.dataset, settings=settings, backbone_line=line)
     return 0

@@ -7,6 +7,8 @@ import json
 from fedesm.cli._common import add_lora_args, lora_from_args
 from fedesm.model.architectures import ARCHITECTURES
 
+EXPORT_FORMATS = ("fair-esm", "hf", "peft-hf")
+
 
 def register(sub) -> None:
     p = sub.add_parser("make-checkpoint", help="write a random-init ESM-2 checkpoint in fair-esm's format",
@@ -29,13 +31,22 @@ def register(sub) -> None:
     add_lora_args(p)
     p.set_defaults(func=_params)
 
-    p = sub.add_parser("export", help="merge LoRA into the backbone and write a plain checkpoint",
-                       description="Merge the LoRA adapters of a trained model folder (PEFT layout + "
-                       "fedesm_model.json, as written by `fedesm train` or a federated job) into the ESM-2 "
-                       "backbone and write a fair-esm checkpoint with the classification head inside, for "
-                       "inference without PEFT.")
+    p = sub.add_parser("export", help="write a trained model for use outside fedesm (fair-esm or Hugging Face)",
+                       description="Export a trained model folder (PEFT layout + fedesm_model.json, as written by "
+                       "`fedesm train` or a federated job). --format fair-esm (default): LoRA merged into the "
+                       "ESM-2 backbone, one fair-esm .pt with the head inside. --format hf: LoRA merged, a folder "
+                       "that transformers' AutoModelForTokenClassification.from_pretrained and "
+                       "AutoTokenizer.from_pretrained load (ESM-2 tokenizer files beside it; the call threshold in "
+                       "README.md and config.json). --format peft-hf: the adapters and head in PEFT's layout "
+                       "against the Hugging Face module names (query/key/value), for users who keep the base model "
+                       "themselves: PeftModel.from_pretrained(AutoModelForTokenClassification.from_pretrained("
+                       "BASE, num_labels=2), DIR).")
     p.add_argument("--model", required=True, help="trained model folder (adapters + model card)")
-    p.add_argument("--out", required=True, help="output .pt path; the file name must start with 'esm2'")
+    p.add_argument("--format", default="fair-esm", choices=EXPORT_FORMATS,
+                   help="fair-esm (one .pt), hf (transformers folder, LoRA merged) or peft-hf (PEFT adapters on "
+                   "HF names); default fair-esm")
+    p.add_argument("--out", required=True, help="fair-esm: output .pt path (the file name must start with 'esm2'); "
+                   "hf / peft-hf: output folder")
     p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model card")
     p.set_defaults(func=_export)
 
@@ -64,10 +75,31 @@ def _params(args) -> int:
 
 
 def _export(args) -> int:
-    from fedesm.model.cards import load_trained_model
+    from fedesm.model.cards import find_model_dir, load_trained_model, read_adapter_state, read_model_card
+
+    if args.format == "peft-hf":  # no backbone needed: the adapters are renamed, not merged
+        from fedesm.model.hf import export_peft_hf
+
+        model_dir = find_model_dir(args.model)
+        card = read_model_card(model_dir)
+        if args.backbone:
+            card.backbone = args.backbone
+        path = export_peft_hf(read_adapter_state(model_dir), card, args.out)
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        print(f"wrote PEFT adapters on Hugging Face names to {path} (base model: "
+              f"{base or 'none recorded: load them on the HF form of ' + card.backbone + ', e.g. from --format hf'})")
+        return 0
+    model, alphabet, card = load_trained_model(find_model_dir(args.model), backbone_source=args.backbone)
+    if args.format == "hf":
+        from fedesm.model.hf import export_hf
+
+        path = export_hf(model, args.out, alphabet, threshold=card.threshold, max_len=card.max_len,
+                         backbone=args.backbone or card.backbone, lora=card.lora)
+        print(f"wrote Hugging Face model {path} (EsmForTokenClassification, LoRA merged, call threshold "
+              f"{card.threshold:.4g})")
+        return 0
     from fedesm.model.export import export_merged
 
-    model, _, card = load_trained_model(args.model, backbone_source=args.backbone)
     path = export_merged(model, args.out, threshold=card.threshold, max_len=card.max_len)
     print(f"wrote merged checkpoint {path}")
     return 0

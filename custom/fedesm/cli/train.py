@@ -21,8 +21,8 @@ def register(sub) -> None:
                    "(gpsite:ATP; `fedesm data list`)")
     p.add_argument("--val", required=True, help="validation data (same formats)")
     p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
-                   help="ESM-2 source: fair-esm name (online), local .pt, s3:// URI, or random:ARCH "
-                   "(default esm2_t12_35M_UR50D)")
+                   help="ESM-2 source: fair-esm name (online), local .pt, a Hugging Face folder (save_pretrained) "
+                   "or hf:ID (online), s3:// URI, or random:ARCH (default esm2_t12_35M_UR50D)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_attention_arg(p)

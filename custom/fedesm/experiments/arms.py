@@ -112,7 +112,7 @@ def run_federated(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, arm_
     t, heldout, evaluator = s.training, shared.heldout, shared.evaluator
     job = export_job(exp.job, arm_dir, job_name="job", settings=s)
     site_cfg = write_site_config(arm_dir / "site_config.yaml", shared.backbone, shared.split_dirs[exp.split],
-                                 cfg.runtime["cpu_threads"], cfg.runtime["device"])
+                                 cfg.runtime["cpu_threads"], cfg.runtime["device"], per_site=arm.site_config)
     prefix = f"  [{exp.id}/{arm.id} seed {shared.seed}]"
     start = time.perf_counter()
 

@@ -9,7 +9,8 @@ names as everywhere else; `runtime` (device, cpu_threads, simulator_timeout), an
 each a split mode, a job template and a list of arms. An experiment and an arm may each override
 `training` and `federation`. An arm is `federated` (the job in `nvflare simulator`), `centralized`
 (the same trainer on the pooled site training data) or `site-alone` (each site trains on its own
-data only, as it would without federating). `arm_settings` resolves an arm's full settings: config,
+data only, as it would without federating); a federated arm may set what sites hold in their own
+config (`site_config: {site-1: {lora_r: 4}}`: a site of smaller means, `fedesm.ranks`). `arm_settings` resolves an arm's full settings: config,
 then experiment, then arm; the seed is every arm's `training.seed` and `sites` their
 `federation.min_clients`. Every arm of a seed starts from the same initial adapters and head.
 """
@@ -53,6 +54,7 @@ class ArmSpec:
     training: dict = field(default_factory=dict)
     federation: dict = field(default_factory=dict)
     description: str = ""
+    site_config: dict = field(default_factory=dict)  # site name -> that site's own settings (lora_r), federated arms
 
 
 @dataclass
@@ -97,7 +99,8 @@ _DATA_KEYS = {"synthetic", "path", "test_path", "val_frac", "test_frac", "site_v
 _SYNTH_KEYS = {"n", "families", "pos_rate", "min_len", "max_len", "mutation_rate"}
 _RUNTIME_KEYS = {"device", "cpu_threads", "simulator_timeout"}
 _EXP_KEYS = {"id", "title", "split", "job", "description", "training", "federation", "arms"}
-_ARM_KEYS = {"id", "label", "kind", "training", "federation", "description"}
+_ARM_KEYS = {"id", "label", "kind", "training", "federation", "description", "site_config"}
+_ARM_SITE_KEYS = {"lora_r"}  # what an arm may set in a site's own config (fedesm.site_config)
 # set by the experiment itself, for every arm alike
 _FIXED = {"training": {"seed": "the top-level `seeds`", "device": "runtime.device"},
           "federation": {"min_clients": "the top-level `sites`"}}
@@ -228,9 +231,12 @@ def _parse_experiment(ew: str, e, cfg: ExperimentConfig) -> ExperimentSpec:
         arm = ArmSpec(id=a["id"], label=a.get("label", ""), kind=a.get("kind", "federated"),
                       training=_block(f"{aw}.training", "training", a.get("training")),
                       federation=_block(f"{aw}.federation", "federation", a.get("federation")),
-                      description=a.get("description", ""))
+                      description=a.get("description", ""),
+                      site_config=_arm_site_config(f"{aw}.site_config", a.get("site_config"), cfg))
         if arm.kind not in ARM_KINDS:
             raise FedesmError(f"{aw}: kind must be one of {', '.join(ARM_KINDS)}, got {arm.kind!r}")
+        if arm.site_config and arm.kind != "federated":
+            raise FedesmError(f"{aw}.site_config: only federated arms have sites with their own config")
         arm.label = arm.label or {"federated": arm.id, "centralized": "centralized", "site-alone": "site alone"}[arm.kind]
         try:
             arm_settings(cfg, exp, arm, cfg.seeds[0])  # every value checked now, where it is read
@@ -240,6 +246,21 @@ def _parse_experiment(ew: str, e, cfg: ExperimentConfig) -> ExperimentSpec:
     if not exp.arms:
         raise FedesmError(f"{ew}: no arms")
     return exp
+
+
+def _arm_site_config(where: str, d, cfg: ExperimentConfig) -> dict:
+    """{site-N: {lora_r: r}}: what a federated arm changes in its sites' own configs (sites of different means:
+    1 <= lora_r <= lora.r)."""
+    d = _check_keys(where, d, {f"site-{i}" for i in range(1, cfg.sites + 1)})
+    out = {}
+    for site, values in d.items():
+        values = _check_keys(f"{where}.{site}", values, _ARM_SITE_KEYS)
+        r = values.get("lora_r")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cfg.lora.r):
+            raise FedesmError(f"{where}.{site}.lora_r: a site's LoRA rank must be an integer from 1 to lora.r "
+                              f"({cfg.lora.r}), got {r!r}")
+        out[site] = dict(values)
+    return out
 
 
 def _check_id(where: str, value: str) -> None:

@@ -2,9 +2,10 @@
 
 A shipped GPSite set (ATP by default: BioLiP-derived, MIT licence) is split at random between two
 sites, after a validation split is held out from the training file for choosing the call threshold;
-the set's own low-identity test split is every site's test split. A tiny random-init ESM-2
-checkpoint in fair-esm's format stands in for pretrained weights (none can be downloaded here;
-pass `--backbone` with a hub name or a checkpoint to use real ones); the real `esm2_fra_lora` job is
+the set's own low-identity test split is every site's test split. The backbone is pretrained ESM-2
+8M when its weights are in the fair-esm/torch hub cache or can be downloaded (`choose_backbone`),
+else a tiny random-init ESM-2 in fair-esm's format, said in one line with how to get the real ones
+(`--backbone random` skips the check); the real `esm2_fra_lora` job is
 exported with small settings and run by `nvflare simulator`. Then each round's global model is
 scored on the test split, beside a sequence-only logistic-regression reference trained on the same
 training data, and a table and plots are written.
@@ -35,6 +36,33 @@ DEMO = JobSettings(model=ModelSettings(arch="esm2_t2_tiny"), lora=LoraSettings(r
                    federation=FederationSettings(min_clients=2))
 
 
+PRETRAINED = "esm2_t6_8M_UR50D"  # the demo's pretrained backbone when one can be had: the smallest ESM-2
+RANDOM = "random"  # --backbone random: the random init of the demo's architecture, as before real weights
+AUTO = "auto"
+
+
+def choose_backbone(choice: str | None, arch: str, fetch=None) -> tuple[str, str | None, str]:
+    """(arch, backbone source or None for a random init, the one line that says which and why) for the demo's
+    --backbone: auto (pretrained ESM-2 weights from the fair-esm/torch hub cache or a download: `arch`'s when it
+    is published, else ESM-2 8M; a random init of `arch` otherwise), random, or any backbone source."""
+    from fedesm.errors import FedesmError
+    from fedesm.model.architectures import ARCHITECTURES
+    from fedesm.model.backbone import HUB_URL, fetch_hub_checkpoint
+
+    if choice not in (None, AUTO):
+        if choice == RANDOM:
+            return arch, None, f"random-init ESM-2 ({arch}), as asked (--backbone random)"
+        return arch, choice, f"{choice} ({arch})"
+    name = arch if ARCHITECTURES[arch].on_hub else PRETRAINED
+    try:
+        path = (fetch or fetch_hub_checkpoint)(name)
+    except FedesmError as e:
+        return arch, None, (f"random-init ESM-2 ({arch}): no pretrained weights, {e}; for real ones download "
+                            f"{HUB_URL.format(name=name)} to that path or pass --backbone (a checkpoint, a Hugging "
+                            "Face folder, hf:ID); --backbone random skips this check")
+    return name, str(path), f"pretrained ESM-2 {name} from {path}"
+
+
 def _records(dataset: str, n_sequences: int, seed: int):
     """(training records, test records or None, a description) for a shipped set or synthetic data."""
     from fedesm.data.validate import load_dataset
@@ -50,9 +78,10 @@ def _records(dataset: str, n_sequences: int, seed: int):
 
 
 def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequences: int = 600,
-             echo=print) -> dict:
+             echo=print, backbone_line: str | None = None) -> dict:
     """Split over `settings.federation.min_clients` sites, train federated in the simulator, score per round on
-    the test split; returns the summary. `settings.model.backbone` None = a random-init checkpoint of the arch."""
+    the test split; returns the summary. `settings.model.backbone` None = a random-init checkpoint of the arch;
+    `backbone_line` (from `choose_backbone`) is what the backbone step reports."""
     from fedesm.evaluation.reference import reference_scores
     from fedesm.evaluation.scoring import AdapterEvaluator
     from fedesm.model.checkpoint import make_random_checkpoint
@@ -79,10 +108,10 @@ def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequ
          f"(threshold {base['threshold_tuned']:.3f} from the held-out val)")
     if backbone is None:
         backbone = str(make_random_checkpoint(arch, out / f"{arch}.pt", seed=seed))
-        echo(f"[3/5] backbone: random-init ESM-2 ({arch}) in fair-esm format, {backbone} (no pretrained weights: "
-             "expect the reference to win; pass --backbone esm2_t12_35M_UR50D or a checkpoint for real ones)")
+        echo(f"[3/5] backbone: {backbone_line or f'random-init ESM-2 ({arch})'}; written to {backbone} (random "
+             "weights: expect the reference to win)")
     else:
-        echo(f"[3/5] backbone: {backbone} ({arch})")
+        echo(f"[3/5] backbone: {backbone_line or f'{backbone} ({arch})'}")
     site_cfg = write_site_config(out / "site_config.yaml", backbone, out / "data", test=out / "data" / "test.fa")
     settings = settings.replace(model=settings.model.replace(backbone=backbone))
     job = export_job("esm2_fra_lora", out / "jobs", settings=settings)

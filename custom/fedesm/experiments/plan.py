@@ -90,8 +90,11 @@ def plan_lines(cfg: ExperimentConfig) -> list[str]:
             diff = describe_training(s.training, exp_base)
             fed_diff = ", ".join(f"{k}={v}" for k, v in s.federation.to_dict().items()
                                  if k not in ("strategy", "min_clients") and FederationSettings().to_dict()[k] != v)
+            sites = ", ".join(f"{site} " + " ".join(f"{k} {v}" for k, v in values.items())
+                              for site, values in arm.site_config.items())
             lines.append(f"      - {arm.id:<14} {what}" + (f"; {diff}" if diff else "")
-                         + (f"; {fed_diff}" if fed_diff and arm.kind == "federated" else ""))
+                         + (f"; {fed_diff}" if fed_diff and arm.kind == "federated" else "")
+                         + (f"; site config: {sites}" if sites else ""))
             local_steps = s.training.rounds * s.training.steps_per_round
             if arm.kind == "federated":
                 n_fed += 1

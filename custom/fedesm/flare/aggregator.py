@@ -33,6 +33,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm import aggregation
 from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, TRANSFER_DTYPE_KEY, read_weights_shareable
+from fedesm.model.keys import lora_pairs, split_lora_key
 from fedesm.settings import FederationSettings, LoraSettings
 
 
@@ -163,7 +164,7 @@ class FraLoraAggregator(Aggregator):
                 return f"{key!r} is not a float array (dtype {arr.dtype})"
             if global_weights is not None:
                 ref = np.asarray(global_weights[key])
-                if arr.shape != ref.shape:
+                if not self._shape_fits(key, arr.shape, ref.shape):
                     return f"shape of {key!r} is {arr.shape}, global model has {ref.shape}"
                 if np.issubdtype(ref.dtype, np.floating) and arr.dtype != ref.dtype:
                     with np.errstate(over="ignore"):
@@ -177,8 +178,35 @@ class FraLoraAggregator(Aggregator):
             if missing or extra:
                 return f"keys differ from {ref_site}'s (missing {missing[:3]}, unexpected {extra[:3]})"
             for key, arr in weights.items():
-                if arr.shape != ref[key].shape:
+                if not self._shape_fits(key, arr.shape, ref[key].shape, same_rank=False):
                     return f"shape of {key!r} is {arr.shape}, {ref_site} sent {ref[key].shape}"
+        return self._check_site_rank(weights)
+
+    # Sites of different means (fedesm.ranks): with fra / fra-ef a site's LoRA factors may have a smaller rank
+    # than the global model's, A (r_k x d_in) and B (d_out x r_k) with 1 <= r_k <= the global rank, the same
+    # r_k for every pair it sends; every other shape must equal the global model's.
+    def _shape_fits(self, key: str, shape: tuple, reference: tuple, same_rank: bool = True) -> bool:
+        """`shape` against the global model's (`same_rank`: the rank may only be smaller) or another site's
+        (any rank: the global model bounds it)."""
+        split = split_lora_key(key)
+        if split is None or len(shape) != 2 or len(reference) != 2 or self.strategy not in ("fra", "fra-ef"):
+            return tuple(shape) == tuple(reference)
+        rank_axis = 0 if split[1] == "A" else 1
+        limit = reference[rank_axis] if same_rank else shape[rank_axis]
+        return shape[1 - rank_axis] == reference[1 - rank_axis] and 1 <= shape[rank_axis] <= limit
+
+    def _check_site_rank(self, weights: dict[str, np.ndarray]) -> str | None:
+        ranks = {}
+        try:
+            pairs = lora_pairs(list(weights))
+        except ValueError as e:  # a lone factor
+            return str(e)
+        for a_key, b_key in pairs.values():
+            if weights[a_key].ndim != 2 or weights[b_key].ndim != 2 or weights[a_key].shape[0] != weights[b_key].shape[1]:
+                return f"{a_key!r} {weights[a_key].shape} and {b_key!r} {weights[b_key].shape} are not one LoRA pair"
+            ranks[a_key] = weights[a_key].shape[0]
+        if len(set(ranks.values())) > 1:
+            return f"LoRA ranks differ between the site's own matrices ({sorted(set(ranks.values()))})"
         return None
 
     @staticmethod

@@ -18,6 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 from fedesm.errors import FedesmError
 from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
                                   read_weights_shareable, to_torch_dict)
+from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import JobSettings
 from fedesm.training.optimizer_state import resolve_policy
 
@@ -59,6 +60,7 @@ class EsmLoraExecutor(Executor):
         self.validate_task_name = validate_task_name
         self.submit_model_task_name = submit_model_task_name
         self.trainer = None
+        self.lora = None  # the site's LoRA settings (the job's, or at the site's own rank)
         self.site = None
         self.site_config = None
         self.train_records = self.val_records = self.test_records = None
@@ -91,7 +93,12 @@ class EsmLoraExecutor(Executor):
         backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
-        model = build_lora_model(backbone, self.settings.lora, num_labels=self.settings.model.num_labels,
+        self.lora = site_lora(self.settings.lora, cfg.lora_r)  # the site's own rank (fedesm.ranks)
+        if self.lora.r != self.settings.lora.r and self.settings.federation.strategy not in ("fra", "fra-ef"):
+            raise FedesmError(f"site lora_r {self.lora.r} below the job's lora.r {self.settings.lora.r} needs "
+                              f"federation.strategy fra or fra-ef (products of any rank average); "
+                              f"{self.settings.federation.strategy} averages the factors themselves")
+        model = build_lora_model(backbone, self.lora, num_labels=self.settings.model.num_labels,
                                  seed=self.settings.training.seed, attention=self.settings.model.attention)
         training = self.site_training(self.site, num_rounds, cfg.device)
         self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
@@ -99,7 +106,9 @@ class EsmLoraExecutor(Executor):
         test = f" and {len(self.test_records)} test" if self.test_records else ""
         self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training, {len(self.val_records)} "
                               f"validation{test} sequences; backbone {backbone_source} on {self.trainer.device}; "
-                              f"site config {cfg.source}")
+                              f"LoRA rank {self.lora.r}"
+                              + (f" (job: {self.settings.lora.r})" if self.lora.r != self.settings.lora.r else "")
+                              + f"; site config {cfg.source}")
 
     def site_training(self, site: str, num_rounds: Optional[int], device: str = "auto"):
         """This site's training settings: the job's, with the site's device, the job's round count, and the
@@ -150,8 +159,13 @@ class EsmLoraExecutor(Executor):
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
     def _global_state(self, shareable: Shareable) -> dict:
+        """The global adapters + head of a task, truncated to this site's LoRA rank when it is below the job's
+        (`fedesm.ranks.truncate_state`; before any optimizer-state alignment)."""
         weights, _ = read_weights_shareable(shareable)
-        return to_torch_dict(weights)
+        state = to_torch_dict(weights)
+        if self.lora is not None and self.lora.r < (state_rank(state) or 0):
+            state = truncate_state(state, self.lora.r)
+        return state
 
     def _reply(self, meta: dict) -> Shareable:
         from fedesm.model.adapters import get_exchanged_state

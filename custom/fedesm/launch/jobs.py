@@ -126,9 +126,21 @@ def _client_config() -> dict:
     }
 
 
+MLFLOW_COMPONENT = _component("mlflow_receiver", "fedesm.flare.mlflow_receiver.FedesmMLflowReceiver",
+                              {"model": "{model}", "lora": "{lora}", "federation": "{federation}"})
+
+
+def _sync_tracking(server: dict, settings: JobSettings) -> None:
+    """The MLflow receiver is in the server's components exactly when `federation.mlflow` is on."""
+    components = [c for c in server.get("components", []) if c.get("id") != MLFLOW_COMPONENT["id"]]
+    if settings.federation.mlflow:
+        components.append(json.loads(json.dumps(MLFLOW_COMPONENT)))
+    server["components"] = components
+
+
 def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str, dict]:
     """Put the settings blocks into both configs (first, for readers) and the numbers derived from them
-    into NVFLARE's own components and meta.json."""
+    into NVFLARE's own components and meta.json; add the components the settings switch on (MLflow)."""
     derived = {"num_rounds": settings.training.rounds, "min_clients": settings.federation.min_clients,
                "train_timeout": settings.federation.train_timeout,
                "wait_time_after_min_received": settings.federation.wait_after_min_clients}
@@ -141,6 +153,8 @@ def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str,
             for key, value in derived.items():
                 if key in flow.get("args", {}):
                     flow["args"][key] = value
+        if cfg == SERVER_CONFIG:
+            _sync_tracking(data, settings)
         out[cfg] = {"format_version": files[cfg].get("format_version", 2), **settings.to_dict(), **data}
     meta = dict(files.get(META) or {})
     meta.update(name=name, min_clients=settings.federation.min_clients)

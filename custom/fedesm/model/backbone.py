@@ -6,6 +6,9 @@ Sources (`load_backbone`):
   * ``/path/esm2_x.pt``           a local checkpoint in fair-esm's format (air-gapped sites)
   * ``s3://bucket/key.pt``        a checkpoint fetched with boto3 into a local cache
   * ``random:esm2_t6_8M_UR50D``   a named architecture with a seeded random init (tests, demos)
+  * ``/path/hf_folder``           a Hugging Face ESM-2 folder as `save_pretrained` writes it (config.json +
+                                  model.safetensors or pytorch_model.bin), mapped exactly (`model.hf`)
+  * ``hf:facebook/esm2_t12_35M_UR50D``  a Hugging Face hub id, downloaded when online
 """
 
 from __future__ import annotations
@@ -49,12 +52,19 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
         local = storage.fetch(source, cache, policy=policy, endpoint_url=endpoint_url)
         return _load_local(local, origin=source)
 
+    from fedesm.model.hf import is_hf_source
+
     path = Path(source).expanduser()
+    if is_hf_source(source):
+        if policy is not None and not source.startswith("hf:"):
+            policy.check(str(path))
+        return _load_hf(source, cache_dir)
     if path.suffix == ".pt" or path.exists():
         if policy is not None:
             policy.check(str(path))
         if not path.is_file():
-            raise FedesmError(f"{source}: checkpoint file not found")
+            hint = " (a folder: a Hugging Face model folder needs config.json)" if path.is_dir() else ""
+            raise FedesmError(f"{source}: checkpoint file not found{hint}")
         return _load_local(path, origin=source)
 
     if source in ARCHITECTURES and not ARCHITECTURES[source].on_hub:
@@ -62,7 +72,8 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
     if source in ARCHITECTURES:
         return _load_hub(source)
     raise FedesmError(
-        f"{source!r} is not a checkpoint file, an s3:// URI, 'random:ARCH' or a fair-esm model name "
+        f"{source!r} is not a checkpoint file, a Hugging Face folder or hf:ID, an s3:// URI, 'random:ARCH' or a "
+        "fair-esm model name "
         f"({', '.join(n for n, a in ARCHITECTURES.items() if a.on_hub)})"
     )
 
@@ -71,6 +82,14 @@ def _load_local(path: Path, origin: str) -> Backbone:
     data = read_checkpoint(path)
     model, alphabet = build_from_checkpoint(Path(path).stem, data, origin)
     return Backbone(model, alphabet, origin, architecture_of(model))
+
+
+def _load_hf(source: str, cache_dir=None) -> Backbone:
+    """A Hugging Face ESM-2 checkpoint mapped onto fair-esm's ESM2 (`fedesm.model.hf`)."""
+    from fedesm.model.hf import load_hf_esm2
+
+    esm2, alphabet, _ = load_hf_esm2(source, cache_dir=cache_dir)
+    return Backbone(esm2, alphabet, source, architecture_of(esm2))
 
 
 def _load_hub(name: str) -> Backbone:
@@ -86,3 +105,29 @@ def _load_hub(name: str) -> Backbone:
         ) from None
     model, alphabet = build_from_checkpoint(name, data, name)
     return Backbone(model, alphabet, name, architecture_of(model))
+
+
+def hub_cache_path(name: str) -> Path:
+    """Where torch's hub cache keeps a fair-esm checkpoint (where `load_backbone(name)` downloads it to)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{name}.pt"
+
+
+def fetch_hub_checkpoint(name: str, timeout: float = 10.0) -> Path:
+    """A fair-esm hub checkpoint as a local file: the torch hub cache's copy, else downloaded into it.
+
+    Probes the URL first (`timeout` seconds), so an offline machine finds out in seconds, not minutes;
+    FedesmError (one line, with the reason) when the file can be neither found nor downloaded."""
+    import urllib.request
+
+    path = hub_cache_path(name)
+    if path.is_file():
+        return path
+    url = HUB_URL.format(name=name)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=True)
+    except Exception as e:
+        raise FedesmError(f"{name}: not in {path} and not downloadable ({type(e).__name__})") from None
+    return path
