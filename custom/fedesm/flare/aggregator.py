@@ -169,7 +169,7 @@ class FraLoraAggregator(Aggregator):
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         with self._lock:
-            sites = list(self._contributions)
+            sites = sorted(self._contributions)  # by name, not arrival: the same inputs give the same bits
             if not sites:
                 self.log_error(fl_ctx, f"round {self._round}: no accepted contributions to aggregate")
                 return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
