@@ -395,6 +395,12 @@ class FederationSettings(Settings):
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
     keep_rounds: bool = setting(True, "the server keeps every round's global adapters (rounds/round_NNN)")
     train_timeout: int = setting(0, "seconds the server waits for a site's round (0 = no limit)")
+    # NVFLARE counts a failed or withheld reply as a response: without a grace period a site that sends nothing
+    # (its epsilon budget spent, its filter refusing) would end the round before the others deliver.
+    wait_after_min_clients: int = setting(3600, "once min_clients sites have answered a round (sent a contribution, "
+                                          "failed or withheld one), seconds the server still waits for the others; "
+                                          "the round ends as soon as every live site has answered (NVFLARE's "
+                                          "wait_time_after_min_received)")
 
     def check(self) -> None:
         if self.min_clients < 1:
@@ -403,6 +409,8 @@ class FederationSettings(Settings):
             self.fail("max_residual_rank", f"must be a positive integer, got {self.max_residual_rank}")
         if self.train_timeout < 0:
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
+        if self.wait_after_min_clients < 0:
+            self.fail("wait_after_min_clients", f"must be >= 0, got {self.wait_after_min_clients}")
 
 
 @dataclass(frozen=True)

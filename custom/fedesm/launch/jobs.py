@@ -5,7 +5,8 @@ A job is a workflow (Scatter-and-Gather or cyclic) plus the four settings blocks
 level, and every fedesm component takes them by reference (``"lora": "{lora}"``), so within a
 bundle each setting has one home and the server and the sites read the same values. Values NVFLARE's
 own components need as plain numbers (the workflow's ``num_rounds``, ``min_clients``,
-``train_timeout``; ``meta.json``'s ``min_clients``) are written from the blocks on every render
+``train_timeout``, ``wait_time_after_min_received``; ``meta.json``'s ``min_clients``) are written from the
+blocks on every render
 and export, never by hand.
 
 `JOBS` are the shipped jobs; the repository's ``jobs/`` folder holds their rendering (a test keeps
@@ -83,7 +84,7 @@ def _server_config(workflow: str) -> dict:
     """The server's components; numbers NVFLARE needs are filled in by `_sync`."""
     if workflow == "scatter_and_gather":
         flow = _component("scatter_and_gather", "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather", {
-            "min_clients": None, "num_rounds": None, "wait_time_after_min_received": 0,
+            "min_clients": None, "num_rounds": None, "wait_time_after_min_received": None,
             "aggregator_id": "aggregator", "persistor_id": "persistor", "shareable_generator_id": "shareable_generator",
             "train_task_name": "train", "train_timeout": None, "ignore_result_error": None})
     elif workflow == "cyclic":
@@ -130,7 +131,8 @@ def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str,
     """Put the settings blocks into both configs (first, for readers) and the numbers derived from them
     into NVFLARE's own components and meta.json."""
     derived = {"num_rounds": settings.training.rounds, "min_clients": settings.federation.min_clients,
-               "train_timeout": settings.federation.train_timeout}
+               "train_timeout": settings.federation.train_timeout,
+               "wait_time_after_min_received": settings.federation.wait_after_min_clients}
     out = dict(files)
     for cfg in CONFIG_FILES:
         if cfg not in files:
