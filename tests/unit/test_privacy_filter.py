@@ -175,6 +175,25 @@ def test_anything_else_is_refused_with_its_reason(tmp_path, executor_reply, chan
     assert out.get_header(AppConstants.CURRENT_ROUND) == 3  # the server knows which round it missed
 
 
+def test_receipt_headers_are_refused_on_the_way_out_and_expected_on_arrival(tmp_path, executor_reply):
+    """`__peer_props__` is NVFLARE's on receipt: a site's outgoing result carrying one smuggles data past the
+    checks; where the scope runs on arrival (the simulator's server) it is normal, and kept in a replacement."""
+    from nvflare.apis.fl_constant import FilterKey, FLContextKey
+
+    ctx = _site_ctx(tmp_path)
+    smuggled = executor_reply()
+    smuggled.set_header("__peer_props__", {"__identity_name__": SITE, "x": "y" * 100})
+    _refused(AdaptersOnlyFilter().process(smuggled, ctx), "header '__peer_props__', which only NVFLARE sets")
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.IN, private=True, sticky=False)
+    arrived = executor_reply()
+    arrived.set_header("__peer_props__", {"__identity_name__": SITE})
+    arrived.set_header("__task_name__", "train")
+    assert AdaptersOnlyFilter().process(arrived, ctx) is arrived
+    out = AdaptersOnlyFilter().process(_extra_key(arrived), ctx)
+    _refused(out, "content beside the DXO")
+    assert out.get_header("__task_name__") == "train" and out.get_peer_prop("__identity_name__", None) == SITE
+
+
 @pytest.mark.parametrize("shareable, problem", [
     (DXO(DataKind.METRICS, data={"probabilities": [0.1, 0.9]}).to_shareable(), "holding list"),
     (DXO(DataKind.COLLECTION, data={"a": 1}).to_shareable(), "a DXO of kind COLLECTION"),

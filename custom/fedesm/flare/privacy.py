@@ -21,7 +21,9 @@ on without this site if ``min_clients`` allows, as for any failed site.
 
 NVFLARE 2.9 applies the scope's result filters before the job's own; a job can only add filters
 named in the site's class allow-list, which holds none that change data (a test checks), so what
-this filter lets through is what leaves.
+this filter lets through is what leaves. `nvflare simulator` 2.9 gives its simulated clients no
+privacy scope but applies the workspace's to what its server receives (direction "in"): there the
+same checks run on arrival, before the workflow and the aggregator see the result.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 
 from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode, ServerCommandKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -54,7 +56,12 @@ _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
 # headers a result may carry when it reaches the filter: NVFLARE's own, the round, and why nothing was sent
 _HEADERS = {v for k, v in vars(ReservedHeaderKey).items() if not k.startswith("_") and isinstance(v, str)} | {
     AppConstants.CURRENT_ROUND, AppConstants.NUM_ROUNDS, WITHHELD_KEY}
-_FRAMEWORK_HEADERS = {ReservedHeaderKey.PEER_PROPS, ReservedHeaderKey.PEER_CTX}  # set by NVFLARE, not by a job
+# set by NVFLARE where a result is received (and where `nvflare simulator` applies the scope: on the server)
+_RECEIPT_HEADERS = {ReservedHeaderKey.PEER_PROPS, ReservedHeaderKey.PEER_CTX, ServerCommandKey.FL_CLIENT}
+# NVFLARE's bookkeeping that a replacement reply keeps, so the workflow still matches it to its task
+_KEPT_HEADERS = {ReservedHeaderKey.TASK_NAME, ReservedHeaderKey.TASK_ID, ReservedHeaderKey.MSG_ROOT_ID,
+                 ReservedHeaderKey.WORKFLOW, ReservedHeaderKey.AUDIT_EVENT_ID, ReservedHeaderKey.REPLY_IS_LATE,
+                 ReservedHeaderKey.COOKIE_JAR}
 _WEIGHT_META = {TRANSFER_DTYPE_KEY, N_SAMPLES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND, METRICS_KEY, SITE_KEY}
 
 
@@ -100,20 +107,25 @@ def _count(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
-def _headers_problem(shareable: Shareable) -> Optional[str]:
+def _header_problem(key: Any, value: Any, received: bool) -> Optional[str]:
+    if key in _RECEIPT_HEADERS:
+        return None if received else f"header {key!r}, which only NVFLARE sets, on receipt"
+    if key not in _HEADERS:
+        return f"an unexpected header {str(key)[:60]!r}"
+    if key == ReservedHeaderKey.COOKIE_JAR:
+        ok = isinstance(value, dict) and len(value) <= 16 and all(_scalar(v) for v in value.values())
+        return None if ok else "a cookie jar beyond a few scalars"
+    return None if _scalar(value) else f"header {key!r} holding {type(value).__name__}"
+
+
+def _headers_problem(shareable: Shareable, received: bool = False) -> Optional[str]:
     headers = shareable.get(ReservedHeaderKey.HEADERS) or {}
     if not isinstance(headers, dict):
         return "headers that are not a mapping"
     for key, value in headers.items():
-        if key in _FRAMEWORK_HEADERS:
-            continue
-        if key not in _HEADERS:
-            return f"an unexpected header {str(key)[:60]!r}"
-        if key == ReservedHeaderKey.COOKIE_JAR:
-            if not (isinstance(value, dict) and all(_scalar(v) for v in value.values()) and len(value) <= 16):
-                return "a cookie jar beyond a few scalars"
-        elif not _scalar(value):
-            return f"header {key!r} holding {type(value).__name__}"
+        problem = _header_problem(key, value, received)
+        if problem:
+            return problem
     return None
 
 
@@ -166,10 +178,12 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
     return None
 
 
-def result_problem(shareable: Shareable, expected: Optional[ExpectedResult] = None) -> Optional[str]:
+def result_problem(shareable: Shareable, expected: Optional[ExpectedResult] = None,
+                   received: bool = False) -> Optional[str]:
     """Why `shareable` may not leave the site, or None when it may. Without `expected`, names are checked by
-    rule only (LoRA factor or head), not against the job's model."""
-    problem = _headers_problem(shareable)
+    rule only (LoRA factor or head), not against the job's model. `received`: checked where it arrived
+    (the headers NVFLARE adds on receipt are then expected)."""
+    problem = _headers_problem(shareable, received)
     if problem:
         return problem
     extra = sorted(str(k) for k in shareable if k not in (ReservedHeaderKey.HEADERS, DXO_KEY))
@@ -226,40 +240,52 @@ class AdaptersOnlyFilter(Filter):
         self.max_lora_rank = max_lora_rank
         self._expected: dict[str, Any] = {}  # job id -> ExpectedResult, or the reason there is none
 
-    def expected(self, fl_ctx: FLContext) -> ExpectedResult:
-        """What this job may send from here (built once per job); raises FedesmError when it cannot be known."""
+    def expected(self, fl_ctx: FLContext, received: bool = False) -> ExpectedResult:
+        """What this job may send from this site (the model built once per job); the site is this one, or the
+        sender where the result is checked on arrival. Raises FedesmError when it cannot be known."""
         from fedesm.errors import FedesmError
 
         job = fl_ctx.get_job_id()
         if job not in self._expected:
             try:
-                self._expected[job] = ExpectedResult.for_job(job_settings_of(fl_ctx), fl_ctx.get_identity_name(),
-                                                             self.max_lora_rank)
+                self._expected[job] = ExpectedResult.for_job(job_settings_of(fl_ctx), None, self.max_lora_rank)
             except FedesmError as e:
                 self._expected[job] = str(e)
         found = self._expected[job]
         if isinstance(found, str):
             raise FedesmError(found)
-        return found
+        peer = fl_ctx.get_peer_context() if received else None
+        site = peer.get_identity_name() if peer is not None else fl_ctx.get_identity_name()
+        return replace(found, site=site or None)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         from fedesm.errors import FedesmError
 
+        received = fl_ctx.get_prop(FLContextKey.FILTER_DIRECTION) == FilterKey.IN
         if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            problem = result_problem(shareable)  # an error reply: no data, whatever the job
+            problem = result_problem(shareable, received=received)  # an error reply: no data, whatever the job
         else:
             try:
-                problem = result_problem(shareable, self.expected(fl_ctx))
+                problem = result_problem(shareable, self.expected(fl_ctx, received), received)
             except FedesmError as e:
                 problem = str(e)
         if not problem:
             return shareable
         msg = f"site privacy policy: refused to send {problem}; only the job's LoRA factors, head and metrics leave"
         self.log_error(fl_ctx, msg, fire_event=False)
-        return withheld_reply(msg, rc=ReturnCode.TASK_RESULT_FILTER_ERROR,
-                              current_round=_round_of(shareable))
+        return _replacement(shareable, msg, received)
 
 
-def _round_of(shareable: Shareable):
-    value = shareable.get_header(AppConstants.CURRENT_ROUND)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _replacement(shareable: Shareable, reason: str, received: bool) -> Shareable:
+    """The no-data reply sent instead: the reason, the round, and NVFLARE's own bookkeeping headers."""
+    headers = shareable.get(ReservedHeaderKey.HEADERS)
+    headers = headers if isinstance(headers, dict) else {}
+    current_round = headers.get(AppConstants.CURRENT_ROUND)
+    if not isinstance(current_round, int) or isinstance(current_round, bool):
+        current_round = None
+    reply = withheld_reply(reason, rc=ReturnCode.TASK_RESULT_FILTER_ERROR, current_round=current_round)
+    for key, value in headers.items():
+        if (key in _KEPT_HEADERS or (received and key in _RECEIPT_HEADERS)) and not _header_problem(key, value,
+                                                                                                   received):
+            reply.set_header(key, value)
+    return reply
