@@ -7,10 +7,13 @@ Four blocks, each a frozen dataclass that travels as a plain dict (``to_dict`` /
   training    one site's (or a centralized run's) local training: rounds of N steps, optimizer, loss, privacy
   federation  how sites and server combine: strategy, weighting, minimum sites, transfer dtype, best model
 
-and one block that is the *site's* and never travels in a job:
+and two blocks that are the *site's* and never travel in a job:
 
   site_policy what a site (or the server) lets a job do beyond NVFLARE's own policy; it lives in the
               participant's ``local/resources.json`` (``fedesm.launch.policy`` writes it)
+  privacy     the site's own DP rules for its data (minimum noise, largest clipping bound, epsilon
+              budget, secret or debug noise); the ``privacy:`` block of its site config
+              (``fedesm.site_config``)
 
 The experiment YAML, the CLI flags (``add_arguments`` / ``from_arguments``), ``fedesm job export
 --set`` and the NVFLARE components (a job's configs carry the four blocks, see
@@ -318,7 +321,8 @@ class TrainConfig(Settings):
     focal_gamma: float = setting(0.0, "focal loss (1-p_t)^gamma x CE, e.g. 2; 0 = off")
     max_len: int = setting(1000, "context in residues: longer chains are random-cropped in training, tiled in "
                            "evaluation (ESM-2 takes at most 1,022)")
-    seed: int = setting(0, "seed of the initial adapters, batch sampling, crops and dropout")
+    seed: int = setting(0, "seed of the initial adapters, batch sampling, crops and dropout (never of privacy "
+                        "noise, which is secret: fedesm.training.privacy.randomness)")
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N; a site's own config wins")
     precision: str = setting("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     bucket: Optional[bool] = setting(None, "length-bucketed batches (default: on CUDA)", flag=False)
@@ -329,9 +333,9 @@ class TrainConfig(Settings):
                                              "pass instead of keeping them: less memory for the large models "
                                              "(150M and up) at the cost of about one more forward per step")
     grad_noise_std: float = setting(0.0, "the paper's DP mode: Gaussian noise of this std on every gradient, "
-                                    "every step (paper: 1e-4)", aliases=("--grad-noise",))
+                                    "every step (paper: 1e-4), drawn from OS entropy", aliases=("--grad-noise",))
     dp_noise_multiplier: float = setting(0.0, "> 0: formal DP-SGD (Poisson batches, per-sample clipping, "
-                                         "Gaussian noise sigma*C)")
+                                         "Gaussian noise sigma*C; noise and sampling from OS entropy)")
     dp_max_grad_norm: float = setting(1.0, "DP-SGD per-sample clipping bound C")
     dp_delta: float = setting(1e-5, "delta of the (epsilon, delta) reported each round")
 
@@ -402,11 +406,12 @@ class FederationSettings(Settings):
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
     keep_rounds: bool = setting(True, "the server keeps every round's global adapters (rounds/round_NNN)")
     train_timeout: int = setting(0, "seconds the server waits for a site's round (0 = no limit)")
-    # Without a wait, the first min_clients answers close the round: a site that answers fast (one that sends
-    # garbage need not train) and is rejected would then leave too few updates, and stop the job, every time.
-    wait_after_min_clients: int = setting(30, "seconds the server still waits for the other sites once "
-                                          "min_clients have sent their round, so every update is judged "
-                                          "together (no wait when all sites have answered)")
+    # NVFLARE counts a failed or withheld reply as a response: without a grace period a site that sends nothing
+    # (its epsilon budget spent, its filter refusing) would end the round before the others deliver.
+    wait_after_min_clients: int = setting(3600, "once min_clients sites have answered a round (sent a contribution, "
+                                          "failed or withheld one), seconds the server still waits for the others; "
+                                          "the round ends as soon as every live site has answered (NVFLARE's "
+                                          "wait_time_after_min_received)")
     # 10x: honest sites doing the same N steps at the same learning rate stayed within 2.2x of the other sites'
     # median (synthetic iid/dirichlet/skew and GPSite ATP skew/dirichlet splits, 3 rounds; the 2.1x was a site of
     # 9 chains beside two of 170); scaled or sign-flipped updates sit at 1e4-1e5x (tests/integration).
@@ -470,6 +475,48 @@ class SitePolicySettings(Settings):
     version_mismatch: str = setting(
         "refuse", "a job exported by another fedesm version than the one installed here: refuse it (one line in "
         "the job's deploy detail, nothing runs) or warn in the log and run it", choices=VERSION_MISMATCH)
+
+
+@dataclass(frozen=True)
+class SitePrivacySettings(Settings):
+    """A site's own privacy rules for its data (the `privacy:` block of its site config, never the job's).
+
+    The site enforces them whatever the job asks (`fedesm.training.privacy.policy`): a job asking
+    for less privacy is refused, and the site stops contributing before a round that would take it
+    past its epsilon budget. Privacy noise is secret (OS entropy) unless `debug_noise_seed` is set.
+    """
+
+    BLOCK: ClassVar[str] = "privacy"
+
+    require_dp: bool = setting(False, "refuse jobs that do not train with DP-SGD (training.dp_noise_multiplier > 0); "
+                               "the paper's gradient noise alone gives no guarantee", flag=False)
+    min_noise_multiplier: float = setting(0.0, "refuse jobs whose DP-SGD noise multiplier is below this (> 0 also "
+                                          "means DP-SGD is required)", flag=False)
+    max_grad_norm: Optional[float] = setting(None, "refuse DP-SGD jobs whose clipping bound C "
+                                             "(training.dp_max_grad_norm) is above this", flag=False)
+    target_epsilon: Optional[float] = setting(None, "this site's epsilon budget for one job: it stops contributing "
+                                              "before a round that would exceed it (needs DP-SGD)", flag=False)
+    target_delta: float = setting(1e-5, "delta of this site's (epsilon, delta): epsilon is accounted at the "
+                                  "smaller of this and the job's training.dp_delta", flag=False)
+    debug_noise_seed: Optional[int] = setting(None, "DEBUGGING ONLY: draw privacy noise from this seed (and the "
+                                              "site's name) instead of OS entropy, so runs repeat exactly; whoever "
+                                              "knows it can remove the noise (logged, and noise_reproducible = 1 "
+                                              "in the metrics)", flag=False)
+
+    def check(self) -> None:
+        if self.min_noise_multiplier < 0:
+            self.fail("min_noise_multiplier", f"must be >= 0, got {self.min_noise_multiplier:g}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            self.fail("max_grad_norm", f"the largest clipping bound must be > 0, got {self.max_grad_norm:g}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            self.fail("target_epsilon", f"the epsilon budget must be > 0, got {self.target_epsilon:g}")
+        if not 0 < self.target_delta < 1:
+            self.fail("target_delta", f"must be in (0, 1), got {self.target_delta:g}")
+
+    @property
+    def dp_required(self) -> bool:
+        """Whether this site trains only with DP-SGD (asked outright, by a minimum noise or by a budget)."""
+        return self.require_dp or self.min_noise_multiplier > 0 or self.target_epsilon is not None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     cpu_threads: null                                        # torch CPU threads (default: torch's)
     lora_r: null                                             # this site's LoRA rank, <= the job's lora.r
                                                              # (less memory and upload; default: the job's)
+    privacy:                                                 # this site's DP rules (settings.SitePrivacySettings)
+      require_dp: true                                       # refuse jobs without DP-SGD
+      min_noise_multiplier: 1.0                              # refuse jobs asking for less noise
+      max_grad_norm: 1.0                                     # ... or a larger clipping bound
+      target_epsilon: 8.0                                    # stop contributing before exceeding it
+      target_delta: 1.0e-5
 
 One file may also serve several sites (handy for the simulator): values under `sites: {NAME: ...}`
 override the top-level ones, and `{site}` in any string is replaced by the site's name.
@@ -24,6 +30,10 @@ override the top-level ones, and `{site}` in any string is replaced by the site'
 `allowed_prefixes` fails closed: without it a site reads no private data at all (the shipped public
 sets stay readable), and an explicit empty list, at the top or in a site's override, is refused
 when the file is read (it could only ever refuse everything, or hide a typo).
+
+`privacy` is the site's own DP policy (`fedesm.settings.SitePrivacySettings`, enforced by
+`fedesm.training.privacy.policy`); privacy noise is secret (OS entropy) unless it names a
+`debug_noise_seed`.
 """
 
 from __future__ import annotations
@@ -37,11 +47,12 @@ import yaml
 
 from fedesm.data.catalog import is_shipped_name
 from fedesm.errors import FedesmError
+from fedesm.settings import SitePrivacySettings
 
 ENV_VAR = "FEDESM_SITE_CONFIG"
 DEFAULT_NAME = "fedesm_site.yaml"
 _KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "lora_r",
-         "sites"}
+         "privacy", "sites"}
 
 
 @dataclass
@@ -57,6 +68,7 @@ class SiteConfig:
     device: str = "auto"
     cpu_threads: Optional[int] = None  # torch CPU threads; set it when several sites share one machine
     lora_r: Optional[int] = None  # this site's LoRA rank (<= the job's lora.r; fedesm.ranks); None: the job's
+    privacy: SitePrivacySettings = field(default_factory=SitePrivacySettings)  # the site's DP policy
     source: str = ""  # the file it came from, for messages
 
     def policy(self):
@@ -120,8 +132,8 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
                 raise FedesmError(f"{path}: {where}allowed_prefixes must list at least one folder or s3:// prefix "
                                   f"(got {value!r}); leave the key out to read only the shipped public sets")
     for k, v in per_site.items():
-        if k == "data" and isinstance(v, dict):
-            merged["data"] = {**(merged.get("data") or {}), **v}
+        if k in ("data", "privacy") and isinstance(v, dict):
+            merged[k] = {**(merged.get(k) or {}), **v}
         else:
             merged[k] = v
     merged = _expand(merged, site)
@@ -145,8 +157,15 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         device=merged.get("device", "auto"),
         cpu_threads=merged.get("cpu_threads"),
         lora_r=lora_r,
+        privacy=_privacy(merged.get("privacy"), path, site),
         source=str(path),
     )
+
+
+def _privacy(raw, path: Path, site: str) -> SitePrivacySettings:
+    if raw is not None and not isinstance(raw, dict):
+        raise FedesmError(f"{path}: privacy must be a mapping of settings (valid: {', '.join(SitePrivacySettings.names())})")
+    return SitePrivacySettings.from_dict(raw or {}, where=f"{path} (site {site})")
 
 
 def resolve_site_path(config: SiteConfig, uri: str) -> Path:

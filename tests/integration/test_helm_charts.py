@@ -515,9 +515,17 @@ def test_schema_accepts_every_site_config_key(tools):
     top = schema["properties"]["siteConfig"]["properties"]
     assert set(top) == site_config._KEYS
     assert set(schema["definitions"]["siteOverride"]["properties"]) == site_config._KEYS - {"sites"}
+    from fedesm.settings import SitePrivacySettings
+
+    assert list(schema["definitions"]["sitePrivacy"]["properties"]) == SitePrivacySettings.names()
     proc = _run([HELM, "template", "x", HELM_DIR / SITE, "--set", "siteConfig.cpu_threads=2", "--set-json",
-                 'siteConfig.sites={"site-1": {"allowed_prefixes": ["s3://b/p/"], "data": {"val": "s3://b/p/v.fa"}}}'])
+                 'siteConfig.sites={"site-1": {"allowed_prefixes": ["s3://b/p/"], "data": {"val": "s3://b/p/v.fa"}, '
+                 '"privacy": {"target_epsilon": 2}}}', "--set-json",
+                 'siteConfig.privacy={"require_dp": true, "min_noise_multiplier": 1.0, "target_epsilon": 8}'])
     assert proc.returncode == 0, proc.stderr
+    assert "target_epsilon: 8" in proc.stdout  # written into the site config the executor reads
+    bad = _run([HELM, "template", "x", HELM_DIR / SITE, "--set-json", 'siteConfig.privacy={"target_epsilonn": 8}'])
+    assert bad.returncode != 0 and "target_epsilonn" in bad.stderr, bad.stderr
 
 
 # --- docker/ scripts against a real NVFLARE startup kit --------------------------------------

@@ -212,6 +212,40 @@ def test_a_component_outside_the_class_allow_list_is_refused_at_the_site(network
     assert not marker.exists()
 
 
+def test_a_result_beyond_the_declared_model_is_refused_at_the_site_and_the_server_says_why(network):
+    """A code-free bundle that declares one model and trains another: its components get their own lora
+    block (out_proj adapted too) while the job's declared blocks say q, k, v. Every round's result then
+    carries tensors the declared model has not; each site's outbound filter (its kit's privacy.json) refuses
+    it before it leaves, the server logs the sites' reason, no contribution reaches the aggregator, and with
+    min_clients 2 the job stops."""
+    from fedesm import results
+    from fedesm.tables import read_table
+
+    net = network["net"]
+    job = export(network)
+    for name in ("config_fed_client.json", "config_fed_server.json"):
+        path = job / "app" / "config" / name
+        cfg = json.loads(path.read_text())
+        undeclared = {**cfg["lora"], "targets": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+        for comp in cfg.get("components", []) + [e["executor"] for e in cfg.get("executors", [])]:
+            if comp["args"].get("lora") == "{lora}":
+                comp["args"]["lora"] = undeclared
+        path.write_text(json.dumps(cfg, indent=2))
+    meta = finished(network, submit(network, job, net.admin_kit))
+    assert meta["status"] != "FINISHED:COMPLETED"
+    problem = ("site privacy policy: refused to send tensor 'base_model.model.esm.layers.0.self_attn.out_proj.lora_A."
+               "weight', not one of the 14 of the job's model")
+    result = net.download(meta["job_id"], Path(tempfile.mkdtemp(dir=network["root"], prefix="result-")))
+    server = (result / "workspace" / "log.txt").read_text()  # the server's job log, as the admin downloads it
+    said = re.search(r"(site-\d) sent nothing for task train \(round 0; TASK_RESULT_FILTER_ERROR\): "
+                     + re.escape(problem), server)
+    assert said, server[-3000:]
+    assert "accepted contribution" not in server and "Cannot reach min_responses" in server
+    assert problem in net.job_log(said.group(1), meta["job_id"]).read_text()  # refused where the data is
+    rows = read_table(results.output_dir(result / "workspace") / results.METRICS)
+    assert any(r.get("withheld", "").startswith(problem) for r in rows if r["site"] == said.group(1))
+
+
 def test_a_bundle_of_another_fedesm_version_is_refused_by_every_site_in_one_line(network):
     net = network["net"]
     job = export(network)

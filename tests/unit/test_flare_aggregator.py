@@ -377,3 +377,16 @@ def test_too_few_usable_contributions_fail_the_round_cleanly():
     assert len(panics) == 1 and "1 usable contribution(s) (site-1), federation.min_clients is 2" in panics[0]
     rows = {r["site"]: r for r in recorder.table()}
     assert "missing keys" in rows["site-3"]["rejected"] and "median" in rows["site-2"]["rejected"]
+
+
+@pytest.mark.parametrize("strategy", ["fra", "fedit"])
+def test_the_order_contributions_arrive_in_does_not_change_a_bit(strategy):
+    """Sites answer in any order; the aggregate must not depend on it (runs without noise repeat exactly)."""
+    out = []
+    for order in (("site-1", "site-2", "site-3"), ("site-3", "site-1", "site-2")):
+        agg, fl_ctx = make(strategy, weigh_by="samples"), context()
+        for site in order:
+            assert agg.accept(contribution(site_weights(int(site[-1])), site, n_samples=10 * int(site[-1])), fl_ctx)
+        out.append(from_shareable(agg.aggregate(fl_ctx)).data)
+    assert out[0].keys() == out[1].keys()
+    assert all(np.array_equal(out[0][k], out[1][k]) for k in out[0])

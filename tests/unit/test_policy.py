@@ -9,22 +9,17 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import AdminCommandNames, FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import AdminCommandNames, FLContextKey
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.fl_exception import UnsafeJobError
-from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.fuel.sec.authz import AuthzContext, Person
 from nvflare.security.security import COMMAND_CATEGORIES, FLAuthorizer
 
 import fedesm
 from fedesm.cli import main
 from fedesm.errors import FedesmError
-from fedesm.flare.privacy import AdaptersOnlyFilter, is_exchanged_name, result_problem
 from fedesm.flare.site_guard import FedesmSiteGuard, version_problem
 from fedesm.launch import policy
 from fedesm.launch.jobs import JOBS, META, VERSION_KEY, export_job, render_job
@@ -233,49 +228,15 @@ def test_nvflare_is_pinned_to_the_installed_2_9_series_in_setup_cfg_and_the_imag
     assert cfg["metadata"]["version"] == "attr: fedesm.__version__"  # one home for fedesm's version
 
 
-# ---- the privacy filter -------------------------------------------------------------------------
-
-LORA = "base_model.model.esm.layers.0.self_attn.q_proj.lora_A.weight"
-HEAD = "base_model.model.classifier.weight"
-
-
-def _weights(names, meta=None) -> Shareable:
-    data = {n: np.ones((2, 2), dtype=np.float32) for n in names}
-    return DXO(DataKind.WEIGHTS, data=data, meta=meta or {}).to_shareable()
-
-
-def test_privacy_filter_passes_what_the_executor_sends():
-    f, ctx = AdaptersOnlyFilter(), FLContext()
-    meta = {"fedesm_transfer_dtype": "float16", "n_samples": 40, "site": "site-1",
-            "metrics": {"auprc": 0.1, "f1": 0.2, "steps": 10}}
-    for s in (_weights([LORA, LORA.replace("lora_A", "lora_B"), HEAD, HEAD.replace("weight", "bias")], meta),
-              DXO(DataKind.METRICS, data={"auprc": 0.3, "n": 5}).to_shareable(),
-              make_reply(ReturnCode.EXECUTION_EXCEPTION)):
-        assert f.process(s, ctx) is s
-    assert is_exchanged_name("base_model.model.esm.layers.3.self_attn.v_proj.lora_B.default.weight")
-
-
-@pytest.mark.parametrize("shareable, problem", [
-    (_weights([LORA, "base_model.model.esm.layers.0.self_attn.q_proj.base_layer.weight"]),
-     "neither LoRA factors nor the head, e.g. 'base_model.model.esm.layers.0.self_attn.q_proj.base_layer.weight'"),
-    (_weights(["base_model.model.esm.embed_tokens.weight"]), "neither LoRA factors nor the head"),
-    (DXO(DataKind.METRICS, data={"probabilities": [0.1, 0.9]}).to_shareable(), "non-scalar metrics"),
-    (_weights([LORA], {"labels": [0, 1, 1]}), "DXO meta beyond scalars"),
-    (_weights([LORA], {"metrics": {"per_residue": [0.1]}}), "DXO meta beyond scalars"),
-    (_weights([LORA], {"note": "x" * 1000}), "DXO meta beyond scalars"),
-    (DXO(DataKind.COLLECTION, data={"a": 1}).to_shareable(), "a DXO of kind COLLECTION"),
-    (Shareable(), "not a DXO"),
-])
-def test_privacy_filter_marks_anything_else_unsafe(shareable, problem):
-    assert problem in result_problem(shareable)
-    with pytest.raises(UnsafeJobError, match="site privacy policy: refusing to send"):
-        AdaptersOnlyFilter().process(shareable, FLContext())
+# ---- the privacy scope (the filter itself: tests/unit/test_privacy_filter.py) -----------------------
 
 
 def test_privacy_json_names_the_filter_as_its_default_scope():
     p = policy.privacy()
     assert p["default_scope"] == p["scopes"][0]["name"] == policy.PRIVACY_SCOPE
-    assert p["scopes"][0]["task_result_filters"] == [{"path": "fedesm.flare.privacy.AdaptersOnlyFilter", "args": {}}]
+    assert p["scopes"][0]["task_result_filters"] == [{"path": "fedesm.flare.privacy.AdaptersOnlyFilter",
+                                                      "args": {"max_lora_rank": 64}}]
+    assert policy.privacy(max_lora_rank=16)["scopes"][0]["task_result_filters"][0]["args"] == {"max_lora_rank": 16}
 
 
 def test_loopback_server_names_are_refused_for_real_kits(tmp_path, capsys):

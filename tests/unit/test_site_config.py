@@ -66,10 +66,25 @@ def test_lookup_order_env_then_workspace(tmp_path, monkeypatch):
     ("data: {train: /a.fa, val: /b.fa}\nsites: {site-1: {alowed_prefixes: [/a]}}\n", r"unknown keys .* under sites"),
     ("- just\n- a list\n", "must be a YAML mapping"),
     ("data: {train: [unclosed\n", "cannot read"),
+    ("data: {train: /a.fa, val: /b.fa}\nprivacy: {target_epsilonn: 8}\n",
+     r"\(site site-1\): unknown privacy setting 'target_epsilonn' \(did you mean 'target_epsilon'\?\)"),
+    ("data: {train: /a.fa, val: /b.fa}\nprivacy: [8]\n", "privacy must be a mapping"),
+    ("data: {train: /a.fa, val: /b.fa}\nprivacy: {target_epsilon: -1}\n", "privacy.target_epsilon: the epsilon"),
 ])
 def test_bad_site_configs(tmp_path, text, needle):
     with pytest.raises(FedesmError, match=needle):
         load_site_config("site-1", _write(tmp_path / "s.yaml", text))
+
+
+def test_the_privacy_block_is_the_sites_and_merges_per_site(tmp_path):
+    path = _write(tmp_path / "s.yaml", "data: {train: /a.fa, val: /b.fa}\n"
+                  "privacy: {require_dp: true, target_epsilon: 8, target_delta: 1.0e-6}\n"
+                  "sites: {site-2: {privacy: {target_epsilon: 2, debug_noise_seed: 4}}}\n")
+    one, two = load_site_config("site-1", path).privacy, load_site_config("site-2", path).privacy
+    assert (one.require_dp, one.target_epsilon, one.target_delta, one.debug_noise_seed) == (True, 8.0, 1e-6, None)
+    assert (two.require_dp, two.target_epsilon, two.target_delta, two.debug_noise_seed) == (True, 2.0, 1e-6, 4)
+    plain = load_site_config("site-1", _write(tmp_path / "p.yaml", "data: {train: /a.fa, val: /b.fa}\n")).privacy
+    assert not plain.dp_required and plain.debug_noise_seed is None  # default: secret noise, no DP demanded
 
 
 def test_a_site_without_allowed_prefixes_reads_no_private_data(tmp_path):

@@ -151,7 +151,7 @@ def test_the_workflow_waits_for_the_other_sites_as_the_setting_says():
     from fedesm.launch.jobs import JOBS, SERVER_CONFIG, render_job
 
     flow = render_job(JOBS["esm2_fra_lora"])[SERVER_CONFIG]["workflows"][0]["args"]
-    assert flow["wait_time_after_min_received"] == FederationSettings().wait_after_min_clients == 30
+    assert flow["wait_time_after_min_received"] == FederationSettings().wait_after_min_clients == 3600
     s = JOBS["esm2_fra_lora"].settings.with_overrides({"wait_after_min_clients": 5})
     flow = render_job(JOBS["esm2_fra_lora"], s)[SERVER_CONFIG]["workflows"][0]["args"]
     assert flow["wait_time_after_min_received"] == 5

@@ -228,7 +228,7 @@ class FraLoraAggregator(Aggregator):
         with self._lock:
             round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             global_state = self._global_weights(fl_ctx)
-            vetted = list(self._contributions)
+            vetted = sorted(self._contributions)  # by name, not arrival: the same inputs give the same bits
             checks = aggregation.screen_updates([self._contributions[s][0] for s in vetted], global_state,
                                                 max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm)
             self.last_round_checks = dict(zip(vetted, checks))

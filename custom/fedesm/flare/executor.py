@@ -17,10 +17,11 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.errors import FedesmError
 from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
-                                  read_weights_shareable, to_torch_dict)
+                                  read_weights_shareable, to_torch_dict, withheld_reply)
 from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import JobSettings
 from fedesm.training.optimizer_state import resolve_policy
+from fedesm.training.privacy.policy import PolicyRefusal
 
 # Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
 # recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
@@ -66,6 +67,8 @@ class EsmLoraExecutor(Executor):
         self.train_records = self.val_records = self.test_records = None
         self.rounds_done = 0
         self.num_rounds = None
+        self.budget = None  # the site's epsilon budget (fedesm.training.privacy.policy.EpsilonBudget), DP-SGD only
+        self.noise_reproducible = None  # privacy noise from the site's debug seed (True) or OS entropy (False)
 
     # ------------------------------------------------------------------ set-up, once per job
 
@@ -80,6 +83,8 @@ class EsmLoraExecutor(Executor):
         workspace_root = fl_ctx.get_engine().get_workspace().get_root_dir()
         cfg = load_site_config(self.site, workspace_root=workspace_root)
         self.site_config = cfg
+        training = self.site_training(self.site, num_rounds, cfg.device, cfg.privacy)
+        noise = self._apply_privacy_policy(fl_ctx, training, cfg.privacy)  # refuses before any data is read
         if cfg.cpu_threads:
             import torch
 
@@ -100,9 +105,9 @@ class EsmLoraExecutor(Executor):
                               f"{self.settings.federation.strategy} averages the factors themselves")
         model = build_lora_model(backbone, self.lora, num_labels=self.settings.model.num_labels,
                                  seed=self.settings.training.seed, attention=self.settings.model.attention)
-        training = self.site_training(self.site, num_rounds, cfg.device)
-        self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training)
+        self.trainer = LocalTrainer(model, backbone.alphabet, self.train_records, training, noise=noise)
         self.num_rounds = num_rounds
+        self._report_budget(fl_ctx, training, cfg.privacy)
         test = f" and {len(self.test_records)} test" if self.test_records else ""
         self.log_info(fl_ctx, f"{self.site}: {len(self.train_records)} training, {len(self.val_records)} "
                               f"validation{test} sequences; backbone {backbone_source} on {self.trainer.device}; "
@@ -110,14 +115,63 @@ class EsmLoraExecutor(Executor):
                               + (f" (job: {self.settings.lora.r})" if self.lora.r != self.settings.lora.r else "")
                               + f"; site config {cfg.source}")
 
-    def site_training(self, site: str, num_rounds: Optional[int], device: str = "auto"):
+    def site_training(self, site: str, num_rounds: Optional[int], device: str = "auto", privacy=None):
         """This site's training settings: the job's, with the site's device, the job's round count, and the
-        site's own random streams (batches, crops, dropout, noise) derived from the job seed and its name, so
-        no two sites draw the same numbers."""
+        site's own random streams (batches, crops, dropout) derived from the job seed and its name, so
+        no two sites draw the same numbers. Privacy noise follows no seed (`_apply_privacy_policy`); with the
+        site's `privacy` policy, DP is accounted at the smaller of its delta and the job's."""
+        from fedesm.training.privacy.policy import accounting_delta
         from fedesm.training.trainer import site_seed
 
         t = self.settings.training
-        return replace(t, device=device, rounds=num_rounds or t.rounds, seed=site_seed(t.seed, site))
+        delta = accounting_delta(t, privacy) if privacy is not None else t.dp_delta
+        return replace(t, device=device, rounds=num_rounds or t.rounds, seed=site_seed(t.seed, site), dp_delta=delta)
+
+    # ------------------------------------------------------------------ the site's privacy policy
+
+    def _apply_privacy_policy(self, fl_ctx: FLContext, training, policy):
+        """Refuse a job that asks for less privacy than the site allows (PolicyRefusal), else pick the noise
+        source: secret (OS entropy), or reproducible when the site's own config names a debug seed."""
+        from fedesm.training.privacy.policy import check_job, noise_source
+
+        check_job(training, policy)
+        noise = noise_source(policy, self.site)
+        noisy = training.dp_noise_multiplier > 0 or training.grad_noise_std > 0
+        self.noise_reproducible = noise.reproducible if noisy else None
+        if noisy and noise.reproducible:
+            self.log_warning(fl_ctx, f"{self.site}: privacy noise is REPRODUCIBLE (privacy.debug_noise_seed in "
+                                     f"{self.site_config.source}): whoever knows the seed can remove it; debugging only")
+        elif noisy:
+            self.log_info(fl_ctx, f"{self.site}: privacy noise from OS entropy (secret, fresh for this run)")
+        return noise
+
+    def _report_budget(self, fl_ctx: FLContext, training, policy) -> None:
+        from fedesm.training.privacy.policy import EpsilonBudget
+
+        if training.dp_noise_multiplier <= 0:
+            return
+        self.budget = EpsilonBudget(training, policy, len(self.train_records))
+        planned = self.budget.epsilon_after(training.rounds * training.steps_per_round)
+        if policy.target_epsilon is None:
+            self.log_info(fl_ctx, f"{self.site}: DP-SGD at delta {self.budget.delta:g}: epsilon {planned:.3f} after "
+                                  f"{training.rounds} rounds (no epsilon budget set at this site)")
+            return
+        covered = self.budget.rounds_covered(training.rounds)
+        self.log_info(fl_ctx, f"{self.site}: epsilon budget {policy.target_epsilon:g} at delta {self.budget.delta:g} "
+                              f"covers {covered} of {training.rounds} rounds (all rounds would spend {planned:.3f})")
+
+    def _privacy_metrics(self) -> dict:
+        out = {}
+        if self.noise_reproducible is not None:
+            out["noise_reproducible"] = float(self.noise_reproducible)
+        if self.budget is not None and self.budget.target is not None:
+            out["epsilon_budget"] = float(self.budget.target)
+        return out
+
+    def _withhold(self, fl_ctx: FLContext, reason: str, current_round=None) -> Shareable:
+        """Send nothing, and say why: the server logs it and its metrics table records it."""
+        self.log_warning(fl_ctx, f"{self.site or fl_ctx.get_identity_name()}: {reason}")
+        return withheld_reply(reason, current_round=current_round)
 
     def _ensure_setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
         if self.trainer is None:
@@ -151,6 +205,8 @@ class EsmLoraExecutor(Executor):
                 return self._submit_model(fl_ctx)
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
             return make_reply(ReturnCode.TASK_UNKNOWN)
+        except PolicyRefusal as e:  # the job asks for less privacy than this site allows: it sends nothing
+            return self._withhold(fl_ctx, str(e), shareable.get_header(AppConstants.CURRENT_ROUND))
         except FedesmError as e:  # the site's own problem (data, config, checkpoint): say it plainly
             self.log_error(fl_ctx, f"{self.site or fl_ctx.get_identity_name()}: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
@@ -178,6 +234,10 @@ class EsmLoraExecutor(Executor):
         num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS)
         self._ensure_setup(fl_ctx, num_rounds)
         self.num_rounds = num_rounds or self.num_rounds
+        if self.budget is not None:
+            spent = self.budget.exhausted(self.trainer.gradients.accountant.steps)
+            if spent:
+                return self._withhold(fl_ctx, f"round {current_round}: {spent}", current_round)
         self._align_schedule(current_round, fl_ctx)
         t0 = time.perf_counter()
         f = self.settings.federation
@@ -200,6 +260,7 @@ class EsmLoraExecutor(Executor):
                        residues_per_second=stats.residues_per_second, lr=stats.lr,
                        task_seconds=time.perf_counter() - t0)
         metrics.update(stats.extra)  # DP-SGD: epsilon, dp_delta, dp_steps
+        metrics.update(self._privacy_metrics())  # noise_reproducible, epsilon_budget
         # global model after k aggregations -> step k; the local model after its (k+1)-th round -> step k+1
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if k.startswith("global_")}, global_step=rounds_before)
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if not k.startswith("global_")},

@@ -7,6 +7,8 @@ and `.csv` after every update. Semantics of a row (round n, site s):
   global_*  the global model after n aggregation rounds, evaluated on s's validation split
   the rest  s's local model after its n-th round of local training (accuracy, f1, train_loss, ...)
   sent_*    what the site sent the server that round (tensors, parameters, serialized bytes)
+  withheld  why the site sent nothing that round (its privacy policy, its epsilon budget, its outbound
+            filter: the reply's `fedesm_withheld` header), also logged here as a warning
 The server's own rows (site "server") hold each round's wall time. `payload_manifest.json` lists
 the names of the tensors each site sent: adapters and head only. The aggregator adds what it judged
 of each site's update (`update_norm`, `update_norm_ratio`, and `rejected` with the reason), and a
@@ -22,6 +24,8 @@ from typing import Optional
 
 from nvflare.apis.analytix import AnalyticsData, AnalyticsDataType
 from nvflare.apis.dxo import from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -49,6 +53,8 @@ class MetricsRecorder(AnalyticsReceiver):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
             self._record_payload(fl_ctx)
+        elif event_type == EventType.BEFORE_PROCESS_SUBMISSION:
+            self._record_withheld(fl_ctx)
         elif event_type == AppEventType.ROUND_STARTED:
             self._round_started[fl_ctx.get_prop(AppConstants.CURRENT_ROUND)] = time.perf_counter()
         elif event_type == AppEventType.ROUND_DONE:
@@ -119,6 +125,29 @@ class MetricsRecorder(AnalyticsReceiver):
             for key, value in values.items():
                 self._set(round_num, site, key, value)
             self._write()
+
+    def _record_withheld(self, fl_ctx: FLContext) -> None:
+        """A site that sends nothing says why (`fedesm.flare.payload.WITHHELD_KEY`): log it, and put it in the
+        site's row for the round it skipped."""
+        from fedesm.flare.payload import withheld_reason
+
+        result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
+        if not isinstance(result, Shareable):
+            return
+        reason = withheld_reason(result)
+        if not reason:
+            return
+        peer = fl_ctx.get_peer_context()
+        site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or (
+            peer.get_identity_name() if peer is not None else None) or "unknown"
+        r = result.get_header(AppConstants.CURRENT_ROUND)
+        task = result.get_header(ReservedKey.TASK_NAME) or "?"
+        when = f"round {r}" if isinstance(r, int) else "no round"
+        self.log_warning(fl_ctx, f"{site} sent nothing for task {task} ({when}; {result.get_return_code()}): {reason}")
+        if isinstance(r, int) and not isinstance(r, bool):
+            with self._save_lock:
+                self._set(r + 1, site, "withheld", reason)
+                self._write()
 
     # ---------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
@@ -23,6 +25,11 @@ TRANSFER_DTYPE_KEY = "fedesm_transfer_dtype"  # how floats were sent (float32 | 
 METRICS_KEY = "metrics"  # the site's metrics for this round
 N_SAMPLES_KEY = "n_samples"  # the site's training sequences (weights by samples)
 SITE_KEY = "site"
+# A reply header: why a site sends nothing for a task (its privacy policy refused the job, its epsilon budget is
+# spent, its outbound filter stopped the result). The reply carries no data and a non-OK return code, so NVFLARE's
+# ScatterAndGather goes on without the site when min_clients still allows it (its dynamic ignore_result_error).
+WITHHELD_KEY = "fedesm_withheld"
+MAX_REASON = 500  # characters of a withheld reason that travel
 
 
 def to_numpy_dict(state_dict: dict[str, Any], dtype: Any = None) -> dict[str, np.ndarray]:
@@ -81,6 +88,21 @@ def read_weights_shareable(shareable: Shareable) -> tuple[dict[str, np.ndarray],
             arr = arr.astype(np.float32)
         weights[name] = arr
     return weights, meta
+
+
+def withheld_reply(reason: str, rc: str = ReturnCode.EMPTY_RESULT, current_round=None) -> Shareable:
+    """A reply with no data that tells the server, in one line, why this site sends nothing."""
+    reply = make_reply(rc)
+    reply.set_header(WITHHELD_KEY, " ".join(str(reason).split())[:MAX_REASON])
+    if current_round is not None:
+        reply.set_header(AppConstants.CURRENT_ROUND, current_round)
+    return reply
+
+
+def withheld_reason(shareable: Shareable) -> str | None:
+    """The reason a site gave for sending nothing, or None (an ordinary result or error)."""
+    reason = shareable.get_header(WITHHELD_KEY)
+    return " ".join(str(reason).split())[:MAX_REASON] if reason else None
 
 
 def shareable_nbytes(shareable: Shareable) -> int:

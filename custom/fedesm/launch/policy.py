@@ -8,8 +8,10 @@ A site that installed fedesm runs only that code. Its kit's ``local/`` folder ge
   the NVFLARE components the shipped jobs name (`fedesm.launch.jobs`), ``allow_log_streaming``
   off (no site log leaves the site), the GPUs the site declares, and `FedesmSiteGuard` (logs the
   versions, refuses jobs of another fedesm version: `SitePolicySettings`);
-* ``privacy.json``: one scope, the default, whose result filter lets only LoRA factors, the head
-  and metrics leave (`fedesm.flare.privacy.AdaptersOnlyFilter`).
+* ``privacy.json``: one scope, the default, whose result filter lets only the job's LoRA factors and
+  head (names, shapes and dtype of the model it declares, rank at most ``max_lora_rank``), counts
+  and metrics leave, and refuses anything else with a logged reason
+  (`fedesm.flare.privacy.AdaptersOnlyFilter`).
 
 The server gets ``authorization.json`` with ``byoc`` left only to the project admin (org admins and
 leads may not run their code on the orchestrator), and ``resources.json`` with its own allow-list,
@@ -117,10 +119,13 @@ def authorization(role: str) -> dict:
     return policy
 
 
-def privacy() -> dict:
-    """One scope, the default for every job: only adapters, the head and metrics leave the site."""
+def privacy(max_lora_rank: Optional[int] = None) -> dict:
+    """One scope, the default for every job: only the job's adapters, the head and metrics leave the site."""
+    from fedesm.flare.privacy import MAX_LORA_RANK
+
+    args = {"max_lora_rank": int(max_lora_rank or MAX_LORA_RANK)}
     return {"scopes": [{"name": PRIVACY_SCOPE, "properties": {},
-                        "task_result_filters": [{"path": PRIVACY_FILTER_PATH, "args": {}}]}],
+                        "task_result_filters": [{"path": PRIVACY_FILTER_PATH, "args": args}]}],
             "default_scope": PRIVACY_SCOPE}
 
 

@@ -101,6 +101,13 @@ def set_exchanged_state(model, state: dict[str, torch.Tensor]) -> None:
         raise FedesmError(f"PEFT did not accept adapter keys: {result.unexpected_keys[:3]}")
 
 
+def exchanged_shapes(arch: EsmArchitecture, lora: LoraSettings, num_labels: int = 2) -> dict[str, tuple]:
+    """Name -> shape of every exchanged tensor (LoRA A/B + head), from the architecture alone (meta device)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(_meta_model(arch, lora, num_labels)).items()}
+
+
 def initial_exchanged_state(arch: EsmArchitecture, lora: LoraSettings, num_labels: int = 2,
                             seed: int = 0) -> dict[str, torch.Tensor]:
     """The round-0 global adapters + head, without building (or allocating) the backbone.
@@ -108,9 +115,7 @@ def initial_exchanged_state(arch: EsmArchitecture, lora: LoraSettings, num_label
     Names and shapes come from a PEFT model on the meta device; values follow PEFT's and torch's
     default inits (LoRA A Kaiming-uniform, B zero; head as nn.Linear), seeded.
     """
-    from peft import get_peft_model_state_dict
-
-    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(_meta_model(arch, lora, num_labels)).items()}
+    shapes = exchanged_shapes(arch, lora, num_labels)
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in sorted(shapes.items()):

@@ -8,7 +8,8 @@ A mechanism has three parts, and the trainer calls nothing else:
 `PlainGradients` is ordinary training (mean token loss, gradient clipping, and the paper's
 Gaussian gradient noise when `grad_noise_std` > 0); `fedesm.training.privacy.dpsgd.DPSGD` is formal
 DP-SGD (Poisson batches, clipped per-sample gradients, noise). `make_gradients` picks by the
-training settings.
+training settings; all privacy randomness comes from the `NoiseSource` it is given (default: a
+secret one from OS entropy), never from the training seed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from fedesm.settings import TrainConfig
 from fedesm.training.privacy.dpsgd import DPSGD
 from fedesm.training.privacy.noise import GradientNoise
+from fedesm.training.privacy.randomness import NoiseSource
 
 TokenLosses = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,11 +60,12 @@ class PlainGradients:
 
 
 def make_gradients(config: TrainConfig, model: torch.nn.Module, params: Sequence[torch.Tensor],
-                   n_train: int) -> GradientMechanism:
-    """DP-SGD when `dp_noise_multiplier` > 0, else plain gradients (with the paper's noise if asked)."""
+                   n_train: int, noise: Optional[NoiseSource] = None) -> GradientMechanism:
+    """DP-SGD when `dp_noise_multiplier` > 0, else plain gradients (with the paper's noise if asked);
+    privacy noise from `noise` (default: a fresh secret source)."""
     if config.dp_noise_multiplier > 0:
         return DPSGD(model, params, config.dp_noise_multiplier, config.dp_max_grad_norm,
                      sample_rate=config.batch_size / n_train, n_train=n_train, delta=config.dp_delta,
-                     seed=config.seed)
-    noise = GradientNoise(config.grad_noise_std, seed=config.seed) if config.grad_noise_std > 0 else None
-    return PlainGradients(params, config.grad_clip, noise)
+                     source=noise)
+    gradient_noise = GradientNoise(config.grad_noise_std, noise) if config.grad_noise_std > 0 else None
+    return PlainGradients(params, config.grad_clip, gradient_noise)

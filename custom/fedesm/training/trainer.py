@@ -65,9 +65,12 @@ def lr_factor(cfg: TrainConfig, total: int, warmup: int) -> Callable[[int], floa
 
 
 class LocalTrainer:
-    """Owns the model on its device, the optimizer, the schedule and the random batch sampler."""
+    """Owns the model on its device, the optimizer, the schedule and the random batch sampler.
 
-    def __init__(self, model, alphabet, train_records: Sequence[Record], config: TrainConfig):
+    `noise` is where privacy noise comes from (`fedesm.training.privacy.randomness`); default a fresh
+    secret source, so noise never follows `config.seed` (which keeps batches, crops and dropout)."""
+
+    def __init__(self, model, alphabet, train_records: Sequence[Record], config: TrainConfig, noise=None):
         if not train_records:
             raise ValueError("no training records")
         self.config = config
@@ -87,7 +90,7 @@ class LocalTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, total, warmup))
         weights = class_weights(config.class_weights, train_records)
         self.loss_weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=self.device)
-        self.gradients = make_gradients(config, self.model, self.params, len(train_records))
+        self.gradients = make_gradients(config, self.model, self.params, len(train_records), noise)
         bucket = self.device.type == "cuda" if config.bucket is None else config.bucket
         self.sampler = self.gradients.batches(RandomBatchSampler(
             train_records, self.tokenizer, config.batch_size, config.max_len, seed=config.seed, bucket=bucket))

@@ -11,7 +11,9 @@ Per-sample gradients come from one forward and backward pass over the whole batc
 parameter sits in an `nn.Linear` (PEFT's lora_A / lora_B and the head), whose per-sample weight
 gradient is sum_t grad_out[t]^T x[t] over that sample's tokens. Hooks capture x and grad_out; the
 batch axis is 1 inside fair-esm's encoder layers, which run in (T, B, C) layout, and 0 in the head.
-The (epsilon, delta) spent comes from `fedesm.training.privacy.accountant`.
+The (epsilon, delta) spent comes from `fedesm.training.privacy.accountant`. The noise and the
+Poisson draws come from a `NoiseSource` (secret, from OS entropy, unless the site's own config asks
+for reproducible noise to debug): a job's seed decides neither.
 """
 
 from __future__ import annotations
@@ -25,24 +27,26 @@ import torch.nn as nn
 from fedesm.errors import FedesmError
 from fedesm.model.keys import batch_axis
 from fedesm.training.privacy.accountant import RDPAccountant
+from fedesm.training.privacy.randomness import NoiseSource
 
 
 class PoissonBatchSampler:
     """Each record joins a batch independently with probability `sample_rate`; same `next_batch` as
-    `fedesm.data.batching.RandomBatchSampler`, whose tokenizer and random crops it reuses. An empty
-    draw gives (0, 2)-shaped tensors: the step then adds noise only, as the analysis assumes."""
+    `fedesm.data.batching.RandomBatchSampler`, whose tokenizer and random crops it reuses. Who joins
+    a batch is drawn from `source` (secret: the analysis assumes nobody knows it). An empty draw gives
+    (0, 2)-shaped tensors: the step then adds noise only, as the analysis assumes."""
 
-    def __init__(self, base, sample_rate: float, seed: int = 0):
+    def __init__(self, base, sample_rate: float, source: Optional[NoiseSource] = None):
         if not 0 < sample_rate <= 1:
             raise FedesmError(f"DP-SGD sample rate must be in (0, 1], got {sample_rate:.4g} "
                               "(batch_size larger than the site's training set?)")
         self.base = base
         self.records = base.records
         self.sample_rate = float(sample_rate)
-        self.rng = np.random.default_rng(seed + 7919)  # its own stream; the base keeps its crops
+        self.source = source if source is not None else NoiseSource.secret()  # the base keeps its seeded crops
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.flatnonzero(self.rng.random(len(self.records)) < self.sample_rate)
+        idx = np.flatnonzero(self.source.uniform(len(self.records)) < self.sample_rate)
         if len(idx) == 0:
             tok = self.base.tokenizer
             return (torch.full((0, 2), tok.padding_idx, dtype=torch.long),
@@ -140,10 +144,12 @@ def clip_and_sum(per_sample: list[tuple[torch.Tensor, torch.Tensor]], max_grad_n
 class DPSGD:
     """DP-SGD as a gradient mechanism of `fedesm.training.trainer.LocalTrainer` (see `fedesm.training.gradients`):
     Poisson batches (`batches`), clipped per-sample gradients + Gaussian noise (`backward`), and the
-    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics)."""
+    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics).
+    `source` gives the noise and the sampling (two independent streams of it); default: a secret one."""
 
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], noise_multiplier: float,
-                 max_grad_norm: float, sample_rate: float, n_train: int, delta: float = 1e-5, seed: int = 0):
+                 max_grad_norm: float, sample_rate: float, n_train: int, delta: float = 1e-5,
+                 source: Optional[NoiseSource] = None):
         if noise_multiplier <= 0:
             raise FedesmError("DP-SGD noise multiplier must be > 0")
         if max_grad_norm <= 0:
@@ -155,16 +161,16 @@ class DPSGD:
         self.sample_rate = float(sample_rate)
         self.expected_batch = sample_rate * n_train
         self.delta = float(delta)
-        self.seed = int(seed)
+        self.source = source if source is not None else NoiseSource.secret()
         self.params = list(params)
         self.grads = PerSampleGradients(model, self.params)
         self.accountant = RDPAccountant()
-        self.generator = torch.Generator().manual_seed(seed + 104729)
+        self.noise = self.source.stream("dpsgd-noise")
         self.last_norms: Optional[torch.Tensor] = None
 
     def batches(self, sampler) -> PoissonBatchSampler:
         """Poisson batches of expected size batch_size, with the base sampler's tokenizer and crops."""
-        return PoissonBatchSampler(sampler, self.sample_rate, seed=self.seed)
+        return PoissonBatchSampler(sampler, self.sample_rate, self.source.stream("poisson"))
 
     @staticmethod
     def per_sample_losses(token_losses, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -188,8 +194,7 @@ class DPSGD:
             summed, _, self.last_norms = clip_and_sum(self.grads.compute(b), self.max_grad_norm)
             loss = per_sample.detach().mean()
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            noise = torch.randn(p.shape, generator=self.generator, dtype=torch.float32).to(p.device) * std
+        for p, noise in zip(self.params, self.noise.normal_like(self.params, std)):
             g = summed[id(p)] + noise if id(p) in summed else noise
             p.grad = (g / self.expected_batch).to(p.dtype)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
