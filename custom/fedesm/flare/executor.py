@@ -190,8 +190,15 @@ class EsmLoraExecutor(Executor):
             self.trainer.scheduler.last_epoch = steps - 1
             self.trainer.scheduler.step()
         self.trainer.global_step = steps
+        accountant = getattr(self.trainer.gradients, "accountant", None)
+        if accountant is not None and accountant.steps < steps:
+            # DP-SGD: the rounds before the resume spent privacy on this site's data too; count them as if this
+            # site took part in every one (an upper bound), so the site's epsilon budget cannot restart at zero
+            g = self.trainer.gradients
+            accountant.step(g.noise_multiplier, g.sample_rate, steps=steps - accountant.steps)
         self.log_info(fl_ctx, f"{self.site}: joining at round {current_round + 1}: learning-rate schedule moved to "
-                              f"step {steps} (lr {self.trainer.scheduler.get_last_lr()[0]:.3g})")
+                              f"step {steps} (lr {self.trainer.scheduler.get_last_lr()[0]:.3g})"
+                      + (f"; DP-SGD accounted for the {steps} earlier steps" if accountant is not None else ""))
 
     # ------------------------------------------------------------------ tasks
 
