@@ -349,6 +349,7 @@ def aggregate(
     state: AggregationState | None = None,
     global_state: dict[str, Any] | None = None,
     ffa_tol: float = 1e-6,
+    server_lr: float = 1.0,
 ) -> dict[str, Any]:
     """Aggregate the sites' PEFT state dicts into one global state dict.
 
@@ -363,6 +364,11 @@ def aggregate(
             (falls back to site 0's A when absent).
         ffa_tol: ``ffa`` raises if a site's A differs from the frozen A by more than this
             (relative to max |A|): averaging B alone is only exact if nobody trained A.
+        server_lr: the server's step along the averaged update (FedOpt's server SGD without momentum):
+            ``G + server_lr * (avg - G)``, needs ``global_state``; 1 (default) is the plain average. For
+            fra / fra-ef the global pair joins the stack with column weight ``1 - server_lr``, so the
+            result is still re-factored from the factors (``sum_k server_lr w_k B_k A_k + (1 - server_lr)
+            B_g A_g``), never a dense matrix.
 
     Returns:
         ``{name: array}`` with the same keys (in order), kinds and dtypes as site 0.
@@ -373,9 +379,18 @@ def aggregate(
         raise ValueError("strategy 'fra-ef' needs an AggregationState kept by the caller between rounds")
     if rank is not None and (int(rank) != rank or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    keys = _check_sites(site_states)
+    if not (np.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be > 0, got {server_lr!r}")
+    if not site_states:
+        raise ValueError("no site states to aggregate")
     w = _normalise_weights(weights, len(site_states))
-    active = [i for i in range(len(site_states)) if w[i] > 0]
+    if server_lr != 1.0:
+        if global_state is None:
+            raise ValueError("server_lr != 1 steps from the global model: pass global_state")
+        site_states = [*site_states, global_state]  # the global model as one more (signed) term
+        w = np.concatenate([server_lr * w, [1.0 - server_lr]])
+    keys = _check_sites(site_states)
+    active = [i for i in range(len(site_states)) if w[i] != 0]
     ref = site_states[0]
     pairs = lora_pairs(keys)
     lora_keys = {k for pair in pairs.values() for k in pair}

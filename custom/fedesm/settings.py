@@ -401,6 +401,8 @@ class FederationSettings(Settings):
                                    "global adapters arrive: keep, reset (zero moments and step count), align (the "
                                    "global product in the factorization closest to the site's own factors); auto = "
                                    "align for fra / fra-ef, keep for fedit / ffa", choices=OPTIMIZER_STATES)
+    server_lr: float = setting(1.0, "the server's step along the round's averaged update, G + server_lr * (average - "
+                               "G) (FedOpt's server SGD; 1 = the plain average)")
     best_metric: str = setting("auprc", "global-model validation metric (mean over sites) that picks best/",
                                choices=BEST_METRICS)
     max_residual_rank: Optional[int] = setting(None, "fra-ef: cap on the rank of the kept residual (default K*r)")
@@ -446,6 +448,8 @@ class FederationSettings(Settings):
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
         if self.wait_after_min_clients < 0:
             self.fail("wait_after_min_clients", f"must be >= 0, got {self.wait_after_min_clients}")
+        if not self.server_lr > 0:
+            self.fail("server_lr", f"must be > 0, got {self.server_lr:g}")
         if self.max_update_ratio != 0 and not self.max_update_ratio > 1:
             self.fail("max_update_ratio", f"must be > 1 (a multiple of the other sites' median) or 0 (off), "
                       f"got {self.max_update_ratio:g}")

@@ -462,3 +462,46 @@ def test_float32_keeps_tiny_and_huge_updates(scale):
     a_new, b_new = fra_lora(low, [1.0, 2.0, 3.0], R)
     prod = b_new.astype(np.float64) @ a_new.astype(np.float64)
     assert np.all(np.isfinite(prod)) and rel(prod, dense_average(low, [1.0, 2.0, 3.0])) < 1e-5
+
+
+# ----------------------------------------------------------------------------------- server learning rate
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.5])
+def test_server_lr_steps_from_the_global_model_along_the_averaged_update(eta):
+    """G + eta (avg - G): exact for the head and FedIT's factors; for FRA the re-factored product is the best
+    rank-r approximation of eta sum_k w_k B_k A_k + (1 - eta) B_g A_g, from the stacked factors."""
+    rng = np.random.default_rng(11)
+    *states, glob = make_site_states(rng, k=K + 1)
+    weights = [10, 30, 60]
+    w = np.array(weights) / 100
+    fedit = aggregate(states, weights, "fedit", global_state=glob, server_lr=eta)
+    for key in (A_KEY.replace("q_proj", "v_proj"), HEAD_W, HEAD_B):
+        avg = sum(wk * s[key].astype(np.float64) for wk, s in zip(w, states))
+        np.testing.assert_allclose(fedit[key], glob[key] + eta * (avg - glob[key]), atol=1e-5)
+    exact = aggregate(states, weights, "fra", rank=(K + 1) * R, global_state=glob, server_lr=eta)
+    for name, (a_key, b_key) in lora_pairs(list(exact)).items():
+        avg = dense_average([(s[a_key], s[b_key]) for s in states], weights)
+        g = glob[b_key].astype(np.float64) @ glob[a_key].astype(np.float64)
+        target = g + eta * (avg - g)
+        assert rel(exact[b_key].astype(np.float64) @ exact[a_key].astype(np.float64), target) < 1e-5
+    truncated = aggregate(states, weights, "fra", rank=R, global_state=glob, server_lr=eta)
+    for name, (a_key, b_key) in lora_pairs(list(truncated)).items():
+        avg = dense_average([(s[a_key], s[b_key]) for s in states], weights)
+        g = glob[b_key].astype(np.float64) @ glob[a_key].astype(np.float64)
+        target = g + eta * (avg - g)
+        tail = np.sqrt(np.sum(np.linalg.svd(target, compute_uv=False)[R:] ** 2))
+        err = np.linalg.norm(target - truncated[b_key].astype(np.float64) @ truncated[a_key].astype(np.float64))
+        assert abs(err - tail) / np.linalg.norm(target) < 1e-5
+
+
+def test_server_lr_one_is_the_plain_average_and_others_need_the_global_model():
+    rng = np.random.default_rng(12)
+    *states, glob = make_site_states(rng, k=K + 1)
+    plain = aggregate(states, [1, 2, 3], "fra", rank=R)
+    same = aggregate(states, [1, 2, 3], "fra", rank=R, global_state=glob, server_lr=1.0)
+    assert all(np.array_equal(plain[k], same[k]) for k in plain)
+    with pytest.raises(ValueError, match="pass global_state"):
+        aggregate(states, [1, 2, 3], "fra", rank=R, server_lr=0.5)
+    with pytest.raises(ValueError, match="server_lr must be > 0"):
+        aggregate(states, [1, 2, 3], "fra", rank=R, global_state=glob, server_lr=0.0)

@@ -246,6 +246,7 @@ class FraLoraAggregator(Aggregator):
                     global_state=global_state,
                     # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
                     ffa_tol=1e-3 if self._reduced_precision else 1e-6,
+                    server_lr=fed.server_lr,
                 )
                 self.last_round_weights = {s: float(w) for s, w in zip(sites, raw / raw.sum())}
                 self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in sites}
