@@ -426,6 +426,20 @@ def aggregate(
             site_ranks = tuple(ranks[i] for i in active)  # each site's own rank r_k
             groups.setdefault((a_shape[1], b_shape[0], site_ranks, r_out, res_rank), []).append(name)
 
+    _refactor_groups(groups, site_states, active, w, pairs, state, strategy, out)
+
+    for k in keys:
+        if k not in lora_keys:
+            out[k] = _like(_weighted_mean([site_states[i][k] for i in active], w[active]), ref[k])
+    if strategy == "fra-ef":
+        state.rounds += 1
+    return {k: out[k] for k in keys}
+
+
+def _refactor_groups(groups, site_states, active, w, pairs, state, strategy, out) -> None:
+    """FRA-LoRA for every group of equal-shape pairs: stacked, re-factored in batched chunks, written to `out`
+    (and, for fra-ef, the dropped tail kept in `state`)."""
+    ref = site_states[0]
     for (d_in, d_out, site_ranks, r_out, res_rank), names in groups.items():
         arrays = [site_states[i][k] for name in names for k in pairs[name] for i in active]
         dtype = _compute_dtype(arrays)
@@ -447,13 +461,6 @@ def aggregate(
                 if strategy == "fra-ef":
                     _store_residual(state, name, tail.a[j].double().numpy(), tail.b[j].double().numpy(),
                                     tail.s[j].double().numpy(), sum(site_ranks), torch.finfo(dtype).eps)
-
-    for k in keys:
-        if k not in lora_keys:
-            out[k] = _like(_weighted_mean([site_states[i][k] for i in active], w[active]), ref[k])
-    if strategy == "fra-ef":
-        state.rounds += 1
-    return {k: out[k] for k in keys}
 
 
 def _stack_pairs(site_states, active, w, pairs, names, state, site_ranks, res_rank, dtype):
