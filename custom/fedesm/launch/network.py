@@ -41,6 +41,16 @@ STATE_FILE = "network.json"
 DEFAULT_PROJECT_FILE = Path(__file__).resolve().parents[3] / "provisioning" / "project.yml"
 
 
+
+def _kill(procs) -> None:
+    """SIGKILL each process (gone already is fine) and wait up to 5 s for them to be reaped."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5.0)
+
 class NetworkError(FedesmError):
     """The local network could not be provisioned, started or driven."""
 
@@ -241,12 +251,7 @@ def kill_tree(proc: Proc, sig: int = signal.SIGTERM, grace: float = 5.0) -> None
             except psutil.Error:
                 pass
         _, alive = psutil.wait_procs(list(procs.values()), timeout=grace if sig != signal.SIGKILL else 5.0)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5.0)
+        _kill(alive)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,12 +507,7 @@ class LocalNetwork:
                     victims.append(p)
             except psutil.Error:
                 continue
-        for p in victims:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(victims, timeout=5.0)
+        _kill(victims)
         return len(victims)
 
     def _reap(self, name: str) -> None:
