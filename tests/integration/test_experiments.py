@@ -156,7 +156,8 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     dp_rows = {r["site"]: r for r in _rows(out / "exp2" / "dpsgd" / "seed_0" / "metrics.jsonl") if r.get("epsilon")}
     for site, r in dp_rows.items():
         q = 4 / split["sites"][site]["train"]["sequences"]
-        assert r["epsilon"] == pytest.approx(compute_epsilon(1.2, q, 5, 1e-4), rel=1e-9)
+        assert r["dp_delta"] == 1e-5  # the stricter of the job's 1e-4 and the site's default target_delta
+        assert r["epsilon"] == pytest.approx(compute_epsilon(1.2, q, 5, 1e-5), rel=1e-9)
 
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report and "ε spent" in report

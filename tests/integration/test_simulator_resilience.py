@@ -41,7 +41,10 @@ def prepare(tmp: Path, n_sites: int, seed: int = 3):
 def job(tmp: Path, name: str, ckpt: Path, **settings) -> Path:
     from fedesm.launch.jobs import export_job
 
-    return export_job("esm2_fra_lora", tmp / "jobs", {**SMALL, "model.backbone": str(ckpt), **settings}, job_name=name)
+    # with fedesm in app/custom: these runs call `nvflare simulator` directly (no site policy in the workspace),
+    # and the bad-site job adds its own filter module there
+    return export_job("esm2_fra_lora", tmp / "jobs", {**SMALL, "model.backbone": str(ckpt), **settings}, job_name=name,
+                      include_package=True)
 
 
 def rows_by_key(rows):

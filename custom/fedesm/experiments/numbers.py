@@ -134,6 +134,13 @@ def final_epsilon(run: RunResult, site: Optional[str] = None) -> Optional[float]
     return max(values) if values else None
 
 
+def accounted_delta(run: RunResult) -> Optional[float]:
+    """The delta the sites accounted their epsilon at (the stricter of the job's and each site's policy)."""
+    rows = [final_row(run.site_series(s), "dp_delta") for s in run.sites()] if run.federated else []
+    values = [r["dp_delta"] for r in rows if r]
+    return min(values) if values else None
+
+
 def slowest_site_train_seconds(rows: list[dict]) -> Optional[float]:
     """Mean over rounds of the slowest site's local training seconds (sites train at the same time),
     from a federated run's metrics table."""
@@ -320,7 +327,11 @@ def arm_summary(arm: ArmResult, target: float) -> dict:
             out[name][key] = {"mean": mean(values), "sd": spread(values)}
     out["wall_seconds"] = mean(r.info.get("wall_seconds") for r in arm.runs.values())
     out["epsilon"] = mean(final_epsilon(arm.runs[s]) for s in arm.seeds)
-    out["dp_delta"] = arm.training.get("dp_delta") if arm.training.get("dp_noise_multiplier") else None
+    if arm.training.get("dp_noise_multiplier"):
+        accounted = [d for d in (accounted_delta(arm.runs[s]) for s in arm.seeds) if d is not None]
+        out["dp_delta"] = min(accounted) if accounted else arm.training.get("dp_delta")
+    else:
+        out["dp_delta"] = None
     if arm.federated:
         out["sent_bytes_per_site_per_round"] = mean(sent_per_round(arm.runs[s]) for s in arm.seeds)
     return out

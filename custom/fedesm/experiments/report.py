@@ -24,8 +24,9 @@ from typing import Optional
 
 from fedesm.experiments import layout
 from fedesm.experiments.layout import CENTRAL, HELDOUT
-from fedesm.experiments.numbers import (ArmResult, ExperimentResult, arm_summary, comparison, final_epsilon, finite,
-                                        load_run, mean, run_summary, spread, test_value, val_value)
+from fedesm.experiments.numbers import (ArmResult, ExperimentResult, accounted_delta, arm_summary, comparison,
+                                        final_epsilon, finite, load_run, mean, run_summary, spread, test_value,
+                                        val_value)
 from fedesm.fileio import atomic_write_text
 
 
@@ -406,7 +407,8 @@ def _key_results(exp: ExperimentResult) -> list[str]:
                 text += f"; {_relation(cmp_['verdict'])} {c.label} (Δ AUROC {signed_pm(cmp_['diffs'])})"
         eps = mean(final_epsilon(arm.runs[s]) for s in arm.seeds)
         if eps is not None and arm.training.get("dp_noise_multiplier"):
-            text += f"; ε = {eps:.2f} per site at δ={arm.training.get('dp_delta'):g}"
+            deltas = [d for d in (accounted_delta(arm.runs[s]) for s in arm.seeds) if d is not None]
+            text += f"; ε = {eps:.2f} per site at δ={min(deltas) if deltas else arm.training.get('dp_delta'):g}"
         lines.append(text)
     if exp.references:
         refs = list(exp.references.values())
@@ -436,6 +438,7 @@ def _notes(experiments: list[ExperimentResult]) -> list[str]:
         lines.append(f"- DP-SGD (`fedesm.training.privacy.dpsgd`): Poisson sampling with q = batch size / site training "
                      f"sequences, per-sample clipping of the LoRA + head gradient to C = {t['dp_max_grad_norm']:g}, "
                      f"Gaussian noise σ·C with σ = {t['dp_noise_multiplier']:g}; ε per site from an RDP accountant "
-                     f"(checked against Opacus') at δ = {t['dp_delta']:g}, counting every local step so far. Each "
+                     f"(checked against Opacus') at the stricter of the job's δ = {t['dp_delta']:g} and the site's own "
+                     "target_delta (default 1e-5), counting every local step so far. Each "
                      "site's guarantee covers its own sequences; the backbone is public and frozen.")
     return lines + [""]
