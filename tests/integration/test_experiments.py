@@ -169,7 +169,7 @@ def test_small_config_runs_every_arm_and_reports(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     eps = summary["experiments"]["exp2"]["arms"]["dpsgd"]["epsilon"]
     assert eps == pytest.approx(max(r["epsilon"] for r in dp_rows.values()))
-    assert f"{eps:.2f} (δ=0.0001)" in report
+    assert f"{eps:.2f} (δ=1e-05)" in report
     assert "| site-1 alone |" in report and "Against each site training alone" in report
     for png in (out / "plots").glob("*.png"):
         assert f"(plots/{png.name})" in report and png.stat().st_size < 200_000
