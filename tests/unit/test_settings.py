@@ -15,7 +15,7 @@ from fedesm.settings import (FederationSettings, JobSettings, LoraSettings, Mode
 def test_defaults_are_the_papers_and_round_trip_through_dicts():
     s = JobSettings()
     assert (s.lora.r, s.lora.alpha, s.lora.dropout, s.lora.targets) == (16, 32, 0.05, ("q_proj", "k_proj", "v_proj"))
-    assert s.training.class_weights == "balanced" and s.federation.strategy == "fra"
+    assert s.training.class_weights == "sqrt" and s.federation.strategy == "fra"
     assert JobSettings.from_dict(s.to_dict()) == s
     assert TrainConfig.from_dict({"lr": 0.002}).lr == 0.002  # missing keys take their defaults
 
