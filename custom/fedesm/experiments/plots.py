@@ -149,17 +149,23 @@ def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], met
     return _save_round_plot(fig, ax, metric, title or f"{name} on the test split", out_path)
 
 
+# centralized arms: red and dashed, one shade and dash pattern each, so two of them never look alike
+_CENTRAL_STYLES = [dict(color="tab:red", ls="--"), dict(color="darkred", ls="-."), dict(color="salmon", ls=":"),
+                   dict(color="tab:pink", ls="--")]
+
+
 def plot_pr_curves(curves: dict, out_path, title: str, prevalence: Optional[float] = None) -> Path:
     """Precision-recall curves (name -> {"precision": [...], "recall": [...]}) of final models on test."""
     fig, ax = plt.subplots(figsize=(5.6, 5.0), dpi=110)
     colors = iter([f"C{i}" for i in range(10) if i != 3] * 3)  # C3 (red) is the centralized arm's, as in plot_arms
+    central = iter(_CENTRAL_STYLES * 3)
     for name, c in curves.items():
         if not c or not c.get("recall"):
             continue
         if name.startswith("reference"):
             style = dict(color="tab:gray", ls=":")
         elif name.startswith(CENTRAL):
-            style = dict(color="tab:red", ls="--")
+            style = dict(next(central))
         else:
             style = dict(color=next(colors))
         ax.plot(c["recall"], c["precision"], lw=1.6, label=name, **style)
@@ -173,12 +179,13 @@ def plot_arms(series: dict[str, Sequence[tuple]], metric: str, out_path, title: 
     spread) points; the spread over seeds is drawn as a band (mean +- one standard deviation)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colors = iter([f"C{i}" for i in range(10) if i != 3] * 3)  # C3 (red) is the centralized arm's
+    central = iter(_CENTRAL_STYLES * 3)
     for label, points in series.items():
         if not points:
             continue
         points = sorted(points)
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        style = (dict(ls="--", color="tab:red", marker="^") if label.startswith(CENTRAL)
+        style = (dict(next(central), marker="^") if label.startswith(CENTRAL)
                  else dict(marker="o", color=next(colors)))
         ax.plot(xs, ys, ms=3, label=label, **style)
         if all(len(p) > 2 and p[2] is not None for p in points) and any(p[2] for p in points):

@@ -142,7 +142,7 @@ def make_plots(exp: ExperimentResult, plots_dir: Path) -> dict[str, list[Path]]:
         return out
     compare = []
     for metric in ("auprc", "auroc", "f1"):
-        series = {(a.label if a.kind != "centralized" else CENTRAL + ("" if a.label == CENTRAL else f" ({a.label})")):
+        series = {(a.label if a.kind != "centralized" or a.label.startswith(CENTRAL) else f"{CENTRAL} ({a.label})"):
                   _mean_series(a, metric) for a in done}
         compare.append(plot_arms(series, metric, plots_dir / f"{eid}_arms_{metric}.png",
                                  f"{eid}: {metric.upper()} on the held-out val split"
