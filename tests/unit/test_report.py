@@ -191,3 +191,10 @@ def test_helpers_and_errors(tmp_path):
     assert verdict([-0.05, -0.04], 0.01, 0.01) == "behind"
     with pytest.raises(FedesmError, match="no run.json"):
         build_report(tmp_path)
+
+
+def test_findings_of_the_run_are_included_after_the_key_results(run_dir):
+    assert "## What the numbers say" not in build_report(run_dir).read_text()
+    (run_dir / "findings.md").write_text("Federated is level with centralized here (measured, see below).\n")
+    md = build_report(run_dir).read_text()
+    assert md.index("## Key results") < md.index("## What the numbers say") < md.index("Federated is level")

@@ -33,6 +33,7 @@ HELDOUT_TABLE = "heldout.jsonl"
 PR_CURVE = "test_pr_curve.json"
 SUMMARY = "summary.json"
 REPORT = "report.md"
+FINDINGS = "findings.md"  # optional, written by whoever ran it: what the numbers mean; the report includes it
 PLOTS = "plots"
 
 HELDOUT = "held-out"  # the `site` of rows that score a model on the global held-out split

@@ -193,7 +193,8 @@ def _setup_section(run: dict, cfg: dict, run_dir: Path) -> list[str]:
     where = (f"{m.get('machine', '?')} with {m.get('cpus', '?')} CPU cores" + (f" and a {m['gpu']}" if m.get("gpu")
              else "") + f" (torch {m.get('torch', '?')})") if m else "an unrecorded machine"
     lines += [f"Run {run.get('started', '?')} – {run.get('finished', '?')}, wall time {seconds(run.get('wall_seconds'))} "
-              f"on {where}; reproduce with `fedesm experiment run {cfg.get('name', run.get('name'))} --out DIR`.", ""]
+              f"on {where}; reproduce with `fedesm experiment run {cfg.get('name', run.get('name'))} --out DIR`."
+              + (f" {run['note']}." if run.get("note") else ""), ""]
     return lines
 
 
@@ -247,6 +248,9 @@ def build_report(run_dir, target_f1: float = 0.5, out_dir=None) -> Path:
               "(\"@thr\"), which no arm trains on. \"Test\" = each arm's final model on the test split, the same "
               "sequences for every arm. \"Level\" = the mean difference over seeds is within the spread of the arms "
               "over seeds.", ""] + key_lines + [""]
+    findings = Path(run_dir) / layout.FINDINGS
+    if findings.is_file():  # the run's interpretation, in its author's words (not generated)
+        lines += ["## What the numbers say", "", findings.read_text().strip(), ""]
     lines += body
     lines += _notes(experiments)
     lines += _setup_section(run, cfg, run_dir)
