@@ -13,7 +13,7 @@ help:
 	@echo "make demo      run the FRA-LoRA federated demo (GPSite ATP real data, tiny ESM-2, 2 sites, CPU)"
 	@echo "make test      install everything into $(VENV) and run the whole test suite"
 	@echo "make test-fast unit tests only (no simulator / network runs)"
-	@echo "make experiments-cpu  the paper's experiments at CPU scale (23.5 min on 2 cores), report in experiments_out/cpu"
+	@echo "make experiments-cpu  the paper's experiments at CPU scale (3 seeds, ~1.5-2 h on 2 cores), report in experiments_out/cpu"
 	@echo "make jobs      export the job bundles (configuration only) to jobs_export/"
 	@echo "make bench     run the benchmarks, write bench/results.json"
 	@echo "make poc       bring up a local provisioned network (server + 2 sites)"

@@ -12,7 +12,7 @@ def register(sub) -> None:
                        "split, FRA-LoRA in the NVFLARE simulator vs centralized), experiment 2 (label-skewed split "
                        "with gradient noise) and the strategy comparison (fra, fra-ef, fedit, ffa, optional DP-SGD); "
                        "then a markdown report with tables and plots. Presets: cpu (tiny random-init model, "
-                       "real GPSite ATP data, 23.5 min on 2 cores for docs/results/cpu) and paper (ESM-2 35M, "
+                       "real GPSite ATP data, 3 seeds, ~1.5-2 h on 2 cores) and paper (ESM-2 35M, "
                        "GPSite data; for a GPU).")
     esub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
 
