@@ -48,7 +48,7 @@ def _rows(path):
 def test_presets_dry_run(preset, capsys):
     assert main(["experiment", "run", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    sims, central = (27, 24) if preset == "cpu" else (18, 15)  # 3 seeds each
+    sims, central = (30, 24) if preset == "cpu" else (18, 15)  # 3 seeds each
     assert f"{sims} simulator run(s), {central} centralized run(s)" in out and "3 seed(s)" in out
     assert "job export(s) accept their settings" in out
     for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "central-2x", "alone", "fra-dpsgd") + (("central-2b",) if preset == "cpu" else ()):
