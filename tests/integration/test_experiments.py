@@ -51,7 +51,8 @@ def test_presets_dry_run(preset, capsys):
     sims, central = (30, 24) if preset == "cpu" else (18, 15)  # 3 seeds each
     assert f"{sims} simulator run(s), {central} centralized run(s)" in out and "3 seed(s)" in out
     assert "job export(s) accept their settings" in out
-    for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "central-2x", "alone", "fra-dpsgd") + (("central-2b",) if preset == "cpu" else ()):
+    cpu_only = ("central-2b", "fra-slr") if preset == "cpu" else ()
+    for arm in ("fra", "fra-ef", "fedit", "ffa", "centralized", "central-2x", "alone", "fra-dpsgd") + cpu_only:
         assert f"- {arm} " in out
     assert "347 labelled sequences + 79 test sequences" in out  # both run on the shipped GPSite ATP set
     if preset == "paper":
