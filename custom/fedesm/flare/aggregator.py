@@ -33,7 +33,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm import aggregation
 from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, TRANSFER_DTYPE_KEY, read_weights_shareable
-from fedesm.model.keys import lora_pairs, split_lora_key
+from fedesm.model.keys import fits_within_rank, lora_pairs
 from fedesm.settings import FederationSettings, LoraSettings
 
 
@@ -187,13 +187,10 @@ class FraLoraAggregator(Aggregator):
     # r_k for every pair it sends; every other shape must equal the global model's.
     def _shape_fits(self, key: str, shape: tuple, reference: tuple, same_rank: bool = True) -> bool:
         """`shape` against the global model's (`same_rank`: the rank may only be smaller) or another site's
-        (any rank: the global model bounds it)."""
-        split = split_lora_key(key)
-        if split is None or len(shape) != 2 or len(reference) != 2 or self.strategy not in ("fra", "fra-ef"):
+        (any rank: the global model bounds it); ranks may differ only under fra / fra-ef."""
+        if self.strategy not in ("fra", "fra-ef"):
             return tuple(shape) == tuple(reference)
-        rank_axis = 0 if split[1] == "A" else 1
-        limit = reference[rank_axis] if same_rank else shape[rank_axis]
-        return shape[1 - rank_axis] == reference[1 - rank_axis] and 1 <= shape[rank_axis] <= limit
+        return fits_within_rank(key, shape, reference, any_rank=not same_rank)
 
     def _check_site_rank(self, weights: dict[str, np.ndarray]) -> str | None:
         ranks = {}

@@ -45,7 +45,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, TRANSFER_DTYPE_KEY, WITHHELD_KEY,
                                   withheld_reply)
-from fedesm.model.keys import CLASSIFIER_NAME, split_lora_key
+from fedesm.model.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
 from fedesm.settings import JobSettings
 
 MAX_TEXT = 256  # longest string a header may carry (site names, task ids, dtype names)
@@ -93,16 +93,6 @@ class ExpectedResult:
             raise FedesmError(f"the job's lora.r {settings.lora.r} is above this site's max_lora_rank {max_lora_rank}")
         shapes = exchanged_shapes(get_architecture(settings.model.arch), settings.lora, settings.model.num_labels)
         return cls(shapes=shapes, dtype=settings.federation.transfer_dtype, site=site)
-
-
-def _shape_fits(name: str, shape: tuple, declared: tuple) -> bool:
-    """The declared shape, except that a LoRA factor may have a smaller rank (a site training at its own
-    `lora_r`, fedesm.ranks): A (r_k x d_in), B (d_out x r_k), 1 <= r_k <= the job's rank."""
-    split = split_lora_key(name)
-    if split is None or len(shape) != 2 or len(declared) != 2:
-        return shape == declared
-    rank_axis = 0 if split[1] == "A" else 1
-    return shape[1 - rank_axis] == declared[1 - rank_axis] and 1 <= shape[rank_axis] <= declared[rank_axis]
 
 
 def _number(value: Any) -> bool:
@@ -181,7 +171,7 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
     for name, arr in data.items():
         if name not in expected.shapes:
             return f"tensor {name!r}, not one of the {len(expected.shapes)} of the job's model"
-        if not _shape_fits(name, tuple(arr.shape), tuple(expected.shapes[name])):
+        if not fits_within_rank(name, arr.shape, expected.shapes[name]):  # a site may train a smaller rank
             return f"tensor {name!r} of shape {tuple(arr.shape)}, the job's model has {tuple(expected.shapes[name])}"
         if arr.dtype != np.dtype(expected.dtype):
             return f"tensor {name!r} of dtype {arr.dtype}, the job sends {expected.dtype}"

@@ -23,6 +23,19 @@ def split_lora_key(key: str) -> Optional[tuple[str, str]]:
     return (m.group("prefix") + (m.group("adapter") or ""), m.group("which")) if m else None
 
 
+def fits_within_rank(key: str, shape: tuple, reference: tuple, any_rank: bool = False) -> bool:
+    """The one rank rule for a site's tensor against a reference shape (sites of different means,
+    fedesm.ranks): a LoRA factor, A (r_k x d_in) or B (d_out x r_k), matches on the other axis and has
+    1 <= r_k <= the reference's rank (any r_k >= 1 with `any_rank`); every other tensor matches exactly."""
+    shape, reference = tuple(shape), tuple(reference)
+    split = split_lora_key(key)
+    if split is None or len(shape) != 2 or len(reference) != 2:
+        return shape == reference
+    rank_axis = 0 if split[1] == "A" else 1
+    limit = shape[rank_axis] if any_rank else reference[rank_axis]
+    return shape[1 - rank_axis] == reference[1 - rank_axis] and 1 <= shape[rank_axis] <= limit
+
+
 def lora_key(prefix: str, which: str, adapter: str = "") -> str:
     return f"{prefix}.lora_{which}{adapter}.weight"
 
