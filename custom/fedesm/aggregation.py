@@ -581,38 +581,93 @@ def update_norm(site_state: dict[str, Any], global_state: dict[str, Any] | None 
     return float(np.sqrt(total))
 
 
+# An update smaller than this fraction of the global model's own norm counts as none: a site that sends the
+# global model back differs from it by rounding only (~1e-14 relative), an honest site by far more than 1e-6.
+ZERO_RTOL = 1e-6
+_ZERO_ATOL = 1e-12  # the floor when the global model itself is zero
+
+
 @dataclass(frozen=True)
 class UpdateCheck:
-    """One site's update in a round: its norm, its ratio to the median of the others', and why it is
-    rejected (None = kept)."""
+    """One site's update in a round: its norm, its ratio to the median of the others', the factor it is scaled
+    by before averaging (1 = as sent) and why it is rejected (None = kept)."""
 
     norm: float
     ratio: float  # norm / median of the other sites' norms; nan when there is no other site or that median is 0
     reason: str | None
+    scale: float = 1.0
 
 
 def screen_updates(site_states: Sequence[dict[str, Any]], global_state: dict[str, Any] | None = None,
-                   max_ratio: float = 0.0, max_norm: float | None = None) -> list[UpdateCheck]:
-    """Bound the sites' updates before any strategy averages them.
+                   max_ratio: float = 0.0, max_norm: float | None = None, clip_ratio: float = 0.0,
+                   zero_rtol: float = ZERO_RTOL) -> list[UpdateCheck]:
+    """Bound the sites' updates before any strategy averages them; one site's odd numbers reject that site only.
 
-    A site is rejected when its :func:`update_norm` exceeds ``max_norm`` (an absolute cap), or is more
-    than ``max_ratio`` times the median of the *other* sites' norms (a diverged or malicious site cannot
-    pull that median along with it; 0 = off). The relative bound needs at least one other site and a
-    non-zero median; with two sites the larger is judged against the smaller.
+    * A norm below ``zero_rtol`` x the global model's norm is no update (a free-rider sending the global model
+      back): rejected, and left out of the median the others are judged by.
+    * A norm that is not finite, or cannot be computed at all, is rejected with the error.
+    * A site is rejected when its :func:`update_norm` exceeds ``max_norm`` (an absolute cap), or is more than
+      ``max_ratio`` times the median of the *other* sites' non-zero norms (0 = off); with two sites the larger
+      is judged against the smaller.
+    * With at least two other sites, an update larger than ``clip_ratio`` times their median is scaled down to
+      it (``scale`` < 1; 0 = off): no single site pulls harder than a typical one.
     """
-    norms = [update_norm(s, global_state) for s in site_states]
+    norms, errors = [], []
+    for s in site_states:
+        try:
+            with np.errstate(all="ignore"):
+                norms.append(update_norm(s, global_state))
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - whatever a site's numbers break, only that site is refused
+            norms.append(float("nan"))
+            errors.append(f"update norm not computable ({type(e).__name__}: {str(e)[:200]})")
+    floor = _ZERO_ATOL
+    if global_state is not None:
+        try:
+            with np.errstate(all="ignore"):
+                own = update_norm(global_state)
+            floor = max(floor, zero_rtol * own) if np.isfinite(own) else floor
+        except Exception:  # noqa: BLE001 - a global model the server made; keep the absolute floor
+            pass
+    usable = [bool(np.isfinite(n) and n > floor) for n in norms]
     out = []
     for i, norm in enumerate(norms):
-        others = norms[:i] + norms[i + 1:]
+        others = [n for j, n in enumerate(norms) if j != i and usable[j]]
         median = float(np.median(others)) if others else 0.0
-        ratio = norm / median if median > 0 else float("nan")
-        reason = None
-        if not np.isfinite(norm):
+        ratio = norm / median if median > 0 and np.isfinite(norm) else float("nan")
+        reason, scale = errors[i], 1.0
+        if reason is None and not np.isfinite(norm):
             reason = f"update norm is {norm}"
-        elif max_norm is not None and norm > max_norm:
+        elif reason is None and norm <= floor:
+            reason = (f"no update: norm {norm:.3g} is below {floor:.3g} ({zero_rtol:g} of the global model's), "
+                      "the global model sent back")
+        elif reason is None and max_norm is not None and norm > max_norm:
             reason = f"update norm {norm:.4g} > federation.max_update_norm {max_norm:g}"
-        elif max_ratio and np.isfinite(ratio) and ratio > max_ratio:
+        elif reason is None and max_ratio and np.isfinite(ratio) and ratio > max_ratio:
             reason = (f"update norm {norm:.4g} is {ratio:.3g}x the median of the other sites' ({median:.4g}); "
                       f"federation.max_update_ratio is {max_ratio:g}")
-        out.append(UpdateCheck(norm=norm, ratio=ratio, reason=reason))
+        elif reason is None and clip_ratio and len(others) >= 2 and np.isfinite(ratio) and ratio > clip_ratio:
+            scale = clip_ratio / ratio
+        out.append(UpdateCheck(norm=norm, ratio=ratio, reason=reason, scale=scale))
     return out
+
+
+def capped_shares(counts: Sequence[float], max_share: float) -> np.ndarray:
+    """Shares proportional to ``counts`` with none above ``max_share``: a capped share's excess goes to the
+    others in proportion (water-filling); equal shares when the cap cannot be met (K x max_share < 1)."""
+    w = np.asarray(counts, dtype=np.float64)
+    n = w.size
+    if n == 0:
+        return w
+    if not np.all(np.isfinite(w)) or np.any(w <= 0) or max_share * n <= 1:
+        return np.full(n, 1.0 / n)
+    w = w / w.sum()
+    capped = np.zeros(n, dtype=bool)
+    while True:
+        over = (w > max_share * (1 + 1e-12)) & ~capped
+        if not over.any():
+            return w
+        capped |= over
+        w[capped] = max_share
+        rest = ~capped
+        w[rest] = w[rest] / w[rest].sum() * (1.0 - max_share * capped.sum())

@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -38,7 +39,7 @@ import yaml
 from fedesm.errors import FedesmError
 
 STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
-WEIGH_BY = ("samples", "steps", "uniform")
+WEIGH_BY = ("uniform", "declared")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 TRANSFER_DTYPES = ("float32", "float16")
@@ -393,8 +394,14 @@ class FederationSettings(Settings):
     strategy: str = setting("fra", "aggregation: fra (FRA-LoRA), fra-ef (with error feedback), fedit (average A "
                             "and B), ffa (A frozen, B averaged)", choices=STRATEGIES)
     min_clients: int = setting(2, "sites needed for a round (and to start the job)")
-    weigh_by: str = setting("samples", "site weights in the average: training samples, local steps, or uniform",
-                            choices=WEIGH_BY)
+    # No site weighs itself by a number it reports about itself: every site runs the job's steps_per_round, so
+    # uniform is "equal at equal steps" (the paper); declared takes the count each site's operator declares in
+    # its own site config (declared_samples), fixed with its first contribution and capped by max_weight_share.
+    weigh_by: str = setting("uniform", "site weights in the average: uniform (equal: every site runs the job's "
+                            "steps_per_round), or declared (the training count each site's operator declares in "
+                            "its site config, fixed for the job, no share above max_weight_share)", choices=WEIGH_BY)
+    max_weight_share: float = setting(0.5, "weigh_by declared: the largest share of the average one site can get, "
+                                      "whatever count it declares (the excess goes to the others)")
     transfer_dtype: str = setting("float32", "dtype of the adapters a site sends (float16 halves the bytes)",
                                   choices=TRANSFER_DTYPES)
     evaluate_global: bool = setting(True, "sites also score the received global model on their val (and test) "
@@ -422,6 +429,11 @@ class FederationSettings(Settings):
     max_update_ratio: float = setting(10.0, "reject a site's update whose norm (the change of B.A over the adapted "
                                       "matrices, plus the head's change) is more than this multiple of the median "
                                       "of the other sites' in the round (0 = off)")
+    # 1x: a site cannot pull harder than a typical site (norm bounding); a scaled or sign-flipped update below
+    # max_update_ratio moves the average by at most about 2/K of a typical update. Needs two other sites.
+    clip_update_ratio: float = setting(1.0, "scale a site's update down to this multiple of the median norm of the "
+                                       "other sites' updates when it is larger (with at least two other sites; 0 "
+                                       "= off)")
     max_update_norm: Optional[float] = setting(None, "reject a site's update whose norm exceeds this absolute cap "
                                                "(same units as max_update_ratio's norm; default: no cap)")
     resume_from: Optional[str] = setting(None, "continue a previous run from a saved round: its "
@@ -435,6 +447,13 @@ class FederationSettings(Settings):
         "the server's MLFLOW_TRACKING_URI environment variable, else mlflow.db in the job's result folder",
         metavar="URI")
     mlflow_experiment: str = setting("fedesm", "MLflow experiment the runs are logged under")
+
+    def __post_init__(self):
+        if self.weigh_by in ("samples", "steps"):
+            raise SettingError(f"federation.weigh_by: {self.weigh_by!r} took a count each site reports about itself; "
+                               "use uniform (every site runs training.steps_per_round) or declared (the count each "
+                               "site's operator declares in its site config, capped by federation.max_weight_share)")
+        super().__post_init__()
 
     def check(self) -> None:
         if self.mlflow_tracking_uri and not self.mlflow:
@@ -455,6 +474,13 @@ class FederationSettings(Settings):
         if self.max_update_ratio != 0 and not self.max_update_ratio > 1:
             self.fail("max_update_ratio", f"must be > 1 (a multiple of the other sites' median) or 0 (off), "
                       f"got {self.max_update_ratio:g}")
+        if not (math.isfinite(self.max_weight_share) and 0 < self.max_weight_share <= 1):
+            self.fail("max_weight_share", f"must be in (0, 1], got {self.max_weight_share:g}")
+        if not (math.isfinite(self.clip_update_ratio) and (self.clip_update_ratio == 0 or self.clip_update_ratio >= 1)):
+            self.fail("clip_update_ratio", f"must be >= 1 (a multiple of the other sites' median) or 0 (off), "
+                      f"got {self.clip_update_ratio:g}")
+        if not math.isfinite(self.max_update_ratio):
+            self.fail("max_update_ratio", f"must be finite, got {self.max_update_ratio:g}")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             self.fail("max_update_norm", f"must be > 0, got {self.max_update_norm:g}")
         if self.resume_from is not None:

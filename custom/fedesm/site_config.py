@@ -17,6 +17,9 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     cpu_threads: null                                        # torch CPU threads (default: torch's)
     lora_r: null                                             # this site's LoRA rank, <= the job's lora.r
                                                              # (less memory and upload; default: the job's)
+    declared_samples: null                                   # training sequences this site's operator declares
+                                                             # for a job weighing by declared counts (sent with
+                                                             # each contribution only when set; capped by the job)
     privacy:                                                 # this site's DP rules (settings.SitePrivacySettings)
       require_dp: true                                       # refuse jobs without DP-SGD
       min_noise_multiplier: 1.0                              # refuse jobs asking for less noise
@@ -52,7 +55,8 @@ from fedesm.settings import SitePrivacySettings
 ENV_VAR = "FEDESM_SITE_CONFIG"
 DEFAULT_NAME = "fedesm_site.yaml"
 _KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "lora_r",
-         "privacy", "sites"}
+         "declared_samples", "privacy", "sites"}
+MAX_DECLARED = 10**12  # = fedesm.flare.aggregator.MAX_DECLARED (the server refuses more)
 
 
 @dataclass
@@ -68,6 +72,8 @@ class SiteConfig:
     device: str = "auto"
     cpu_threads: Optional[int] = None  # torch CPU threads; set it when several sites share one machine
     lora_r: Optional[int] = None  # this site's LoRA rank (<= the job's lora.r; fedesm.ranks); None: the job's
+    # the operator's count for federation.weigh_by: declared; None: the site sends no count (its size stays here)
+    declared_samples: Optional[int] = None
     privacy: SitePrivacySettings = field(default_factory=SitePrivacySettings)  # the site's DP policy
     source: str = ""  # the file it came from, for messages
 
@@ -145,6 +151,11 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
     lora_r = merged.get("lora_r")
     if lora_r is not None and (isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1):
         raise FedesmError(f"{path}: lora_r must be a positive integer (the site's LoRA rank), got {lora_r!r}")
+    declared = merged.get("declared_samples")
+    if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)
+                                 or not 1 <= declared <= MAX_DECLARED):
+        raise FedesmError(f"{path}: declared_samples must be a whole number of training sequences in 1 .. "
+                          f"{MAX_DECLARED:.0e}, got {str(declared)[:40]!r}")
     return SiteConfig(
         site=site,
         train=str(data["train"]),
@@ -157,6 +168,7 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         device=merged.get("device", "auto"),
         cpu_threads=merged.get("cpu_threads"),
         lora_r=lora_r,
+        declared_samples=declared,
         privacy=_privacy(merged.get("privacy"), path, site),
         source=str(path),
     )

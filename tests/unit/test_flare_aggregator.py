@@ -36,7 +36,7 @@ KEYS = {
 A_KEY, B_KEY = f"{P}.q_proj.lora_A.weight", f"{P}.q_proj.lora_B.weight"
 
 
-def make(strategy="fra", r=R, weigh_by="steps", **federation):
+def make(strategy="fra", r=R, weigh_by="uniform", **federation):
     """The aggregator as a job configures it: the lora and federation blocks."""
     return FraLoraAggregator(lora={"r": r}, federation={"strategy": strategy, "weigh_by": weigh_by, **federation})
 
@@ -89,9 +89,6 @@ def test_accepts_good_contributions_and_keeps_metrics():
         (lambda: contribution(replaced(A_KEY, np.full((R, D), np.nan, np.float32)), "site-1"), "non-finite"),
         (lambda: contribution(replaced(B_KEY, np.zeros((D, R + 1), np.float32)), "site-1"), "global model has"),
         (lambda: contribution(dict(site_weights(1), extra=np.zeros(3, np.float32)), "site-1"), "unknown keys"),
-        (lambda: contribution(site_weights(1), "site-1", steps=0), "NUM_STEPS_CURRENT_ROUND must be a positive"),
-        (lambda: contribution(site_weights(1), "site-1", steps=None), "NUM_STEPS_CURRENT_ROUND must be a positive"),
-        (lambda: contribution(site_weights(1), "site-1", n_samples=-5), "n_samples must be a positive number"),
         (lambda: DXO(DataKind.WEIGHT_DIFF, site_weights(1)).to_shareable(), "data kind"),
     ],
 )
@@ -132,12 +129,12 @@ def test_rejects_duplicate_site_and_mismatch_with_first_contribution():
 
 
 @pytest.mark.parametrize("strategy", ["fra", "fedit", "fra-ef"])
-def test_aggregate_weighs_by_steps_and_matches_library(strategy):
-    agg = make(strategy)
+def test_aggregate_weighs_by_declared_counts_and_matches_library(strategy):
+    agg = make(strategy, weigh_by="declared", max_weight_share=1.0, clip_update_ratio=0)
     fl_ctx = context(global_weights=site_weights(0))
     sites = {"site-1": (site_weights(1), 10), "site-2": (site_weights(2), 30), "site-3": (site_weights(3), 60)}
-    for name, (w, steps) in sites.items():
-        assert agg.accept(contribution(w, name, steps=steps, n_samples=1), fl_ctx)
+    for name, (w, count) in sites.items():
+        assert agg.accept(contribution(w, name, steps=1, n_samples=count), fl_ctx)
     result = agg.aggregate(fl_ctx)
     dxo = from_shareable(result)
     assert dxo.data_kind == DataKind.WEIGHTS
@@ -150,14 +147,40 @@ def test_aggregate_weighs_by_steps_and_matches_library(strategy):
     assert agg.last_round_weights == pytest.approx({"site-1": 0.1, "site-2": 0.3, "site-3": 0.6})
 
 
-def test_weigh_by_samples_and_uniform():
-    for weigh_by, expected in (("samples", {"a": 0.2, "b": 0.8}), ("uniform", {"a": 0.5, "b": 0.5})):
-        agg = make(weigh_by=weigh_by)
+def test_uniform_ignores_what_sites_report_and_declared_counts_are_capped():
+    for weigh_by, expected in (("declared", {"a": 0.2, "b": 0.8}), ("uniform", {"a": 0.5, "b": 0.5})):
+        agg = make(weigh_by=weigh_by, max_weight_share=1.0)
         fl_ctx = context()
         assert agg.accept(contribution(site_weights(1), "a", steps=99, n_samples=100), fl_ctx)
         assert agg.accept(contribution(site_weights(2), "b", steps=1, n_samples=400), fl_ctx)
         agg.aggregate(fl_ctx)
         assert agg.last_round_weights == pytest.approx(expected)
+    agg = make(weigh_by="declared", max_weight_share=0.4)  # 3 sites: 100, 100, 10**9 -> 0.3, 0.3, 0.4
+    fl_ctx = context()
+    for i, count in ((1, 100), (2, 100), (3, 10**9)):
+        assert agg.accept(contribution(site_weights(i), f"s{i}", n_samples=count), fl_ctx)
+    agg.aggregate(fl_ctx)
+    assert agg.last_round_weights == pytest.approx({"s1": 0.3, "s2": 0.3, "s3": 0.4})
+
+
+@pytest.mark.parametrize("count, reason", [
+    (-5, "not in 1 .. 1e+12"), (0, "not in 1 .. 1e+12"), (1e308, "not in 1 .. 1e+12"),
+    (10**400, "an integer of 401 digits"), (float("nan"), "not a whole number"), (2.5, "not a whole number"),
+    (True, "not a number"), ("100", "not a number"), (None, "sends no declared count"),
+])
+def test_declared_counts_that_are_not_counts_are_refused(count, reason):
+    agg = make(weigh_by="declared")
+    assert not agg.accept(contribution(site_weights(1), "site-1", n_samples=count), context())
+    assert reason in agg.last_reject_reason
+
+
+def test_a_declared_count_is_fixed_for_the_job():
+    agg = make(weigh_by="declared")
+    assert agg.accept(contribution(site_weights(1), "site-1", round_=0, n_samples=100), context(round_=0))
+    agg.reset(context(round_=0))
+    assert not agg.accept(contribution(site_weights(1), "site-1", round_=1, n_samples=10**6), context(round_=1))
+    assert "declared count changed from 100 to 1000000" in agg.last_reject_reason
+    assert agg.accept(contribution(site_weights(1), "site-1", round_=1, n_samples=100), context(round_=1))
 
 
 def test_fra_ef_state_survives_reset():
@@ -384,7 +407,7 @@ def test_the_order_contributions_arrive_in_does_not_change_a_bit(strategy):
     """Sites answer in any order; the aggregate must not depend on it (runs without noise repeat exactly)."""
     out = []
     for order in (("site-1", "site-2", "site-3"), ("site-3", "site-1", "site-2")):
-        agg, fl_ctx = make(strategy, weigh_by="samples"), context()
+        agg, fl_ctx = make(strategy, weigh_by="declared", max_weight_share=1.0), context()
         for site in order:
             assert agg.accept(contribution(site_weights(int(site[-1])), site, n_samples=10 * int(site[-1])), fl_ctx)
         out.append(from_shareable(agg.aggregate(fl_ctx)).data)

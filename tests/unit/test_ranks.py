@@ -78,7 +78,7 @@ def test_fra_averages_products_of_different_ranks():
 def test_aggregator_rank_rule():
     glob = {k: v.astype(np.float32) for k, v in state(16, 4).items()}
     fl_ctx = context(global_weights=glob)
-    agg = FraLoraAggregator(lora={"r": 16}, federation={"strategy": "fra", "weigh_by": "steps"})
+    agg = FraLoraAggregator(lora={"r": 16}, federation={"strategy": "fra", "weigh_by": "uniform"})
     assert agg.accept(contribution(state(4, 5, np.float32), "site-1"), fl_ctx)
     assert agg.accept(contribution(state(16, 6, np.float32), "site-2"), fl_ctx)
     too_big = state(32, 7, np.float32)
@@ -96,7 +96,7 @@ def test_aggregator_rank_rule():
 
     data = from_shareable(out).data
     assert data[A].shape == (16, D_IN)  # the server keeps the job's rank
-    fedit = FraLoraAggregator(lora={"r": 16}, federation={"strategy": "fedit", "weigh_by": "steps"})
+    fedit = FraLoraAggregator(lora={"r": 16}, federation={"strategy": "fedit", "weigh_by": "uniform"})
     assert not fedit.accept(contribution(state(4, 5, np.float32), "site-1"), fl_ctx)  # fedit needs equal ranks
 
 

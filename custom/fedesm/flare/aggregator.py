@@ -6,25 +6,33 @@ aggregator it keeps the round's contributions until ``aggregate()``, because re-
 every site's factors together. Two lines of defence, whatever the strategy:
 
 * ``accept()`` vets each contribution on arrival against the global model the server sent this round
-  (round, duplicates, the same keys, shapes and float dtypes, finite values, a positive weight), so
-  the order in which sites arrive changes nothing;
+  (round, duplicates, the same keys, shapes and float dtypes, finite values, ffa: the frozen A unchanged,
+  weigh_by declared: the site's declared count, fixed for the job), so the order in which sites arrive
+  changes nothing;
 * ``aggregate()`` bounds the updates (``aggregation.screen_updates``: the norm of each site's change
-  of B·A and of the head, against an absolute cap and a multiple of the other sites' median), so a
-  diverged or malicious site cannot move the global model arbitrarily.
+  of B·A and of the head; none (the global model sent back), beyond an absolute cap or a multiple of the
+  other sites' median is rejected, above ``clip_update_ratio`` x that median scaled down), so a diverged
+  or malicious site cannot move the global model arbitrarily.
+
+No site sets its own weight: weights are equal (``weigh_by: uniform``; every site runs the job's steps) or
+the counts the sites' operators declare in their site configs (``declared``), registered with a site's first
+contribution, refused when changed, and capped at ``federation.max_weight_share`` of the average.
 
 Every rejection is logged with its reason and lands in the metrics table (row of the round, column
-``rejected``). With fewer than ``federation.min_clients`` contributions left the round fails: the job
-stops before anything is persisted, so the last saved round stays the last good one.
+``rejected``); an error while aggregating one contribution rejects that contribution, never the job. With
+fewer than ``federation.min_clients`` contributions left the round fails: the job stops before anything is
+persisted, so the last saved round stays the last good one.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from typing import Any
 
 import numpy as np
 
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -37,10 +45,28 @@ from fedesm.model.keys import fits_within_rank, lora_pairs
 from fedesm.settings import FederationSettings, LoraSettings
 
 
-def _is_positive_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    return bool(np.isfinite(value)) and value > 0
+MAX_DECLARED = 10**12  # training sequences a site may declare: more than any protein set, small enough for floats
+
+
+def declared_count(value: Any) -> tuple[int | None, str | None]:
+    """(the count, None) from a site's declared training count, or (None, why it is not one)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None, f"declared count {str(value)[:40]!r} is not a number"
+    if isinstance(value, (float, np.floating)):
+        if not (np.isfinite(value) and float(value).is_integer()):
+            return None, f"declared count {float(value):.4g} is not a whole number"
+        value = int(value)
+    value = int(value)
+    if not 1 <= value <= MAX_DECLARED:
+        text = str(value) if len(str(value)) < 20 else f"an integer of {len(str(value))} digits"
+        return None, f"declared count {text} is not in 1 .. {MAX_DECLARED:.0e}"
+    return value, None
+
+
+def _check_finite(result: dict) -> None:
+    bad = [k for k, v in result.items() if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:
+        raise FloatingPointError(f"non-finite aggregate in {bad[:3]}")
 
 
 class FraLoraAggregator(Aggregator):
@@ -51,10 +77,10 @@ class FraLoraAggregator(Aggregator):
         Args:
             lora: the job's LoRA block; ``r`` is the rank fra/fra-ef re-factor to.
             federation: the job's federation block: ``strategy`` (fra | fra-ef | fedit | ffa),
-                ``weigh_by`` (samples: meta "n_samples"; steps: meta NUM_STEPS_CURRENT_ROUND; uniform),
-                ``max_residual_rank`` (fra-ef: cap on the kept residual's rank, default K*r),
-                ``max_update_ratio`` / ``max_update_norm`` (the bounds on each site's update) and
-                ``min_clients`` (contributions a round needs after vetting).
+                ``weigh_by`` (uniform; declared: meta "n_samples", the count the site's operator declares)
+                with ``max_weight_share``, ``max_residual_rank`` (fra-ef: cap on the kept residual's rank,
+                default K*r), ``max_update_ratio`` / ``max_update_norm`` / ``clip_update_ratio`` (the bounds
+                on each site's update) and ``min_clients`` (contributions a round needs after vetting).
             expected_data_kind: only "WEIGHTS": LoRA products are not linear in factor differences,
                 so factor diffs (WEIGHT_DIFF) cannot be re-factored.
             metrics_recorder_id: the MetricsRecorder that gets each site's update norm and rejections.
@@ -80,6 +106,7 @@ class FraLoraAggregator(Aggregator):
         self._contributions: dict[str, tuple[dict[str, np.ndarray], float]] = {}
         self._round_metrics: dict[str, dict] = {}
         self._reduced_precision = False
+        self.declared: dict[str, int] = {}  # weigh_by declared: each site's count, fixed by its first contribution
 
     # ---------------------------------------------------------------------------------- accept
 
@@ -94,6 +121,8 @@ class FraLoraAggregator(Aggregator):
                 if isinstance(current, int):
                     self._record(fl_ctx, current + 1, {site: {"rejected": reason}})
                 return False
+            if self.weigh_by == "declared":
+                self.declared.setdefault(site, int(weight))
             self._contributions[site] = (weights, weight)
             if meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32":
                 self._reduced_precision = True
@@ -135,17 +164,37 @@ class FraLoraAggregator(Aggregator):
             return f"unreadable weights ({e})", None, None, None
         if not weights:
             return "no weights", None, None, None
-        reason = self._check_arrays(weights, fl_ctx)
+        reason = self._check_arrays(weights, fl_ctx) or self._check_frozen_a(weights, meta, fl_ctx)
         if reason:
             return reason, None, None, None
+        if self.weigh_by != "declared":
+            return None, weights, 1.0, meta  # whatever sizes the site reports about itself weigh nothing
+        if meta.get(N_SAMPLES_KEY) is None:
+            return ("federation.weigh_by is declared but the site sends no declared count (its operator sets "
+                    "declared_samples in its site config)"), None, None, None
+        count, reason = declared_count(meta.get(N_SAMPLES_KEY))
+        if reason:
+            return reason, None, None, None
+        registered = self.declared.get(site)
+        if registered is not None and registered != count:
+            return (f"declared count changed from {registered} to {count}; a site's count is fixed for the job"), \
+                None, None, None
+        return None, weights, float(count), meta
 
-        for key, name in ((MetaKey.NUM_STEPS_CURRENT_ROUND, "steps"), (N_SAMPLES_KEY, "samples")):
-            value = meta.get(key)
-            if (value is not None or self.weigh_by == name) and not _is_positive_number(value):
-                return f"meta {key} must be a positive number, got {value!r}", None, None, None
-        by_meta = {"steps": meta.get(MetaKey.NUM_STEPS_CURRENT_ROUND), "samples": meta.get(N_SAMPLES_KEY)}
-        weight = by_meta.get(self.weigh_by, 1.0)
-        return None, weights, float(weight), meta
+    def _check_frozen_a(self, weights: dict[str, np.ndarray], meta: dict, fl_ctx: FLContext) -> str | None:
+        """ffa averages B alone, which is exact only if no site trained A: a changed A is refused here."""
+        global_weights = self._global_weights(fl_ctx)
+        if self.strategy != "ffa" or global_weights is None:
+            return None
+        # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
+        tol = 1e-3 if meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32" else 1e-6
+        for a_key, _ in lora_pairs(list(weights)).values():
+            ref = np.asarray(global_weights[a_key], dtype=np.float64)
+            scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+            diff = float(np.max(np.abs(weights[a_key].astype(np.float64) - ref))) if ref.size else 0.0
+            if diff > tol * scale:
+                return f"ffa: changed the frozen {a_key!r} (max abs diff {diff:.3g}); only lora_B may be trained"
+        return None
 
     def _check_arrays(self, weights: dict[str, np.ndarray], fl_ctx: FLContext) -> str | None:
         """Names, shapes, dtypes and values against the global model sent this round (ScatterAndGather
@@ -222,44 +271,49 @@ class FraLoraAggregator(Aggregator):
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         fed = self.federation
+        failed: dict[str, str] = {}
+        result = None
         with self._lock:
             round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             global_state = self._global_weights(fl_ctx)
             vetted = sorted(self._contributions)  # by name, not arrival: the same inputs give the same bits
             checks = aggregation.screen_updates([self._contributions[s][0] for s in vetted], global_state,
-                                                max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm)
+                                                max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm,
+                                                clip_ratio=fed.clip_update_ratio)
             self.last_round_checks = dict(zip(vetted, checks))
             self.last_round_sites = list(vetted)
             sites = [s for s, c in zip(vetted, checks) if c.reason is None]
-            if len(sites) >= fed.min_clients:
-                states = [self._contributions[s][0] for s in sites]
-                raw = np.array([self._contributions[s][1] for s in sites], dtype=np.float64)
-                result = aggregation.aggregate(
-                    states,
-                    raw,
-                    strategy=self.strategy,
-                    rank=self.rank,
-                    state=self.ef_state if self.strategy == "fra-ef" else None,
-                    global_state=global_state,
-                    # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
-                    ffa_tol=1e-3 if self._reduced_precision else 1e-6,
-                    server_lr=fed.server_lr,
-                )
-                self.last_round_weights = {s: float(w) for s, w in zip(sites, raw / raw.sum())}
+            while len(sites) >= fed.min_clients:
+                try:
+                    result, shares = self._combine(sites, global_state)
+                    break
+                except Exception as e:  # noqa: BLE001 - find the contribution that breaks it, refuse only that one
+                    culprits = self._culprits(sites, global_state) or {}
+                    if not culprits:
+                        failed["*"] = f"aggregation failed ({type(e).__name__}: {str(e)[:200]})"
+                        sites = []
+                        break
+                    failed.update(culprits)
+                    sites = [s for s in sites if s not in culprits]
+            if result is not None:
+                self.last_round_weights = dict(zip(sites, shares))
                 self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in sites}
         row = round_ + 1 if isinstance(round_, int) else None
         verdicts = {}
         for site, check in self.last_round_checks.items():
             verdicts[site] = {"update_norm": check.norm, "update_norm_ratio": check.ratio}
-            if check.reason:
-                verdicts[site]["rejected"] = check.reason
-                self.log_warning(fl_ctx, f"round {round_}: rejected the update of {site}: {check.reason}")
+            if check.scale < 1:
+                verdicts[site]["update_scale"] = check.scale
+            reason = check.reason or failed.get(site)
+            if reason:
+                verdicts[site]["rejected"] = reason
+                self.log_warning(fl_ctx, f"round {round_}: rejected the update of {site}: {reason}")
         if row is not None:
             self._record(fl_ctx, row, verdicts)
-        if len(sites) < fed.min_clients:
+        if result is None:
             reason = (f"round {round_}: {len(sites)} usable contribution(s) ({', '.join(sites) or 'none'}), "
                       f"federation.min_clients is {fed.min_clients}: stopping; the last saved round is the last "
-                      "good one")
+                      "good one" + (f"; {failed['*']}" if "*" in failed else ""))
             self.log_error(fl_ctx, reason)
             self.system_panic(reason, fl_ctx)
             return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
@@ -270,6 +324,61 @@ class FraLoraAggregator(Aggregator):
         self.log_info(fl_ctx, msg)
         meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: round_}
         return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+
+    def shares(self, sites: list[str]) -> np.ndarray:
+        """Each site's share of the average: equal, or by the declared counts capped at max_weight_share."""
+        if self.weigh_by != "declared":
+            return np.full(len(sites), 1.0 / len(sites))
+        counts = [self.declared.get(s, self._contributions[s][1]) for s in sites]
+        return aggregation.capped_shares(counts, self.federation.max_weight_share)
+
+    def _combine(self, sites: list[str], global_state) -> tuple[dict, list[float]]:
+        """The strategy over `sites`; an update scaled down by the screen (scale c < 1) enters as
+        G + c (site - G): its share c goes to the site, 1 - c to the global model, a term of its own."""
+        shares = self.shares(sites)
+        states = [self._contributions[s][0] for s in sites]
+        scales = np.array([self.last_round_checks[s].scale if s in self.last_round_checks else 1.0 for s in sites])
+        weights = shares * scales
+        if global_state is not None and np.any(scales < 1):
+            states = [*states, global_state]
+            weights = np.concatenate([weights, [float(np.sum(shares * (1 - scales)))]])
+        saved = copy.deepcopy(self.ef_state) if self.strategy == "fra-ef" else None
+        try:
+            result = aggregation.aggregate(
+                states,
+                weights,
+                strategy=self.strategy,
+                rank=self.rank,
+                state=self.ef_state if self.strategy == "fra-ef" else None,
+                global_state=global_state,
+                ffa_tol=1e-3 if self._reduced_precision else 1e-6,
+                server_lr=self.federation.server_lr,
+            )
+            _check_finite(result)
+        except Exception:
+            if saved is not None:  # a failed fra-ef round leaves the residual as it was
+                self.ef_state = saved
+            raise
+        return result, [float(x) for x in shares]
+
+    def _culprits(self, sites: list[str], global_state) -> dict[str, str]:
+        """The sites whose contribution alone cannot be aggregated, with why (on a copy of the fra-ef state)."""
+        found = {}
+        for site in sites:
+            try:
+                self._combine_alone(site, global_state)
+            except Exception as e:  # noqa: BLE001
+                found[site] = f"cannot be aggregated ({type(e).__name__}: {str(e)[:200]})"
+        return found
+
+    def _combine_alone(self, site: str, global_state) -> None:
+        states = [self._contributions[site][0]]
+        if global_state is not None:
+            states.append(global_state)
+        result = aggregation.aggregate(states, [1.0] * len(states), strategy=self.strategy, rank=self.rank,
+                                       state=copy.deepcopy(self.ef_state) if self.strategy == "fra-ef" else None,
+                                       global_state=global_state, ffa_tol=1e-3 if self._reduced_precision else 1e-6)
+        _check_finite(result)
 
     def restore_ef_state(self, residuals: dict, rounds: int) -> None:
         """Continue fra-ef from a saved round (a resumed job): its residual factors and round count."""

@@ -275,8 +275,10 @@ class EsmLoraExecutor(Executor):
         self.log_info(fl_ctx, f"{self.site} round {current_round}: loss {stats.loss:.4f}, val AUPRC "
                               f"{metrics['auprc']:.3f} F1 {metrics['f1']:.3f} (global model AUPRC "
                               f"{metrics.get('global_auprc', float('nan')):.3f}), {stats.seconds:.1f}s training")
-        reply = self._reply({MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, N_SAMPLES_KEY: len(self.train_records),
-                             METRICS_KEY: metrics, SITE_KEY: self.site})
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, METRICS_KEY: metrics, SITE_KEY: self.site}
+        if self.site_config is not None and self.site_config.declared_samples is not None:
+            meta[N_SAMPLES_KEY] = self.site_config.declared_samples  # the operator's count, never the data's
+        reply = self._reply(meta)
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)
         return reply
 

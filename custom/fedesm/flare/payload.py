@@ -23,7 +23,9 @@ from fedesm.settings import TRANSFER_DTYPES
 # DXO meta keys of a site's contribution, shared by the executor (writer) and the aggregator (reader).
 TRANSFER_DTYPE_KEY = "fedesm_transfer_dtype"  # how floats were sent (float32 | float16)
 METRICS_KEY = "metrics"  # the site's metrics for this round
-N_SAMPLES_KEY = "n_samples"  # the site's training sequences (weights by samples)
+# The training count the site's operator declares in its site config (declared_samples), sent only when declared;
+# the server weighs by it only under federation.weigh_by: declared, fixed for the job and capped.
+N_SAMPLES_KEY = "n_samples"
 SITE_KEY = "site"
 # A reply header: why a site sends nothing for a task (its privacy policy refused the job, its epsilon budget is
 # spent, its outbound filter stopped the result). The reply carries no data and a non-OK return code, so NVFLARE's

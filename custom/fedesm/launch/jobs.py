@@ -59,7 +59,7 @@ class JobTemplate:
 # The paper's setting: ESM-2 35M, r=16 on q,k,v, 30 rounds x 5,000 local steps, max length 1000.
 PAPER = JobSettings(model=ModelSettings(arch="esm2_t12_35M_UR50D"),
                     training=TrainConfig(rounds=30, steps_per_round=5000, lr=5e-4, max_len=1000),
-                    federation=FederationSettings(strategy="fra", min_clients=2, weigh_by="samples"))
+                    federation=FederationSettings(strategy="fra", min_clients=2))
 
 JOBS: dict[str, JobTemplate] = {t.name: t for t in (
     JobTemplate("esm2_fra_lora", "scatter_and_gather",
