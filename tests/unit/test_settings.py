@@ -101,3 +101,21 @@ def test_optimizer_state_policy_is_a_federation_setting():
     assert JobSettings().with_overrides(["optimizer_state=reset"]).federation.optimizer_state == "reset"
     with pytest.raises(FedesmError, match="federation.optimizer_state: 'zero' is not one of auto, keep, reset, align"):
         FederationSettings(optimizer_state="zero")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"weigh_by": "samples"}, "federation.weigh_by: 'samples' took a count each site reports about itself"),
+    ({"weigh_by": "steps"}, "federation.weigh_by: 'steps' took a count each site reports about itself"),
+    ({"max_weight_share": 0}, "federation.max_weight_share: must be in (0, 1]"),
+    ({"max_weight_share": float("nan")}, "federation.max_weight_share: must be in (0, 1]"),
+    ({"clip_update_ratio": 0.5}, "federation.clip_update_ratio: must be >= 1"),
+    ({"clip_update_ratio": float("inf")}, "federation.clip_update_ratio: must be >= 1"),
+    ({"max_update_ratio": float("inf")}, "federation.max_update_ratio: must be finite"),
+])
+def test_weights_and_clip_settings_are_checked(changes, message):
+    from fedesm.settings import FederationSettings
+
+    with pytest.raises(FedesmError) as e:
+        FederationSettings.from_dict(changes)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert FederationSettings().weigh_by == "uniform"

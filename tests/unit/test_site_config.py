@@ -138,3 +138,19 @@ cache_dir: {tmp_path / 'cache'}
         resolve_site_path(cfg, cfg.val)
     with pytest.raises(FedesmError, match="no such object"):
         load_backbone("s3://site-1-data/models/esm2_missing.pt", cache_dir=cfg.cache_dir, policy=cfg.policy())
+
+
+def test_declared_samples_is_the_operators_whole_count(tmp_path):
+    from fedesm.errors import FedesmError
+    from fedesm.site_config import load_site_config
+
+    path = tmp_path / "site.yaml"
+    base = "data: {train: /d/train.fa, val: /d/val.fa}\n"
+    path.write_text(base)
+    assert load_site_config("site-1", path).declared_samples is None  # nothing declared: no count leaves
+    path.write_text(base + "declared_samples: 1200\n")
+    assert load_site_config("site-1", path).declared_samples == 1200
+    for bad in ("0", "-3", "1.5", "true", "1e400", "10000000000000"):
+        path.write_text(base + f"declared_samples: {bad}\n")
+        with pytest.raises(FedesmError, match="declared_samples must be a whole number"):
+            load_site_config("site-1", path)

@@ -155,3 +155,41 @@ def test_the_workflow_waits_for_the_other_sites_as_the_setting_says():
     s = JOBS["esm2_fra_lora"].settings.with_overrides({"wait_after_min_clients": 5})
     flow = render_job(JOBS["esm2_fra_lora"], s)[SERVER_CONFIG]["workflows"][0]["args"]
     assert flow["wait_time_after_min_received"] == 5
+
+
+def test_a_free_rider_counts_as_no_update_and_does_not_get_the_honest_sites_rejected():
+    """The global model sent back differs from it by rounding (~1e-14): flagged, left out of the others' median."""
+    rng = np.random.default_rng(3)
+    glob = state(rng)
+    sites = [honest(glob, rng), {k: v.copy() for k, v in glob.items()}, honest(glob, rng)]
+    checks = screen_updates(sites, glob, max_ratio=10.0, clip_ratio=1.0)
+    assert "no update" in checks[1].reason
+    assert checks[0].reason is None and checks[2].reason is None
+    assert 0.5 < checks[0].ratio < 2  # judged against the other honest site, not the free-rider's ~0
+
+
+def test_an_update_above_the_clip_is_scaled_to_the_others_median_and_needs_two_others():
+    from fedesm.aggregation import capped_shares
+
+    rng = np.random.default_rng(4)
+    glob = state(rng)
+    sites = [honest(glob, rng) for _ in range(3)]
+    big = {k: glob[k] + 4 * (v - glob[k]) for k, v in honest(glob, rng).items()}
+    checks = screen_updates([*sites, big], glob, max_ratio=10.0, clip_ratio=1.0)
+    assert checks[3].reason is None and checks[3].scale == pytest.approx(1 / checks[3].ratio)
+    assert checks[3].scale * checks[3].norm == pytest.approx(np.median([c.norm for c in checks[:3]]))
+    two = screen_updates([sites[0], big], glob, max_ratio=100.0, clip_ratio=1.0)
+    assert [c.scale for c in two] == [1.0, 1.0]  # two sites: no majority to clip to
+    assert capped_shares([100, 100, 1e9], 0.4) == pytest.approx([0.3, 0.3, 0.4])
+    assert capped_shares([1, 2], 0.4) == pytest.approx([0.5, 0.5])  # 2 x 0.4 < 1: equal shares
+    assert capped_shares([1, 1, 1, 97], 0.5) == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.5])
+
+
+def test_a_norm_that_cannot_be_computed_rejects_that_site_only():
+    rng = np.random.default_rng(5)
+    glob = state(rng)
+    broken = honest(glob, rng)
+    key = next(k for k in broken if k.endswith("lora_B.weight"))
+    broken[key] = broken[key][:, :2]  # not one LoRA pair with its A
+    checks = screen_updates([honest(glob, rng), broken, honest(glob, rng)], glob, max_ratio=10.0)
+    assert "not computable" in checks[1].reason and checks[0].reason is None and checks[2].reason is None
