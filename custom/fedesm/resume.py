@@ -4,7 +4,8 @@ continue a crashed one, and how that job finds and reads it back (no NVFLARE her
 Every round folder the server saves (``rounds/round_NNN/``, and ``last/``) is a complete resume point::
 
     adapter_config.json, adapter_model.safetensors, fedesm_model.json   the global adapters + head (PEFT layout)
-    fedesm_resume.json         rounds done, the strategy, the best-model bookkeeping
+    fedesm_resume.json         rounds done, the strategy, the best-model bookkeeping, the job definition and
+                               its hash (:func:`job_definition`)
     ef_residual.safetensors    fra-ef only: the truncated tail the next aggregation adds back
     metrics.jsonl, .csv        the metrics table up to this round
 
@@ -13,10 +14,17 @@ crash mid-write leaves the previous round whole. ``federation.resume_from`` name
 server or an ``s3://`` URI); the new job's persistor reads it with :func:`read_resume_point`, takes
 the earlier rounds and the fuller metrics table it finds beside it in the old run folder, and the
 workflow continues at round NNN+1 (``fedesm.flare.workflows``).
+
+A resume point is checked like an arriving contribution before anything of it is used: finite float tensors
+of this job's names and shapes (so its rank), ``rounds_done`` a whole number below ``training.rounds``, a
+metrics table of JSON rows, and the same job definition (the hash of the settings that shape the model and
+its training; only those a resumed job may change, listed in ``MAY_CHANGE``, are left out). Anything else is
+refused in one line (FedesmError).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,11 +35,30 @@ import numpy as np
 
 from fedesm import results
 from fedesm.errors import FedesmError
+from fedesm.settings import STRATEGIES
 from fedesm.tables import read_table, write_table
 
 RESUME_STATE = "fedesm_resume.json"
 EF_RESIDUAL = "ef_residual.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: the job definition and its hash are recorded
+# Settings a resumed job may change: how long it runs and where, what it streams and keeps; none changes what
+# the saved adapters mean or how the rounds combine them.
+MAY_CHANGE = {
+    "training": {"rounds", "device", "precision", "bucket", "eval_batch_tokens", "activation_checkpointing"},
+    "federation": {"resume_from", "min_clients", "train_timeout", "wait_after_min_clients", "keep_rounds",
+                   "evaluate_global", "mlflow", "mlflow_tracking_uri", "mlflow_experiment"},
+}
+
+
+def job_definition(settings) -> dict:
+    """The job's settings (a JobSettings) that a resume point must share with the job resuming it."""
+    blocks = settings.to_dict()
+    return {block: {k: v for k, v in values.items() if k not in MAY_CHANGE.get(block, ())}
+            for block, values in sorted(blocks.items())}
+
+
+def job_hash(definition: dict) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()
 _ADAPTERS = "adapter_model.safetensors"  # = fedesm.model.cards.ADAPTER_WEIGHTS (cards imports torch and PEFT)
 _SEP = "::"  # EF residual keys: "<pair>::A", "<pair>::B"
 
@@ -45,6 +72,8 @@ class ResumePoint:
     weights: dict[str, np.ndarray]  # the global adapters + head
     strategy: str
     rows: list[dict]  # the metrics table, rounds 0 .. rounds_done
+    job: dict = field(default_factory=dict)  # the job definition it was saved by (job_definition)
+    job_hash: str = ""
     residuals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fra-ef: pair -> (A, B)
     best_round: Optional[int] = None
     manifest: dict = field(default_factory=dict)  # payload_manifest.json of the old run, when beside it
@@ -53,13 +82,15 @@ class ResumePoint:
 
 def write_resume_files(folder, rounds_done: int, strategy: str, rows: list[dict],
                        residuals: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None,
-                       best_round: Optional[int] = None) -> None:
-    """Write the resume files into `folder` (a round folder being built, before it is renamed into place)."""
+                       best_round: Optional[int] = None, job: Optional[dict] = None) -> None:
+    """Write the resume files into `folder` (a round folder being built, before it is renamed into place);
+    `job` is the job's :func:`job_definition`."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
+    job = job or {}
     state = {"format": FORMAT, "rounds_done": int(rounds_done), "strategy": strategy, "best_round": best_round,
-             "ef_residual": bool(residuals)}
+             "ef_residual": bool(residuals), "job": job, "job_hash": job_hash(job)}
     (folder / RESUME_STATE).write_text(json.dumps(state, indent=2) + "\n")
     if residuals:
         tensors = {}
@@ -123,9 +154,12 @@ def read_resume_point(folder) -> ResumePoint:
     if not state_path.is_file():
         raise FedesmError(f"federation.resume_from {folder}: no {RESUME_STATE} (saved by a fedesm older than resume "
                           "support, or not a round folder)")
+    where = f"federation.resume_from {folder}"
     try:
         state = json.loads(state_path.read_text())
-        rounds_done = int(state["rounds_done"])
+        if not isinstance(state, dict):
+            raise ValueError(f"{RESUME_STATE} is not a JSON object")
+        rounds_done = state["rounds_done"]
         weights = load_file(str(folder / _ADAPTERS))
         residuals = {}
         if state.get("ef_residual"):
@@ -137,12 +171,38 @@ def read_resume_point(folder) -> ResumePoint:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise FedesmError(f"federation.resume_from {folder}: unreadable saved round ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if state.get("format", 1) > FORMAT:
-        raise FedesmError(f"federation.resume_from {folder}: saved by a newer fedesm (format {state['format']})")
+    fmt = state.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT:
+        raise FedesmError(f"{where}: saved by a newer fedesm (format {str(fmt)[:20]})")
+    if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or rounds_done < 0:
+        raise FedesmError(f"{where}: rounds_done {repr(rounds_done)[:40]} is not a number of rounds (a whole "
+                          "number >= 0)")
+    strategy = state.get("strategy")
+    if strategy not in STRATEGIES:
+        raise FedesmError(f"{where}: strategy {str(strategy)[:40]!r} is not one of {', '.join(STRATEGIES)}")
+    job, saved_hash = state.get("job"), state.get("job_hash")
+    if not isinstance(job, dict) or not isinstance(saved_hash, str) or job_hash(job) != saved_hash:
+        raise FedesmError(f"{where}: records no job definition that matches its hash (saved by a fedesm before "
+                          "format 2, or edited); only a round saved with its job definition resumes")
+    if job.get("federation", {}).get("strategy") != strategy:
+        raise FedesmError(f"{where}: strategy {strategy!r} is not the one of the job definition it was saved by")
+    _check_tensors(where, weights, _ADAPTERS)
+    for pair, (a_res, b_res) in residuals.items():
+        _check_tensors(where, {f"{pair}{_SEP}A": a_res, f"{pair}{_SEP}B": b_res}, EF_RESIDUAL)
+        if a_res.ndim != 2 or b_res.ndim != 2 or a_res.shape[0] != b_res.shape[1]:
+            raise FedesmError(f"{where}: {EF_RESIDUAL} {pair}: A {a_res.shape} and B {b_res.shape} are not one "
+                              "residual pair")
 
     run = old_run_folder(folder)
     table = run / results.METRICS if run is not None and (run / results.METRICS).is_file() else folder / results.METRICS
-    rows = rows_until(read_table(table), rounds_done)  # the old run's own table is fuller than the snapshot
+    try:
+        rows = read_table(table)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise FedesmError(f"{where}: {table.name} is not a table of JSON rows ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise FedesmError(f"{where}: {table.name} is not a table of JSON rows (a line is not an object)")
+    rows = rows_until(rows, rounds_done)  # the old run's own table is fuller than the snapshot
     manifest = {}
     earlier = {}
     if run is not None:
@@ -155,13 +215,26 @@ def read_resume_point(folder) -> ResumePoint:
             n = results.round_number(d)
             if n < rounds_done and (d / _ADAPTERS).is_file():
                 earlier[n] = d
-    return ResumePoint(folder=folder, rounds_done=rounds_done, weights=weights, strategy=str(state.get("strategy")),
-                       rows=rows, residuals=residuals, best_round=state.get("best_round"), manifest=manifest,
-                       earlier_rounds=earlier)
+    best_round = state.get("best_round")
+    if isinstance(best_round, bool) or not (best_round is None or isinstance(best_round, int)):
+        best_round = None
+    return ResumePoint(folder=folder, rounds_done=rounds_done, weights=weights, strategy=strategy,
+                       rows=rows, job=job, job_hash=saved_hash, residuals=residuals, best_round=best_round,
+                       manifest=manifest, earlier_rounds=earlier)
 
 
-def check_compatible(point: ResumePoint, expected: dict[str, tuple], total_rounds: int) -> None:
-    """The saved adapters fit this job (same names and shapes), and rounds are left to run."""
+def _check_tensors(where: str, tensors: dict, name: str) -> None:
+    for key, arr in tensors.items():
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise FedesmError(f"{where}: {name} {key} is not a float tensor (dtype {arr.dtype})")
+        if not np.all(np.isfinite(arr)):
+            raise FedesmError(f"{where}: {name} {key} has non-finite values")
+
+
+def check_compatible(point: ResumePoint, expected: dict[str, tuple], total_rounds: int,
+                     definition: Optional[dict] = None) -> None:
+    """The saved adapters fit this job (same names and shapes), rounds are left to run, and it was saved by
+    the same job definition (`definition`, this job's :func:`job_definition`)."""
     missing = sorted(set(expected) - set(point.weights))
     extra = sorted(set(point.weights) - set(expected))
     where = f"federation.resume_from {point.folder}"
@@ -175,3 +248,19 @@ def check_compatible(point: ResumePoint, expected: dict[str, tuple], total_round
     if point.rounds_done >= total_rounds:
         raise FedesmError(f"{where}: holds {point.rounds_done} rounds and the job's training.rounds is "
                           f"{total_rounds}: nothing left to run (raise training.rounds to the total you want)")
+    if definition is not None and job_hash(definition) != point.job_hash:
+        differ = [f"{block}.{k}" for block in sorted(set(definition) | set(point.job))
+                  for k in sorted(set(definition.get(block, {})) | set(point.job.get(block, {})))
+                  if definition.get(block, {}).get(k) != point.job.get(block, {}).get(k)]
+        raise FedesmError(f"{where}: saved by another job definition (differs in {', '.join(differ[:4]) or '?'}"
+                          f"{', ...' if len(differ) > 4 else ''}); resume a round of this job, or start afresh")
+    from fedesm.model.keys import lora_pairs
+
+    pairs = lora_pairs(list(expected))
+    for pair, (a_res, b_res) in point.residuals.items():
+        if pair not in pairs:
+            raise FedesmError(f"{where}: {EF_RESIDUAL} holds {pair!r}, not a LoRA pair of this job")
+        a_key, b_key = pairs[pair]
+        if a_res.shape[1] != expected[a_key][1] or b_res.shape[0] != expected[b_key][0]:
+            raise FedesmError(f"{where}: {EF_RESIDUAL} {pair} has shapes {a_res.shape}, {b_res.shape}: not this "
+                              "job's matrices")

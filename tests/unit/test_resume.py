@@ -262,3 +262,84 @@ def test_a_round_on_s3_resumes_with_its_run(tmp_path, crashed, s3):
     job = Job(tmp_path / "server", "job-s3", resume_from="s3://fl-runs/job-a/fedesm/rounds/round_002")
     assert job.persistor.resumed_rounds == 2
     assert (tmp_path / "server" / "local" / "fedesm_cache" / "fl-runs").is_dir()  # the server's cache, not the run
+
+
+# ------------------------------------------------------------- a resume point is checked like a contribution
+
+
+def _edit_state(folder: Path, **changes) -> None:
+    path = folder / "fedesm_resume.json"
+    state = json.loads(path.read_text())
+    state.update(changes)
+    path.write_text(json.dumps(state))
+
+
+def _edit_adapters(folder: Path, change) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: change(k, v) for k, v in tensors.items()}, str(path))
+
+
+def _first_a(key, value, new):
+    return new(value) if ".lora_A." in key else value
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: _edit_adapters(f, lambda k, v: _first_a(k, v, lambda a: np.full_like(a, np.nan))),
+     "has non-finite values"),
+    (lambda f: _edit_adapters(f, lambda k, v: _first_a(k, v, lambda a: np.round(a * 100).astype(np.int32))),
+     "is not a float tensor (dtype int32)"),
+    (lambda f: _edit_state(f, rounds_done=-3), "rounds_done -3 is not a number of rounds"),
+    (lambda f: _edit_state(f, rounds_done="2"), "rounds_done '2' is not a number of rounds"),
+    (lambda f: _edit_state(f, strategy="fedit"), "strategy 'fedit' is not the one of the job definition"),
+    (lambda f: _edit_state(f, strategy="median"), "strategy 'median' is not one of"),
+    (lambda f: _edit_state(f, job={"training": {"lr": 1}}), "records no job definition that matches its hash"),
+    (lambda f: _edit_state(f, job=None, job_hash=None), "records no job definition that matches its hash"),
+    (lambda f: (f / "metrics.jsonl").write_text('{"round": 0, "site": "site-1"}\n{"round": 1, "si\n'),
+     "metrics.jsonl is not a table of JSON rows (JSONDecodeError"),
+    (lambda f: (f / "metrics.jsonl").write_text('[1, 2]\n'), "metrics.jsonl is not a table of JSON rows"),
+])
+def test_a_damaged_resume_point_is_refused_in_one_line(tmp_path, crashed, damage, message):
+    import shutil
+
+    folder = tmp_path / "copy" / "round_002"  # alone, so its own metrics.jsonl is the table read
+    shutil.copytree(crashed.out / "rounds" / "round_002", folder)
+    damage(folder)
+    with pytest.raises(FedesmError) as e:
+        read_resume_point(folder)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    job = Job(tmp_path / "server", "job-d", resume_from=str(folder))  # the server stops before any round
+    (panic,) = [data for event, data in job.engine.events if event == EventType.FATAL_SYSTEM_ERROR]
+    assert message in panic and job.persistor.resumed_rounds is None
+
+
+def test_a_malformed_table_in_the_old_run_is_refused_in_one_line(tmp_path, crashed):
+    (crashed.out / results.METRICS).write_text("not json\n")
+    with pytest.raises(FedesmError, match="metrics.jsonl is not a table of JSON rows"):
+        read_resume_point(crashed.out / "rounds" / "round_002")
+
+
+@pytest.mark.parametrize("strategy, federation, training, differs", [
+    ("fra", {}, {}, "federation.strategy"),  # another strategy
+    ("fra-ef", {"server_lr": 1.5}, {}, "federation.server_lr"),  # another job's folder
+    ("fra-ef", {}, {"lr": 5e-3}, "training.lr"),
+])
+def test_a_round_of_another_job_definition_is_refused(tmp_path, crashed, strategy, federation, training, differs):
+    from fedesm.flare.persistor import LoraPersistor
+
+    folder = str(crashed.out / "rounds" / "round_002")
+    fed = {"strategy": strategy, "min_clients": 2, "weigh_by": "uniform", "resume_from": folder, **federation}
+    persistor = LoraPersistor(**{**BLOCKS, "training": {**BLOCKS["training"], **training}}, federation=fed)
+    engine = Engine(tmp_path / "server")
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    assert persistor.load_model(fl_ctx).is_empty()
+    (panic,) = [data for event, data in engine.events if event == EventType.FATAL_SYSTEM_ERROR]
+    assert f"saved by another job definition (differs in {differs}" in panic and "\n" not in panic
+    # what a resumed job may change (rounds, where it runs, how long it waits) is not a different job
+    same = LoraPersistor(**{**BLOCKS, "training": {**BLOCKS["training"], "rounds": 9, "device": "cpu"}},
+                         federation={"strategy": "fra-ef", "min_clients": 3, "weigh_by": "uniform",
+                                     "resume_from": folder, "train_timeout": 60})
+    assert not same.load_model(fl_ctx).is_empty() and same.resumed_rounds == 2

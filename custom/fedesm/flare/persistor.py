@@ -102,16 +102,15 @@ class LoraPersistor(ModelPersistor):
         s = self.settings
         cache = self.cache_dir or Path.home() / ".cache" / "fedesm"
         point = resume.read_resume_point(resume.fetch_resume_point(s.federation.resume_from, cache))
-        resume.check_compatible(point, {k: v.shape for k, v in initial.items()}, s.training.rounds)
+        resume.check_compatible(point, {k: v.shape for k, v in initial.items()}, s.training.rounds,
+                                resume.job_definition(s))
         weights = {k: np.asarray(point.weights[k], dtype=initial[k].dtype) for k in initial}
         recorder = self._component(fl_ctx, self.metrics_recorder_id)
         if recorder is not None:
             recorder.seed(point.rows, point.manifest)
         aggregator = self._component(fl_ctx, self.aggregator_id)
         if s.federation.strategy == "fra-ef" and hasattr(aggregator, "restore_ef_state"):
-            if point.strategy != "fra-ef":
-                self.log_warning(fl_ctx, f"resuming a {point.strategy} run as fra-ef: no residual to carry over")
-            aggregator.restore_ef_state(point.residuals, point.rounds_done)
+            aggregator.restore_ef_state(point.residuals, point.rounds_done)  # same strategy: the job hash says so
         if self.output_dir is not None and s.federation.keep_rounds:
             for n, folder in sorted(point.earlier_rounds.items()):
                 shutil.copytree(folder, results.round_dir(self.output_dir, n), dirs_exist_ok=True)
@@ -165,7 +164,7 @@ class LoraPersistor(ModelPersistor):
                 if rounds_done is not None:
                     resume.write_resume_files(tmp, rounds_done, self.settings.federation.strategy, rows,
                                               residuals=dict(ef_state.residuals) if ef_state is not None else None,
-                                              best_round=self.best_round)
+                                              best_round=self.best_round, job=resume.job_definition(self.settings))
         self.log_info(fl_ctx, f"saved global adapters after {rounds_done} rounds in {self.output_dir}")
 
     @staticmethod
