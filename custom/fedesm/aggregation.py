@@ -609,8 +609,9 @@ def screen_updates(site_states: Sequence[dict[str, Any]], global_state: dict[str
     * A site is rejected when its :func:`update_norm` exceeds ``max_norm`` (an absolute cap), or is more than
       ``max_ratio`` times the median of the *other* sites' non-zero norms (0 = off); with two sites the larger
       is judged against the smaller.
-    * With at least two other sites, an update larger than ``clip_ratio`` times their median is scaled down to
-      it (``scale`` < 1; 0 = off): no single site pulls harder than a typical one.
+    * With at least two other sites (and the global model to scale towards), an update larger than
+      ``clip_ratio`` times their median is scaled down to it (``scale`` < 1; 0 = off): no single site pulls
+      harder than a typical one.
     """
     norms, errors = [], []
     for s in site_states:
@@ -646,7 +647,8 @@ def screen_updates(site_states: Sequence[dict[str, Any]], global_state: dict[str
         elif reason is None and max_ratio and np.isfinite(ratio) and ratio > max_ratio:
             reason = (f"update norm {norm:.4g} is {ratio:.3g}x the median of the other sites' ({median:.4g}); "
                       f"federation.max_update_ratio is {max_ratio:g}")
-        elif reason is None and clip_ratio and len(others) >= 2 and np.isfinite(ratio) and ratio > clip_ratio:
+        elif (reason is None and clip_ratio and global_state is not None and len(others) >= 2
+              and np.isfinite(ratio) and ratio > clip_ratio):
             scale = clip_ratio / ratio
         out.append(UpdateCheck(norm=norm, ratio=ratio, reason=reason, scale=scale))
     return out

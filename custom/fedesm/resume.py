@@ -41,12 +41,14 @@ from fedesm.tables import read_table, write_table
 RESUME_STATE = "fedesm_resume.json"
 EF_RESIDUAL = "ef_residual.safetensors"
 FORMAT = 2  # 2: the job definition and its hash are recorded
-# Settings a resumed job may change: how long it runs and where, what it streams and keeps; none changes what
-# the saved adapters mean or how the rounds combine them.
+# Settings a resumed job may change: how long it runs and where, how many sites and how long it waits for them,
+# the update screen's bounds (a job stopped because the screen left too few sites may resume with them eased),
+# what it streams and keeps; none changes what the saved adapters mean or how sites train and are averaged.
 MAY_CHANGE = {
     "training": {"rounds", "device", "precision", "bucket", "eval_batch_tokens", "activation_checkpointing"},
     "federation": {"resume_from", "min_clients", "train_timeout", "wait_after_min_clients", "keep_rounds",
-                   "evaluate_global", "mlflow", "mlflow_tracking_uri", "mlflow_experiment"},
+                   "evaluate_global", "max_update_ratio", "max_update_norm", "clip_update_ratio", "mlflow",
+                   "mlflow_tracking_uri", "mlflow_experiment"},
 }
 
 

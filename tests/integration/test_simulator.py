@@ -173,6 +173,7 @@ def test_persisted_rounds_are_the_aggregate_of_what_arrived_and_what_sites_start
         _same(load(probe / f"sent_to_{site}_round000.npz")[0], persisted[0])
     for r in range(3):
         got = [load(probe / f"received_site-{k}_round{r:03d}.npz") for k in (1, 2)]
+        assert all("n_samples" not in m for _, m in got)  # no declared_samples: nothing about a site's size leaves
         expected = aggregate([w for w, _ in got], [1.0, 1.0], "fra", rank=4)  # weigh_by uniform
         _same(expected, persisted[r + 1], atol=1e-6)
         assert not np.allclose(got[0][0][next(iter(expected))], got[1][0][next(iter(expected))])  # sites differ

@@ -341,5 +341,5 @@ def test_a_round_of_another_job_definition_is_refused(tmp_path, crashed, strateg
     # what a resumed job may change (rounds, where it runs, how long it waits) is not a different job
     same = LoraPersistor(**{**BLOCKS, "training": {**BLOCKS["training"], "rounds": 9, "device": "cpu"}},
                          federation={"strategy": "fra-ef", "min_clients": 3, "weigh_by": "uniform",
-                                     "resume_from": folder, "train_timeout": 60})
+                                     "resume_from": folder, "train_timeout": 60, "max_update_ratio": 50})
     assert not same.load_model(fl_ctx).is_empty() and same.resumed_rounds == 2
