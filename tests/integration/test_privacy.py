@@ -115,7 +115,7 @@ def test_a_result_carrying_a_backbone_weight_is_refused_and_the_job_goes_on_with
               f"{BACKBONE_WEIGHT!r}; only the job's LoRA factors, head and metrics leave")
     for rnd in (0, 1):
         assert f"site-1 sent nothing for task train (round {rnd}; TASK_RESULT_FILTER_ERROR): {reason}" in log
-        assert f"round {rnd}: fra of 1 sites, weights by samples: site-2=1.000" in log
+        assert f"round {rnd}: fra of 1 sites, weights by uniform: site-2=1.000" in log
     assert "accepted contribution from site-1" not in log
     # nothing of site-1's results reached the workflow's filters, the aggregator or the persisted rounds
     assert sorted(p.name for p in probe.glob("received_*")) == ["received_site-2_round000.npz",
