@@ -181,3 +181,24 @@ def test_free_riders_are_flagged_and_the_honest_sites_kept():
     assert "rejected" not in rows["site-1"]
     assert "no update" in rows["site-2"]["rejected"] and "no update" in rows["site-3"]["rejected"]
     assert update_norm(out, sites["site-1"]) < 1e-6 * update_norm(glob)  # the one honest site's model
+
+
+def test_a_contribution_that_breaks_the_vetting_refuses_only_itself():
+    """Data that is no dict of arrays (here a dict of dicts) is refused with a reason; accept() never raises."""
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.app_common.app_constant import AppConstants
+
+    glob = global_model()
+    engine = Engine(metrics_recorder=MetricsRecorder())
+    agg = FraLoraAggregator(lora={"r": 4}, federation={"strategy": "fra", "min_clients": 2})
+    fl_ctx = engine_context(engine, global_weights=glob)
+    odd = DXO(DataKind.WEIGHTS, {k: {"nested": 1} for k in KEYS}).to_shareable()
+    odd.set_peer_props({ReservedKey.IDENTITY_NAME: LIAR})
+    odd.add_cookie(AppConstants.CONTRIBUTION_ROUND, 3)
+    assert not agg.accept(odd, fl_ctx)
+    assert "is not a float array" in agg.last_reject_reason or "could not be vetted" in agg.last_reject_reason
+    for name, weights in honest_sites("fra", glob).items():
+        assert agg.accept(contribution(weights, name), fl_ctx)
+    assert from_shareable(agg.aggregate(fl_ctx)).data
+    assert not [e for e, _ in engine.events if e == EventType.FATAL_SYSTEM_ERROR]

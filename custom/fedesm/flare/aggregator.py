@@ -113,7 +113,10 @@ class FraLoraAggregator(Aggregator):
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
         site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
         with self._lock:
-            reason, weights, weight, meta = self._vet(site, shareable, fl_ctx)
+            try:
+                reason, weights, weight, meta = self._vet(site, shareable, fl_ctx)
+            except Exception as e:  # noqa: BLE001 - whatever a contribution holds, it refuses only itself
+                reason = f"could not be vetted ({type(e).__name__}: {str(e)[:200]})"
             if reason:
                 self.last_reject_reason = reason
                 self.log_warning(fl_ctx, f"rejected contribution from {site}: {reason}")
