@@ -44,6 +44,7 @@ class MetricsRecorder(AnalyticsReceiver):
         self.out_dir: Optional[Path] = None
         self._round_started: dict[int, float] = {}
         self.manifest: dict[str, dict] = {}  # site -> names and count of the tensors it sent (first round)
+        self.backbones: dict[str, dict] = {}  # site -> the backbone it says it trained on (arch, source, sha256)
 
     def initialize(self, fl_ctx: FLContext):
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
@@ -96,9 +97,14 @@ class MetricsRecorder(AnalyticsReceiver):
             return
         site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or "unknown"
         try:
-            weights, _ = read_weights_shareable(result)
+            weights, meta = read_weights_shareable(result)
         except Exception:
             return
+        from fedesm.flare.payload import BACKBONE_FIELDS, BACKBONE_KEY
+
+        claimed = meta.get(BACKBONE_KEY)
+        if isinstance(claimed, dict):  # a claim: only recorded (in the model card), never acted on
+            self.backbones[site] = {k: str(v)[:120] for k, v in claimed.items() if k in BACKBONE_FIELDS}
         n_params = int(sum(v.size for v in weights.values()))
         with self._save_lock:
             self._set(r + 1, site, "sent_tensors", len(weights))
