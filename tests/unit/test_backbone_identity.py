@@ -151,6 +151,9 @@ def test_the_server_card_records_the_sites_backbone():
     source, ident = backbone_of_sites({"site-1": same, "site-2": {**same, "sha256": "b" * 64}}, "esm2_t2_tiny")
     assert source == "esm2_t2_tiny" and "sha256" not in ident and set(ident["sites"]) == {"site-1", "site-2"}
     assert backbone_of_sites({}, "esm2_t2_tiny") == ("esm2_t2_tiny", {})
+    local = {**same, "source": "esm2_x.pt"}  # sites name a local file by its name only
+    assert backbone_of_sites({"site-1": local}, "/models/esm2_x.pt")[0] == "/models/esm2_x.pt"
+    assert backbone_of_sites({"site-1": local}, "esm2_t2_tiny")[0] == "esm2_x.pt"
 
 
 def test_a_local_backbone_path_stays_at_the_site(tiny_checkpoint):

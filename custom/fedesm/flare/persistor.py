@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 import numpy as np
@@ -218,5 +218,8 @@ def backbone_of_sites(backbones: dict[str, dict], job_source: str) -> tuple[str,
     first = backbones[sorted(backbones)[0]]
     sites = {site: dict(b) for site, b in sorted(backbones.items())}
     if len(digests) == 1 and None not in digests:
-        return first.get("source") or job_source, {**first, "sites": {s: b.get("source") for s, b in sites.items()}}
+        source = first.get("source") or job_source
+        if ":" not in source and "/" not in source and PurePath(str(job_source)).name == source:
+            source = job_source  # the sites' local copies of the job's own model.backbone: the job names it in full
+        return source, {**first, "sites": {s: b.get("source") for s, b in sites.items()}}
     return job_source, {"sites": sites}
