@@ -38,7 +38,7 @@ def train_tiny(tmp_path, backbone: str, synth_data, cwd: Path) -> Path:
     try:
         assert main(["train", "--train", str(tmp_path / "train.fa"), "--val", str(tmp_path / "val.fa"),
                      "--backbone", backbone, "--out", str(tmp_path / "run"), "--rounds", "1",
-                     "--steps-per-round", "2", "--max-len", "96", "--lora-r", "4", "--no-progress"]) == 0
+                     "--steps-per-round", "2", "--max-len", "96", "--lora-r", "4"]) == 0
     finally:
         os.chdir(here)
     return tmp_path / "run"
@@ -50,6 +50,7 @@ def test_a_trained_models_card_pins_its_backbone(tmp_path, synth_data, capsys):
     (tmp_path / "ckpt").mkdir()
     ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "ckpt" / "esm2_x.pt", seed=0)
     out = train_tiny(tmp_path, "ckpt/esm2_x.pt", synth_data, cwd=tmp_path)  # a relative path, as a user types it
+    assert "round 1/1: evaluating on 20 validation chains" in capsys.readouterr().err  # progress of the val pass
     card = json.loads((out / "best" / MODEL_CARD).read_text())
     assert card["backbone"] == str(ckpt.resolve())
     ident = card["backbone_identity"]
@@ -57,6 +58,7 @@ def test_a_trained_models_card_pins_its_backbone(tmp_path, synth_data, capsys):
     write_records(synth_data[1][:3], tmp_path / "q.fa")
     assert main(["predict", "--model", str(out), "--input", str(tmp_path / "q.fa"),  # from another directory
                  "--out", str(tmp_path / "p.csv")]) == 0
+    assert "predicting 3 sequences" in capsys.readouterr().err  # said before the (slow on a CPU) pass
     other = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_other.pt", seed=1)  # same shape, other weights
     capsys.readouterr()
     rc = main(["predict", "--model", str(out), "--input", str(tmp_path / "q.fa"), "--out", str(tmp_path / "p2.csv"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,6 +53,9 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     started = time.perf_counter()
 
     def record(round_num: int, stats=None) -> dict:
+        if progress:  # the validation pass can take minutes on a CPU: say so before it starts
+            print(f"round {round_num}/{config.rounds}: evaluating on {len(val)} validation chains "
+                  f"({sum(len(r) for r in val):,} residues) ...", file=sys.stderr, flush=True)
         row = {"arm": arm, "site": arm, "round": round_num, **score_trainer(trainer, val)}
         if stats is not None:
             row.update(train_loss=stats.loss, steps=stats.steps, samples=stats.samples,
