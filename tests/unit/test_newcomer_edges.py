@@ -81,3 +81,33 @@ def test_a_poc_site_config_runs_the_job_poc_up_prints(tmp_path):
         executor._ensure_setup(ctx, num_rounds=2)
     assert DEFAULT_NAME in str(executor.site_config.source)
     assert len(executor.train_records) > 100 and executor.backbone_identity["source"] == "random:esm2_t2_tiny"
+
+
+def test_plot_axes_read_as_words_and_the_legend_hides_no_line(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from fedesm.experiments import plots
+
+    assert plots.metric_label("test_f1_tuned") == "F1 at the val-tuned threshold (test split)"
+    assert plots.metric_label("global_auprc") == "AUPRC (global model)"
+    assert plots.metric_label("threshold_tuned") == "F1-maximising threshold"
+    seen = {}
+    real_save = plots._save
+
+    def keep(fig, out_path):  # the figure as saved: its axes and legend, laid out
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        seen.update(ylabel=ax.get_ylabel(), legend=ax.get_legend().get_window_extent(), axes=ax.get_window_extent())
+        return real_save(fig, out_path)
+
+    site_rows = [{"round": r, "site": s, "test_f1_tuned": 0.1 + 0.01 * r} for r in (1, 2, 3) for s in ("site-1", "site-2")]
+    global_rows = [{"round": r, "site": "global", "test_f1_tuned": 0.12 + 0.01 * r} for r in (0, 1, 2, 3)]
+    plots._save = keep
+    try:
+        path = plots.plot_test_metric(site_rows, global_rows, "test_f1_tuned", tmp_path / "f1.png", reference=0.199)
+    finally:
+        plots._save = real_save
+    assert path.is_file() and seen["ylabel"] == "F1 at the val-tuned threshold (test split)"
+    legend, axes = seen["legend"], seen["axes"]
+    assert legend.y1 <= axes.y0  # below the plotting area: the reference line (or any other) stays visible
+    plt.close("all")
