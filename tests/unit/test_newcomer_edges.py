@@ -111,3 +111,16 @@ def test_plot_axes_read_as_words_and_the_legend_hides_no_line(tmp_path):
     legend, axes = seen["legend"], seen["axes"]
     assert legend.y1 <= axes.y0  # below the plotting area: the reference line (or any other) stays visible
     plt.close("all")
+
+
+def test_the_cli_keeps_nvflares_info_lines_out_of_its_output(tmp_path):
+    import logging
+
+    nvflare_logger = logging.getLogger("nvflare.fuel.flare_api.flare_api")  # what `fedesm poc up`'s session logs
+    try:
+        assert main(["poc", "policy", "--out", str(tmp_path)]) == 0
+        assert not nvflare_logger.isEnabledFor(logging.INFO) and nvflare_logger.isEnabledFor(logging.WARNING)
+        assert main(["-v", "poc", "policy", "--out", str(tmp_path)]) == 0  # --verbose shows them again
+        assert nvflare_logger.isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger("nvflare").setLevel(logging.NOTSET)

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
         _command_parser(parser, sys.argv[1:] if argv is None else argv).error(
             f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    # NVFLARE's own INFO lines (admin sessions, provisioning) say nothing a user acts on; --verbose shows them
+    logging.getLogger("nvflare").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
