@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-import pytest
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -25,7 +23,6 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.cli import main
 from fedesm.data.readers import write_records
-from fedesm.errors import FedesmError
 from fedesm.model.cards import MODEL_CARD
 
 
