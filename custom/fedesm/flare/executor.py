@@ -258,7 +258,8 @@ class EsmLoraExecutor(Executor):
         rounds_before = current_round if isinstance(current_round, int) else self.rounds_done
         if self.settings.federation.evaluate_global:
             metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
-        if abort_signal.triggered:
+        if abort_signal.triggered:  # during the global model's evaluation: stopped before the first step
+            self.log_info(fl_ctx, f"{self.site}: aborted after 0 steps of round {current_round}")
             return make_reply(ReturnCode.TASK_ABORTED)
         stats = self.trainer.train_steps(self.trainer.config.steps_per_round,
                                          should_abort=lambda: abort_signal.triggered)
