@@ -213,3 +213,19 @@ def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, 
     path.write_text("# fedesm site configuration for the simulator: {site} becomes each site's name\n"
                     + yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+POC_ARCH = "esm2_t2_tiny"  # what a `fedesm poc up` site trains, so a POC job finishes in minutes on a CPU
+POC_JOB_SETTINGS = (f"model.arch={POC_ARCH}", "lora.r=4", "training.rounds=2", "training.steps_per_round=20",
+                    "training.max_len=256")  # the --set flags of a job for those sites
+
+
+def write_poc_site_config(path) -> Path:
+    """A POC site's config (`fedesm poc up`): the shipped public GPSite ATP set (its test split as validation) and
+    a random-init tiny backbone, no private data (no allowed_prefixes). A real site writes its own."""
+    config = {"backbone": f"random:{POC_ARCH}", "data": {"train": "gpsite:ATP", "val": "gpsite:ATP:test"},
+              "cpu_threads": 1}
+    path = Path(path)
+    path.write_text("# fedesm site configuration written by `fedesm poc up`: public data and a random-init model, "
+                    "for trying the network only\n" + yaml.safe_dump(config, sort_keys=False))
+    return path

@@ -1,7 +1,7 @@
 """The per-round metrics table: one writer and one reader for every place that keeps one.
 
 A table is a list of rows (dicts), stored twice side by side: `<stem>.jsonl` (one JSON object a line,
-what fedesm reads back) and `<stem>.csv` (the union of the columns, for spreadsheets). NaN is
+what fedesm reads back) and `<stem>.csv` (the union of the columns: round, site, arm first, then by name; for spreadsheets). NaN is
 written as null. The server's recorder, the centralized run, the experiments and the demo all write
 through `write_table` (whole table, atomically) or `TableLog` (row by row), and read with `read_table`.
 
@@ -31,11 +31,15 @@ def _clean(v):
     return v
 
 
+LEAD_COLUMNS = ("round", "site", "arm")  # first, in this order; the rest sorted by name (a stable header
+# whatever order the metrics arrived in)
+
+
 def _columns(rows: Iterable[dict]) -> list[str]:
-    columns: dict[str, None] = {}
+    columns: set[str] = set()
     for row in rows:
-        columns.update(dict.fromkeys(row))
-    return list(columns)
+        columns.update(row)
+    return [c for c in LEAD_COLUMNS if c in columns] + sorted(columns - set(LEAD_COLUMNS))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

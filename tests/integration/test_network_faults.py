@@ -233,12 +233,12 @@ def test_admin_abort_stops_sites_between_steps_and_keeps_the_last_round(both_sit
     net = both_sites
     job_id = net.submit(fedesm_job(tmp_path, "abort", site_data[1]))
     out = run_dir(net, job_id)
-    wait_inside_round_2(net, job_id, out, "site-1")
-    time.sleep(1)  # inside round 2's local steps
+    for site in SITES:  # both inside their round-2 task (evaluating the global model or stepping): no fixed sleep
+        wait_inside_round_2(net, job_id, out, site)
     net.abort(job_id)
     meta = net.follow(job_id, timeout=120, poll_interval=1.0)
     assert meta["status"] == "FINISHED:ABORTED"
-    for site in SITES:  # the executor saw the abort signal between two optimizer steps
+    for site in SITES:  # the executor saw the abort signal between two optimizer steps (or before the first)
         wait_for(lambda: count_in(net.job_log(site, job_id), "aborted after") >= 1, f"{site} aborted", timeout=60)
     result = net.download(job_id, tmp_path / "result")
     check_persisted(result / "workspace" / "fedesm", last_complete=1)

@@ -94,6 +94,30 @@ def test_predict_uses_downloaded_job_result(fra_run, tmp_path):
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
 
 
+def test_the_server_card_pins_the_sites_backbone(fra_run, tmp_path, capsys):
+    """The sites' updates say which backbone they trained on: the card records its digest, and predict with
+    no --backbone finds that checkpoint while another one of the same shape is refused in one line."""
+    from fedesm.model.backbone import identity, load_backbone
+    from fedesm.model.checkpoint import make_random_checkpoint
+
+    out, _ = fra_run
+    ckpt = out / "esm2_t2_tiny.pt"
+    card = json.loads((out / "workspace/server/simulate_job/fedesm/best/fedesm_model.json").read_text())
+    want = identity(load_backbone(str(ckpt)))
+    assert card["backbone_identity"]["sha256"] == want["sha256"] and card["backbone_identity"]["arch"] == "esm2_t2_tiny"
+    assert card["backbone_identity"]["sites"] == {"site-1": ckpt.name, "site-2": ckpt.name}  # names only
+    seqs = tmp_path / "q.fa"
+    seqs.write_text(">q1\nMKTAYIAKQRQISFVKSHFSRQGAVLIKGKSTAAG\n")
+    model = str(out / "workspace/server/simulate_job")
+    assert main(["predict", "--model", model, "--input", str(seqs), "--out", str(tmp_path / "p.csv")]) == 0
+    other = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt", seed=5)
+    capsys.readouterr()
+    assert main(["predict", "--model", model, "--input", str(seqs), "--out", str(tmp_path / "p2.csv"),
+                 "--backbone", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and want["sha256"][:12] in err and "--backbone" in err
+
+
 def test_demo_plots_written(fra_run):
     out, summary = fra_run
     for p in summary["plots"]:

@@ -213,4 +213,7 @@ def test_a_site_with_unusable_data_says_so_at_job_start(tmp_path):
     log = (tmp_path / "ws.log").read_text()
     assert f"site-1: no records in {tmp_path / 'empty.fa'} (the file is empty)" in log
     assert f"site-2: no binding residues in {tmp_path / 'negative.fa'}: all 2 records are labelled 0 only" in log
+    # the server hears the same line (the reply carries it, no data): the submitter sees it in the server's log
+    assert (f"site-1 sent nothing for task train (round 0; EXECUTION_EXCEPTION): no records in "
+            f"{tmp_path / 'empty.fa'} (the file is empty)") in log
     assert "round_001" not in "".join(str(p) for p in (tmp_path / "ws").rglob("round_*"))  # no round ran

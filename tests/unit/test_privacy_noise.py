@@ -164,6 +164,8 @@ def test_fedesm_train_with_grad_noise_differs_every_run_and_without_is_bit_ident
     (SitePrivacySettings(require_dp=True), TrainConfig(grad_noise_std=1e-4), "its grad_noise_std 0.0001 gives no DP"),
     (SitePrivacySettings(target_epsilon=8), TrainConfig(), "requires DP-SGD (privacy.target_epsilon)"),
     (SitePrivacySettings(min_noise_multiplier=1.0), TrainConfig(), "requires DP-SGD (privacy.min_noise_multiplier)"),
+    (SitePrivacySettings(require_dp=True, target_epsilon=8), TrainConfig(),  # every setting that asks for it
+     "requires DP-SGD (privacy.require_dp, privacy.target_epsilon) and"),
     (SitePrivacySettings(min_noise_multiplier=1.0), TrainConfig(dp_noise_multiplier=0.5),
      "the job's training.dp_noise_multiplier 0.5 is below this site's privacy.min_noise_multiplier 1"),
     (SitePrivacySettings(max_grad_norm=1.0), TrainConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=5.0),

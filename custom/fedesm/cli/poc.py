@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedesm.errors import FedesmError
 from fedesm.launch.network import DEFAULT_PROJECT_FILE, LocalNetwork, load_project, provision, render_project
-from fedesm.launch.policy import (IMAGE_STORE_ROOT, apply_to_kits, write_chart_files, write_server_policy,
+from fedesm.launch.policy import (IMAGE_STORE_ROOT, PRIVACY, apply_to_kits, write_chart_files, write_server_policy,
                                   write_simulator_policy, write_site_policy)
 
 
@@ -129,7 +129,8 @@ def _policy(args) -> int:
     if not args.out:
         raise FedesmError("give --out LOCAL_DIR (a kit's local/ folder) or --charts")
     if args.role == "simulator":
-        written = [write_simulator_policy(args.out)]
+        resources = write_simulator_policy(args.out)
+        written = [resources.parent / PRIVACY, resources]  # it writes both
     elif args.role == "server":
         if not Path(args.server_store).is_absolute():
             raise FedesmError(f"--server-store {args.server_store}: give an absolute path")
@@ -138,6 +139,11 @@ def _policy(args) -> int:
         written = write_site_policy(args.out, num_gpus=args.gpus)
     for path in written:
         print(f"wrote {path}")
+    print("  " + "; ".join(([] if args.role == "simulator" else ["authorization.json: no bring-your-own-code jobs"])
+                           + ["resources.json: fedesm's class allow-list" + ("" if args.role == "simulator" else
+                                                                              " and version guard")]
+                           + ([] if args.role == "server" else ["privacy.json: only the job's LoRA factors, head, "
+                                                                "counts and metrics leave a site"])))
     return 0
 
 
@@ -169,8 +175,30 @@ def _up(args) -> int:
     print(f"                 nvflare job list --startup-kit {q(str(admin_kit))}")
     print("  Python:        from nvflare.fuel.flare_api.flare_api import new_secure_session")
     print(f"                 s = new_secure_session({state.admin!r}, {str(admin_kit)!r})")
+    print(_site_config_note(net))
     print(f"stop: fedesm poc down --workspace {q(args.workspace)}")
     return 0
+
+
+def _site_config_note(net: LocalNetwork) -> str:
+    """Give each POC site a site config when it has none (the shipped public data, a tiny random-init model),
+    and say what a job for them looks like."""
+    import os
+
+    from fedesm.site_config import DEFAULT_NAME, ENV_VAR, POC_ARCH, POC_JOB_SETTINGS, write_poc_site_config
+
+    if os.environ.get(ENV_VAR):
+        return f"site config: every site reads {os.environ[ENV_VAR]} ({ENV_VAR})"
+    written = []
+    for site in net.state.clients:
+        path = net.kit(site) / "local" / DEFAULT_NAME
+        if not path.is_file():
+            write_poc_site_config(path)
+            written.append(site)
+    sets = " ".join(f"--set {s}" for s in POC_JOB_SETTINGS)
+    return (f"site config: each site reads <its kit>/local/{DEFAULT_NAME}"
+            + (f" (written now for {', '.join(written)}: the shipped gpsite:ATP, random:{POC_ARCH})" if written else "")
+            + f"\n  a job for these sites: fedesm job export esm2_fra_lora --out jobs_export {sets}")
 
 
 def _down(args) -> int:

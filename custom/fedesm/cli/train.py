@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import time
 from pathlib import Path
 
 from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
@@ -98,6 +99,9 @@ def _predict(args) -> int:
     seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else read_sequences(resolve(args.input))
     device = resolve_device(args.device)
     model.to(device)
+    print(f"predicting {len(seqs)} sequences ({sum(len(s) for _, s in seqs):,} residues) on {device} ...",
+          file=sys.stderr, flush=True)  # minutes on a CPU for a few hundred chains: say so before it starts
+    started = time.perf_counter()
     probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +115,8 @@ def _predict(args) -> int:
             for i, (aa, pi, c) in enumerate(zip(seq, p, calls), 1):
                 w.writerow([rid, i, aa, f"{pi:.4f}", c])
     total = sum(len(s) for _, s in seqs)
-    print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f})")
+    print(f"wrote {out}: {len(seqs)} sequences, {total} residues, {n_pos} called binding (threshold {threshold:.2f}); "
+          f"{time.perf_counter() - started:.0f}s")
     if labelled:
         import numpy as np
 

@@ -97,15 +97,38 @@ def _save_pr_plot(fig, ax, title: str, out_path, legend_title: Optional[str] = N
     return _save(fig, out_path)
 
 
+_METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "mcc": "MCC", "accuracy": "accuracy",
+                 "precision": "precision", "recall": "recall", "threshold": "F1-maximising threshold",
+                 "train_loss": "training loss", "loss": "loss"}
+
+
+def metric_label(metric: str) -> str:
+    """An axis label for a table key: `test_f1_tuned` -> `F1 at the val-tuned threshold (test split)`."""
+    key, where = metric, []
+    if key.startswith("global_"):
+        key, where = key[len("global_"):], ["global model"]
+    if key.startswith("test_"):
+        key, where = key[len("test_"):], where + ["test split"]
+    tuned = key.endswith("_tuned") and key != "threshold_tuned"
+    key = key[:-len("_tuned")] if key.endswith("_tuned") else key
+    label = _METRIC_NAMES.get(key, key.replace("_", " "))
+    if tuned:
+        label += " at the val-tuned threshold"
+    return label + (f" ({', '.join(where)})" if where else "")
+
+
 def _save_round_plot(fig, ax, metric: str, title: str, out_path) -> Path:
-    """Shared finish of every metric-per-round figure: integer rounds, labels, grid, legend."""
+    """Shared finish of every metric-per-round figure: integer rounds, labels, grid, and the legend below the
+    axes, where it cannot hide a line (a reference line near the top or bottom, say)."""
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(metric_label(metric))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    handles = ax.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        fig.set_figheight(fig.get_figheight() + 0.25 * ((len(handles) + 1) // 2))
     return _save(fig, out_path)
 
 
@@ -145,8 +168,7 @@ def plot_test_metric(site_rows: Sequence[dict], global_rows: Sequence[dict], met
         ax.plot(*zip(*pts), color="black", lw=2, marker="s", ms=3, label="global model")
     if reference is not None:
         ax.axhline(reference, color="tab:gray", ls=":", lw=1.5, label="reference (LR on ±7 windows)")
-    name = metric.replace("test_", "").replace("_tuned", " (val-tuned threshold)").upper().replace("THRESHOLD", "threshold")
-    return _save_round_plot(fig, ax, metric, title or f"{name} on the test split", out_path)
+    return _save_round_plot(fig, ax, metric, title or metric_label(metric), out_path)
 
 
 # centralized arms: red and dashed, one shade and dash pattern each, so two of them never look alike

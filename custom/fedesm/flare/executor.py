@@ -16,7 +16,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.errors import FedesmError
-from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
+from fedesm.flare.payload import (BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
                                   read_weights_shareable, to_torch_dict, withheld_reply)
 from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import JobSettings
@@ -68,6 +68,7 @@ class EsmLoraExecutor(Executor):
         self.rounds_done = 0
         self.num_rounds = None
         self.budget = None  # the site's epsilon budget (fedesm.training.privacy.policy.EpsilonBudget), DP-SGD only
+        self.backbone_identity = None  # arch, source name and sha256 of the site's backbone, sent with each update
         self.noise_reproducible = None  # privacy noise from the site's debug seed (True) or OS entropy (False)
 
     # ------------------------------------------------------------------ set-up, once per job
@@ -75,7 +76,7 @@ class EsmLoraExecutor(Executor):
     def _setup(self, fl_ctx: FLContext, num_rounds: Optional[int]) -> None:
         from fedesm.data.validate import check_site_data, load_dataset
         from fedesm.model.adapters import build_lora_model
-        from fedesm.model.backbone import load_backbone
+        from fedesm.model.backbone import check_job_architecture, identity as backbone_identity, load_backbone
         from fedesm.site_config import load_site_config, resolve_site_path
         from fedesm.training.trainer import LocalTrainer
 
@@ -98,6 +99,8 @@ class EsmLoraExecutor(Executor):
         backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
+        check_job_architecture(backbone, backbone_source, self.settings.model.arch)
+        self.backbone_identity = backbone_identity(backbone, shared=True)  # the server's model card records it
         self.lora = site_lora(self.settings.lora, cfg.lora_r)  # the site's own rank (fedesm.ranks)
         if self.lora.r != self.settings.lora.r and self.settings.federation.strategy not in ("fra", "fra-ef"):
             raise FedesmError(f"site lora_r {self.lora.r} below the job's lora.r {self.settings.lora.r} needs "
@@ -214,9 +217,10 @@ class EsmLoraExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except PolicyRefusal as e:  # the job asks for less privacy than this site allows: it sends nothing
             return self._withhold(fl_ctx, str(e), shareable.get_header(AppConstants.CURRENT_ROUND))
-        except FedesmError as e:  # the site's own problem (data, config, checkpoint): say it plainly
+        except FedesmError as e:  # the site's own problem (data, config, checkpoint): say it plainly, here and to
+            # the server (the reply's one line, no data: the server logs it and records it in its table)
             self.log_error(fl_ctx, f"{self.site or fl_ctx.get_identity_name()}: {e}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            return withheld_reply(str(e), ReturnCode.EXECUTION_EXCEPTION, shareable.get_header(AppConstants.CURRENT_ROUND))
         except Exception as e:
             self.log_error(fl_ctx, f"task {task_name} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
@@ -254,7 +258,8 @@ class EsmLoraExecutor(Executor):
         rounds_before = current_round if isinstance(current_round, int) else self.rounds_done
         if self.settings.federation.evaluate_global:
             metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
-        if abort_signal.triggered:
+        if abort_signal.triggered:  # during the global model's evaluation: stopped before the first step
+            self.log_info(fl_ctx, f"{self.site}: aborted after 0 steps of round {current_round}")
             return make_reply(ReturnCode.TASK_ABORTED)
         stats = self.trainer.train_steps(self.trainer.config.steps_per_round,
                                          should_abort=lambda: abort_signal.triggered)
@@ -278,6 +283,8 @@ class EsmLoraExecutor(Executor):
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats.steps, METRICS_KEY: metrics, SITE_KEY: self.site}
         if self.site_config is not None and self.site_config.declared_samples is not None:
             meta[N_SAMPLES_KEY] = self.site_config.declared_samples  # the operator's count, never the data's
+        if self.backbone_identity:
+            meta[BACKBONE_KEY] = self.backbone_identity
         reply = self._reply(meta)
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)
         return reply

@@ -9,7 +9,7 @@ and `.csv` after every update. Semantics of a row (round n, site s):
   sent_*    what the site sent the server that round (tensors, parameters, serialized bytes)
   withheld  why the site sent nothing that round (its privacy policy, its epsilon budget, its outbound
             filter: the reply's `fedesm_withheld` header), also logged here as a warning
-The server's own rows (site "server") hold each round's wall time. `payload_manifest.json` lists
+The server's own rows (site "server") hold each round's wall time (until its model is saved). `payload_manifest.json` lists
 the names of the tensors each site sent: adapters and head only. The aggregator adds what it judged
 of each site's update (`update_norm`, `update_norm_ratio`, and `rejected` with the reason), and a
 resumed job starts from the old run's rows (`seed`), so its table continues the old one.
@@ -44,6 +44,7 @@ class MetricsRecorder(AnalyticsReceiver):
         self.out_dir: Optional[Path] = None
         self._round_started: dict[int, float] = {}
         self.manifest: dict[str, dict] = {}  # site -> names and count of the tensors it sent (first round)
+        self.backbones: dict[str, dict] = {}  # site -> the backbone it says it trained on (arch, source, sha256)
 
     def initialize(self, fl_ctx: FLContext):
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
@@ -57,13 +58,18 @@ class MetricsRecorder(AnalyticsReceiver):
             self._record_withheld(fl_ctx)
         elif event_type == AppEventType.ROUND_STARTED:
             self._round_started[fl_ctx.get_prop(AppConstants.CURRENT_ROUND)] = time.perf_counter()
-        elif event_type == AppEventType.ROUND_DONE:
-            r = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-            if r in self._round_started:
-                with self._save_lock:
-                    self._set(r + 1, SERVER_ROW, "round_seconds", time.perf_counter() - self._round_started.pop(r))
-                    self._write()
+        elif event_type in (AppEventType.BEFORE_LEARNABLE_PERSIST, AppEventType.ROUND_DONE):
+            # NVFLARE saves the round's model (and with it, the persistor's copy of this table) before it fires
+            # ROUND_DONE: the server row goes in just before the save, so every saved round holds it
+            self._record_round_time(fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         super().handle_event(event_type, fl_ctx)
+
+    def _record_round_time(self, r) -> None:
+        """The server row of the round that ends: its wall time from ROUND_STARTED (once per round)."""
+        if r in self._round_started:
+            with self._save_lock:
+                self._set(r + 1, SERVER_ROW, "round_seconds", time.perf_counter() - self._round_started.pop(r))
+                self._write()
 
     def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
         data = AnalyticsData.from_dxo(from_shareable(shareable))
@@ -91,9 +97,14 @@ class MetricsRecorder(AnalyticsReceiver):
             return
         site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or "unknown"
         try:
-            weights, _ = read_weights_shareable(result)
+            weights, meta = read_weights_shareable(result)
         except Exception:
             return
+        from fedesm.flare.payload import BACKBONE_FIELDS, BACKBONE_KEY
+
+        claimed = meta.get(BACKBONE_KEY)
+        if isinstance(claimed, dict):  # a claim: only recorded (in the model card), never acted on
+            self.backbones[site] = {k: str(v)[:120] for k, v in claimed.items() if k in BACKBONE_FIELDS}
         n_params = int(sum(v.size for v in weights.values()))
         with self._save_lock:
             self._set(r + 1, site, "sent_tensors", len(weights))

@@ -27,6 +27,8 @@ METRICS_KEY = "metrics"  # the site's metrics for this round
 # the server weighs by it only under federation.weigh_by: declared, fixed for the job and capped.
 N_SAMPLES_KEY = "n_samples"
 SITE_KEY = "site"
+BACKBONE_KEY = "fedesm_backbone"  # which backbone the site trained on: arch, source (no local path), sha256
+BACKBONE_FIELDS = ("arch", "source", "sha256", "seed")
 # A reply header: why a site sends nothing for a task (its privacy policy refused the job, its epsilon budget is
 # spent, its outbound filter stopped the result). The reply carries no data and a non-OK return code, so NVFLARE's
 # ScatterAndGather goes on without the site when min_clients still allows it (its dynamic ignore_result_error).

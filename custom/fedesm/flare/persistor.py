@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 import numpy as np
@@ -134,13 +134,16 @@ class LoraPersistor(ModelPersistor):
 
     # --------------------------------------------------------------------------------- files
 
-    def _card(self, rounds_done):
+    def _card(self, rounds_done, fl_ctx: Optional[FLContext] = None):
         from fedesm.model.cards import ModelCard
 
         s = self.settings
-        return ModelCard.describe(s.model.backbone_source, self.arch, s.lora, num_labels=s.model.num_labels,
+        recorder = self._component(fl_ctx, self.metrics_recorder_id) if fl_ctx is not None else None
+        source, identity = backbone_of_sites(getattr(recorder, "backbones", None) or {}, s.model.backbone_source)
+        return ModelCard.describe(source, self.arch, s.lora, num_labels=s.model.num_labels,
                                   threshold=s.training.threshold, max_len=s.training.max_len,
-                                  extra={"rounds": rounds_done, "source": "fedesm federated job"})
+                                  extra={"rounds": rounds_done, "source": "fedesm federated job"},
+                                  backbone_identity=identity)
 
     def _save(self, weights: dict, rounds_done: Optional[int], fl_ctx: FLContext) -> None:
         """rounds/round_NNN (first) and last/, each written whole under a temporary name and renamed into place,
@@ -150,7 +153,7 @@ class LoraPersistor(ModelPersistor):
         self.last_weights = {k: np.asarray(v) for k, v in weights.items()}
         if self.output_dir is None:
             return
-        card = self._card(rounds_done)
+        card = self._card(rounds_done, fl_ctx)
         targets = [self.output_dir / results.LAST]
         if self.settings.federation.keep_rounds and rounds_done is not None:
             targets.insert(0, results.round_dir(self.output_dir, rounds_done))
@@ -201,3 +204,21 @@ class LoraPersistor(ModelPersistor):
         self.best_round = best_round
         self.log_info(fl_ctx, f"best global model so far: after {best_round} rounds (mean validation "
                               f"{metric} {value:.4f})")
+
+
+def backbone_of_sites(backbones: dict[str, dict], job_source: str) -> tuple[str, dict]:
+    """(card's backbone source, card's backbone identity) from what the sites said they trained on.
+
+    Sites that agree on one digest: that backbone, with each site's source name; sites that disagree: the
+    job's source, and every site's claim under `sites` (no digest for predict to hold a backbone to)."""
+    if not backbones:
+        return job_source, {}
+    digests = {b.get("sha256") for b in backbones.values()}
+    first = backbones[sorted(backbones)[0]]
+    sites = {site: dict(b) for site, b in sorted(backbones.items())}
+    if len(digests) == 1 and None not in digests:
+        source = first.get("source") or job_source
+        if ":" not in source and "/" not in source and PurePath(str(job_source)).name == source:
+            source = job_source  # the sites' local copies of the job's own model.backbone: the job names it in full
+        return source, {**first, "sites": {s: b.get("source") for s, b in sites.items()}}
+    return job_source, {"sites": sites}

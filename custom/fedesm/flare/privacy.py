@@ -43,7 +43,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 
-from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, TRANSFER_DTYPE_KEY, WITHHELD_KEY,
+from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE_KEY,
+                                  TRANSFER_DTYPE_KEY, WITHHELD_KEY,
                                   withheld_reply)
 from fedesm.model.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
 from fedesm.settings import JobSettings
@@ -62,7 +63,8 @@ _RECEIPT_HEADERS = {ReservedHeaderKey.PEER_PROPS, ReservedHeaderKey.PEER_CTX, Se
 _KEPT_HEADERS = {ReservedHeaderKey.TASK_NAME, ReservedHeaderKey.TASK_ID, ReservedHeaderKey.MSG_ROOT_ID,
                  ReservedHeaderKey.WORKFLOW, ReservedHeaderKey.AUDIT_EVENT_ID, ReservedHeaderKey.REPLY_IS_LATE,
                  ReservedHeaderKey.COOKIE_JAR}
-_WEIGHT_META = {TRANSFER_DTYPE_KEY, N_SAMPLES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND, METRICS_KEY, SITE_KEY}
+_WEIGHT_META = {TRANSFER_DTYPE_KEY, N_SAMPLES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND, METRICS_KEY, SITE_KEY,
+                BACKBONE_KEY}
 
 
 def is_exchanged_name(name: str) -> bool:
@@ -157,6 +159,12 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
     for key in (N_SAMPLES_KEY, MetaKey.NUM_STEPS_CURRENT_ROUND):
         if key in meta and not _count(meta[key]):
             return f"meta {key} that is not a count: {str(meta[key])[:60]!r}"
+    if BACKBONE_KEY in meta:
+        b = meta[BACKBONE_KEY]
+        if not (isinstance(b, dict) and set(b) <= set(BACKBONE_FIELDS)
+                and all(isinstance(v, (str, int)) and not isinstance(v, bool) and len(str(v)) <= 120
+                        for v in b.values())):
+            return f"meta {BACKBONE_KEY} that is not the backbone's arch, source name and digest"
     if METRICS_KEY in meta:
         problem = _metrics_problem(meta[METRICS_KEY], "metrics")
         if problem:

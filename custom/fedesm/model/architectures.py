@@ -50,6 +50,14 @@ def architecture_of(esm2) -> EsmArchitecture:
     return EsmArchitecture(esm2.num_layers, esm2.embed_dim, esm2.attention_heads, on_hub=False)
 
 
+def architecture_label(arch: EsmArchitecture) -> str:
+    """The architecture's name, or its shape when it has none (`6 layers x 320`)."""
+    for name, spec in ARCHITECTURES.items():
+        if (spec.layers, spec.embed_dim, spec.heads) == (arch.layers, arch.embed_dim, arch.heads):
+            return name
+    return f"an unnamed ESM-2 ({arch.layers} layers x {arch.embed_dim}, {arch.heads} heads)"
+
+
 def esm_alphabet():
     import esm
 

@@ -9,11 +9,16 @@ Sources (`load_backbone`):
   * ``/path/hf_folder``           a Hugging Face ESM-2 folder as `save_pretrained` writes it (config.json +
                                   model.safetensors or pytorch_model.bin), mapped exactly (`model.hf`)
   * ``hf:facebook/esm2_t12_35M_UR50D``  a Hugging Face hub id, downloaded when online
+
+A model card records which backbone a model was trained on (`identity`): the architecture, the source
+(local paths made absolute) and a digest of the weights, so `fedesm predict` can tell the same backbone
+from another one of the same shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from fedesm.errors import FedesmError
-from fedesm.model.architectures import ARCHITECTURES, EsmArchitecture, architecture_of, get_architecture, new_esm2
+from fedesm.model.architectures import (ARCHITECTURES, EsmArchitecture, architecture_label, architecture_of,
+                                        get_architecture, new_esm2)
 from fedesm.model.checkpoint import build_from_checkpoint, read_checkpoint
 
 HUB_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
@@ -42,7 +48,7 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
     source = str(source)
     if source.startswith("random:"):
         arch_name = source.split(":", 1)[1]
-        esm2, alphabet = new_esm2(get_architecture(arch_name), seed=0)
+        esm2, alphabet = new_esm2(get_architecture(arch_name), seed=RANDOM_SEED)
         return Backbone(esm2, alphabet, source, get_architecture(arch_name))
 
     if source.startswith("s3://"):
@@ -76,6 +82,55 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
         "fair-esm model name "
         f"({', '.join(n for n, a in ARCHITECTURES.items() if a.on_hub)})"
     )
+
+
+RANDOM_SEED = 0  # the seed of every `random:ARCH` backbone (the same weights at every site)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the encoder's parameters and buffers (names, dtypes, shapes, bytes), in name order; not the
+    contact head, which fedesm never loads (fair-esm initialises it at random)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith("contact_head."):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def recorded_source(source: str) -> str:
+    """A source as a model card records it: local paths absolute, names and URIs as given."""
+    source = str(source)
+    if source.startswith(("random:", "hf:", "s3://")) or source in ARCHITECTURES:
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def identity(backbone: Backbone, shared: bool = False) -> dict:
+    """What a model card records of the backbone: architecture, where it came from, digest of its weights.
+
+    `shared`: what a site sends its server: hub names, hf: ids and random:ARCH as they are, a local path or
+    an s3:// URI by its file name only (a site's storage layout stays with the site)."""
+    source = recorded_source(backbone.source)
+    if shared and not (source.startswith(("random:", "hf:")) or source in ARCHITECTURES):
+        source = Path(source.rstrip("/")).name
+    out = {"arch": architecture_label(backbone.arch), "source": source, "sha256": weights_digest(backbone.model)}
+    if backbone.source.startswith("random:"):
+        out["seed"] = RANDOM_SEED
+    return out
+
+
+def check_job_architecture(backbone: Backbone, source: str, job_arch: str) -> None:
+    """A site's backbone must have the job's architecture (the adapters' names and shapes follow from it)."""
+    want = get_architecture(job_arch)
+    got = backbone.arch
+    if (got.layers, got.embed_dim, got.heads) != (want.layers, want.embed_dim, want.heads):
+        raise FedesmError(f"site backbone {source} is {architecture_label(got)}, the job's model.arch is {job_arch}: "
+                          f"point the site config's backbone at a {job_arch} checkpoint, or run a job exported "
+                          f"with --set model.arch={architecture_label(got)}")
 
 
 def _load_local(path: Path, origin: str) -> Backbone:

@@ -2,7 +2,8 @@
 
 A model folder holds `adapter_config.json`, `adapter_model.safetensors` (the head inside) and
 `fedesm_model.json`: what is needed to rebuild the model (backbone source, architecture, LoRA
-settings, head size) and to use it (the call threshold, the window length). `fedesm train`, the
+settings, head size), which backbone it was trained on (`backbone_identity`: architecture, source, sha256 of
+its weights; `fedesm.model.backbone.identity`) and how to use it (the call threshold, the window length). `fedesm train`, the
 server's persistor and `fedesm predict` all read and write it here.
 """
 
@@ -37,12 +38,17 @@ class ModelCard:
     threshold: float = 0.5
     max_len: int = 1000
     extra: dict = field(default_factory=dict)
+    backbone_identity: dict = field(default_factory=dict)  # arch, source, sha256 (and seed for random:ARCH)
 
     @classmethod
     def describe(cls, backbone: str, arch: EsmArchitecture, lora: LoraSettings, num_labels: int = 2,
-                 threshold: float = 0.5, max_len: int = 1000, extra: Optional[dict] = None) -> "ModelCard":
-        return cls(backbone=backbone, arch=asdict(arch), lora=lora.to_dict(), num_labels=num_labels,
-                   threshold=threshold, max_len=max_len, extra=dict(extra or {}))
+                 threshold: float = 0.5, max_len: int = 1000, extra: Optional[dict] = None,
+                 backbone_identity: Optional[dict] = None) -> "ModelCard":
+        from fedesm.model.backbone import recorded_source
+
+        return cls(backbone=recorded_source(backbone), arch=asdict(arch), lora=lora.to_dict(), num_labels=num_labels,
+                   threshold=threshold, max_len=max_len, extra=dict(extra or {}),
+                   backbone_identity=dict(backbone_identity or {}))
 
     @property
     def lora_settings(self) -> LoraSettings:
@@ -98,11 +104,40 @@ def load_trained_model(model_dir, backbone_source: Optional[str] = None, **backb
     `backbone_source` overrides the card's (e.g. a site's local copy of the same checkpoint).
     """
     card = read_model_card(model_dir)
-    backbone = load_backbone(backbone_source or card.backbone, **backbone_kwargs)
+    backbone = load_recorded_backbone(card, model_dir, backbone_source, **backbone_kwargs)
     model = build_lora_model(backbone, card.lora_settings, num_labels=card.num_labels)
     set_exchanged_state(model, read_adapter_state(model_dir))
     model.eval()
     return model, backbone.alphabet, card
+
+
+def load_recorded_backbone(card: ModelCard, model_dir, backbone_source: Optional[str] = None, **backbone_kwargs):
+    """The backbone the card records (a relative path taken from the card's folder), or `backbone_source`;
+    FedesmError in one line when it is not the one the model was trained on (architecture or weights digest)."""
+    from fedesm.model.backbone import identity as backbone_identity
+
+    recorded = card.backbone_identity or {}
+    source = backbone_source or card.backbone
+    if not backbone_source:
+        beside = Path(model_dir) / card.backbone
+        if not Path(card.backbone).expanduser().is_absolute() and beside.exists():
+            source = str(beside)
+    want = recorded.get("sha256")
+    named = f"{recorded.get('source', card.backbone)} (sha256 {want[:12]})" if want else card.backbone
+    try:
+        backbone = load_backbone(source, **backbone_kwargs)
+    except FedesmError as e:
+        if backbone_source:
+            raise
+        raise FedesmError(f"{e}; this model was trained on backbone {named}: point --backbone at a copy "
+                          "of it") from None
+    if want:
+        got = backbone_identity(backbone)
+        if got["sha256"] != want:
+            raise FedesmError(f"backbone {source} (sha256 {got['sha256'][:12]}, {got['arch']}) is not the one this "
+                              f"model was trained on: {named}, {recorded.get('arch', '?')}; point --backbone at "
+                              "that checkpoint")
+    return backbone
 
 
 def find_model_dir(path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,7 +12,7 @@ from fedesm.data.records import Record
 from fedesm.evaluation.metrics import METRIC_NAMES
 from fedesm.evaluation.scoring import score_trainer
 from fedesm.model.adapters import build_lora_model
-from fedesm.model.backbone import load_backbone
+from fedesm.model.backbone import identity as backbone_identity, load_backbone
 from fedesm.model.cards import ModelCard, save_adapters
 from fedesm.settings import LoraSettings, TrainConfig
 from fedesm.tables import TableLog
@@ -37,6 +38,7 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     out.mkdir(parents=True, exist_ok=True)
     lora = lora or LoraSettings()
     backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
+    backbone_id = backbone_identity(backbone)  # before LoRA wraps it: the card says which weights it was trained on
     model = build_lora_model(backbone, lora, seed=config.seed, attention=attention)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
     if initial_state is not None:
@@ -51,6 +53,9 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     started = time.perf_counter()
 
     def record(round_num: int, stats=None) -> dict:
+        if progress:  # the validation pass can take minutes on a CPU: say so before it starts
+            print(f"round {round_num}/{config.rounds}: evaluating on {len(val)} validation chains "
+                  f"({sum(len(r) for r in val):,} residues) ...", file=sys.stderr, flush=True)
         row = {"arm": arm, "site": arm, "round": round_num, **score_trainer(trainer, val)}
         if stats is not None:
             row.update(train_loss=stats.loss, steps=stats.steps, samples=stats.samples,
@@ -67,7 +72,7 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
 
     def card(row: dict, round_num: int) -> ModelCard:
         return ModelCard.describe(backbone.source, backbone.arch, lora, threshold=row["threshold_tuned"],
-                                  max_len=config.max_len,
+                                  max_len=config.max_len, backbone_identity=backbone_id,
                                   extra={"round": round_num, "val_auprc": row["auprc"], "val_f1": row["f1"],
                                          "threshold_source": "maximises F1 on the validation data"})
 

@@ -29,8 +29,9 @@ def refusal(training: TrainConfig, policy: SitePrivacySettings) -> Optional[str]
     """Why this site refuses a job with these training settings, or None when it may run."""
     dp_on = training.dp_noise_multiplier > 0
     if policy.dp_required and not dp_on:
-        why = ("privacy.target_epsilon" if policy.target_epsilon is not None else
-               "privacy.min_noise_multiplier" if policy.min_noise_multiplier > 0 else "privacy.require_dp")
+        why = ", ".join(name for name, on in (("privacy.require_dp", policy.require_dp),
+                                              ("privacy.target_epsilon", policy.target_epsilon is not None),
+                                              ("privacy.min_noise_multiplier", policy.min_noise_multiplier > 0)) if on)
         paper = (f" (its grad_noise_std {training.grad_noise_std:g} gives no DP guarantee)"
                  if training.grad_noise_std > 0 else "")
         return f"this site requires DP-SGD ({why}) and the job trains without it{paper}"
