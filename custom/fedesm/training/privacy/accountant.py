@@ -144,6 +144,7 @@ def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
                     orders: Sequence[float] = DEFAULT_ORDERS) -> float:
     """Epsilon after `steps` steps of DP-SGD with one (sigma, q); 0 before any step."""
     steps = _check_steps(steps)
+    delta = _finite("delta", delta, 0.0, 1.0, low_open=True)
     if steps == 0:
         return 0.0
     rdp = [steps * rdp_sampled_gaussian(sample_rate, noise_multiplier, a) for a in orders]
