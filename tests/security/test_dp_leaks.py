@@ -32,6 +32,7 @@ from fedesm.model.backbone import load_backbone
 from fedesm.settings import JobSettings, SettingError, SitePrivacySettings, TrainConfig
 from fedesm.training.privacy import accountant
 from fedesm.training.privacy.policy import refusal
+from fedesm.training.privacy.randomness import NoiseSource
 from fedesm.training.privacy.release import DP_RELEASABLE
 from fedesm.training.trainer import LocalTrainer
 
@@ -80,7 +81,8 @@ def _executor(checkpoint, records, overrides) -> EsmLoraExecutor:
     executor.site = SITE
     backbone = load_backbone(str(checkpoint))
     executor.trainer = LocalTrainer(build_lora_model(backbone, settings.lora), backbone.alphabet, records[0],
-                                    executor.site_training(SITE, num_rounds=2, device="cpu"))
+                                    executor.site_training(SITE, num_rounds=2, device="cpu"),
+                                    noise=NoiseSource.from_seed(5, label=SITE))  # the same Poisson draws each run
     executor.train_records, executor.val_records = records
     return executor
 
