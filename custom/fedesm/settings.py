@@ -320,7 +320,8 @@ class TrainConfig(Settings):
     # (val AUPRC 0.32 vs 0.57 sqrt, 0.60 plain), while plain CE calls nothing at 0.5 on ATP.
     class_weights: Any = setting("sqrt", "loss class weights from the training data's positive rate: balanced "
                                  "(both classes weigh the same), sqrt (tempered: the square root of the balanced "
-                                 "ratio), none (plain cross-entropy), or w0,w1", metavar="MODE")
+                                 "ratio), none (plain cross-entropy), or w0,w1; under DP-SGD only none or w0,w1 (no "
+                                 "use of the private data outside the accounting)", metavar="MODE")
     focal_gamma: float = setting(0.0, "focal loss (1-p_t)^gamma x CE, e.g. 2; 0 = off")
     max_len: int = setting(1000, "context in residues: longer chains are random-cropped in training, tiled in "
                            "evaluation (ESM-2 takes at most 1,022)")
@@ -366,6 +367,9 @@ class TrainConfig(Settings):
             self.fail("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio:g}")
         if not 0 < self.threshold < 1:
             self.fail("threshold", f"must be in (0, 1), got {self.threshold:g}")
+        for name in ("dp_noise_multiplier", "dp_max_grad_norm", "dp_delta"):  # nan and inf pass < and >
+            if not math.isfinite(getattr(self, name)):
+                self.fail(name, f"must be a finite number, got {getattr(self, name)}")
         if self.dp_max_grad_norm <= 0:
             self.fail("dp_max_grad_norm", "the DP-SGD clipping bound C must be > 0")
         if not 0 < self.dp_delta < 1:
@@ -378,6 +382,9 @@ class TrainConfig(Settings):
                       "dp_noise_multiplier (DP-SGD)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             self.fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.dp_noise_multiplier and isinstance(self.class_weights, str):
+            self.fail("class_weights", f"{self.class_weights} is computed from the private training set, which "
+                      "DP-SGD does not account for: under DP set fixed weights w0,w1 or none")
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -536,6 +543,10 @@ class SitePrivacySettings(Settings):
                                               "in the metrics)", flag=False)
 
     def check(self) -> None:
+        for name in ("min_noise_multiplier", "max_grad_norm", "target_epsilon", "target_delta"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # nan and inf pass < and >
+                self.fail(name, f"must be a finite number, got {value}")
         if self.min_noise_multiplier < 0:
             self.fail("min_noise_multiplier", f"must be >= 0, got {self.min_noise_multiplier:g}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

@@ -35,7 +35,7 @@ SMALL = {
                   {"id": "centralized", "kind": "centralized"},
                   {"id": "dpsgd",
                    "training": {"grad_noise_std": 0.0, "dp_noise_multiplier": 1.2, "dp_max_grad_norm": 0.5,
-                                "dp_delta": 1.0e-4}}]},
+                                "dp_delta": 1.0e-4, "class_weights": "1,4"}}]},
     ],
 }
 

@@ -149,6 +149,7 @@ def test_sites_enforce_their_own_dp_policy_and_the_job_completes_with_the_others
     _site_privacy(cfg, {"site-1": {"min_noise_multiplier": 1.5}, "site-2": {"target_epsilon": budget}})
     out, _ = _run(root, "dp", ckpt, cfg, 3, {"training.rounds": 3, "training.steps_per_round": steps,
                                              "training.dp_noise_multiplier": sigma, "training.dp_max_grad_norm": 1.0,
+                                             "training.class_weights": "1,4",
                                              "federation.min_clients": 1}, probe=False)
     log = (root / "dp" / "ws.log").read_text()
     refusal = ("site privacy policy: refusing the job: the job's training.dp_noise_multiplier 1 is below this "

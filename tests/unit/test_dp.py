@@ -23,7 +23,8 @@ def _trainer(checkpoint, records, **cfg):
     model = build_lora_model(backbone, LoraSettings(r=4))
     # CPU on purpose: exact-arithmetic checks, and CUDA's length-bucketed batches would hold no padding
     config = TrainConfig(**{"device": "cpu", "steps_per_round": 5, "lr": 3e-3, "batch_size": 6, "max_len": 96,
-                            "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0, **cfg})
+                            "dp_noise_multiplier": 1.0, "dp_max_grad_norm": 1.0,
+                            "class_weights": "1,4", **cfg})
     return LocalTrainer(model, backbone.alphabet, records, config)
 
 

@@ -40,7 +40,8 @@ def test_a_resumed_dp_site_counts_the_rounds_before_the_resume(tiny_checkpoint, 
 
     job = JOBS["esm2_fra_lora"].settings.with_overrides({
         "training.batch_size": 4, "training.max_len": 96, "training.steps_per_round": 5,
-        "training.dp_noise_multiplier": 1.0, "training.dp_max_grad_norm": 1.0, "training.dp_delta": 1e-5})
+        "training.dp_noise_multiplier": 1.0, "training.dp_max_grad_norm": 1.0, "training.dp_delta": 1e-5,
+        "training.class_weights": "1,4"})
     executor = EsmLoraExecutor(**job.to_dict())
     executor.site = "site-1"
     backbone = load_backbone(str(tiny_checkpoint))

@@ -59,7 +59,8 @@ def test_gaussians_and_uniforms_have_the_right_distribution():
 def _site_trainer(checkpoint, records, site: str, policy: SitePrivacySettings, **training) -> LocalTrainer:
     """A site's trainer exactly as EsmLoraExecutor builds it: the job's settings, the site's streams and noise."""
     job = JobSettings().with_overrides({"training.seed": 11, "training.max_len": 96, "training.batch_size": 6,
-                                        "training.grad_clip": 0.0, **{f"training.{k}": v for k, v in training.items()}})
+                                        "training.grad_clip": 0.0, "training.class_weights": "1,4",
+                                        **{f"training.{k}": v for k, v in training.items()}})
     executor = EsmLoraExecutor(**job.to_dict())
     backbone = load_backbone(str(checkpoint))
     model = build_lora_model(backbone, LoraSettings(r=4), seed=job.training.seed)
@@ -166,9 +167,10 @@ def test_fedesm_train_with_grad_noise_differs_every_run_and_without_is_bit_ident
     (SitePrivacySettings(min_noise_multiplier=1.0), TrainConfig(), "requires DP-SGD (privacy.min_noise_multiplier)"),
     (SitePrivacySettings(require_dp=True, target_epsilon=8), TrainConfig(),  # every setting that asks for it
      "requires DP-SGD (privacy.require_dp, privacy.target_epsilon) and"),
-    (SitePrivacySettings(min_noise_multiplier=1.0), TrainConfig(dp_noise_multiplier=0.5),
+    (SitePrivacySettings(min_noise_multiplier=1.0), TrainConfig(dp_noise_multiplier=0.5, class_weights=None),
      "the job's training.dp_noise_multiplier 0.5 is below this site's privacy.min_noise_multiplier 1"),
-    (SitePrivacySettings(max_grad_norm=1.0), TrainConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=5.0),
+    (SitePrivacySettings(max_grad_norm=1.0),
+     TrainConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=5.0, class_weights=None),
      "the job's training.dp_max_grad_norm 5 is above this site's privacy.max_grad_norm 1"),
 ])
 def test_a_job_asking_for_less_is_refused_in_one_line(policy, training, reason):
@@ -179,7 +181,7 @@ def test_a_job_asking_for_less_is_refused_in_one_line(policy, training, reason):
 
 
 def test_jobs_within_the_policy_run():
-    dp = TrainConfig(dp_noise_multiplier=1.2, dp_max_grad_norm=0.8)
+    dp = TrainConfig(dp_noise_multiplier=1.2, dp_max_grad_norm=0.8, class_weights=None)
     strict = SitePrivacySettings(require_dp=True, min_noise_multiplier=1.0, max_grad_norm=1.0, target_epsilon=8)
     assert refusal(dp, strict) is None
     assert refusal(TrainConfig(), SitePrivacySettings()) is None  # the default site asks nothing
@@ -196,7 +198,7 @@ def test_epsilon_is_accounted_at_the_stricter_delta():
 
 def test_the_budget_stops_before_the_round_that_would_exceed_it():
     """The cpu preset's DP arm shape: 50 steps a round, q = 8/204, sigma 1, delta 1e-5."""
-    training = TrainConfig(rounds=6, steps_per_round=50, batch_size=8, dp_noise_multiplier=1.0)
+    training = TrainConfig(rounds=6, steps_per_round=50, batch_size=8, dp_noise_multiplier=1.0, class_weights=None)
     per_round = [compute_epsilon(1.0, 8 / 204, 50 * k, 1e-5) for k in range(1, 7)]
     target = (per_round[2] + per_round[3]) / 2  # lasts exactly 3 rounds
     budget = EpsilonBudget(training, SitePrivacySettings(target_epsilon=target), n_train=204)

@@ -22,6 +22,7 @@ from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import JobSettings
 from fedesm.training.optimizer_state import resolve_policy
 from fedesm.training.privacy.policy import PolicyRefusal
+from fedesm.training.privacy.release import releasable_metrics
 
 # Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
 # recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
@@ -273,6 +274,8 @@ class EsmLoraExecutor(Executor):
                        task_seconds=time.perf_counter() - t0)
         metrics.update(stats.extra)  # DP-SGD: epsilon, dp_delta, dp_steps
         metrics.update(self._privacy_metrics())  # noise_reproducible, epsilon_budget
+        # under DP-SGD nothing about the secret batches (loss, seconds, throughput) leaves: a closed list does
+        metrics = releasable_metrics(metrics, dp=self.trainer.config.dp_noise_multiplier > 0)
         # global model after k aggregations -> step k; the local model after its (k+1)-th round -> step k+1
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if k.startswith("global_")}, global_step=rounds_before)
         self._stream(fl_ctx, {k: v for k, v in metrics.items() if not k.startswith("global_")},

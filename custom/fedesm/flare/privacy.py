@@ -9,8 +9,9 @@ through only when it is exactly what `fedesm.flare.executor` sends:
   executor builds), each with that model's shape and the job's ``federation.transfer_dtype``, no
   more LoRA rank than the site allows (``max_lora_rank``), and in its meta only the declared
   numbers: the transfer dtype, sample and step counts, this site's name, and the round's metrics
-  (finite-size, numbers only);
-* a ``DXO(METRICS)`` of numbers (a validation);
+  (finite-size, numbers only; when the job trains with DP-SGD, only the metrics of the closed list in
+  `fedesm.training.privacy.release`: nothing computed on the secret batches, no seconds or throughput);
+* a ``DXO(METRICS)`` of numbers (a validation; under DP-SGD from the same closed list);
 * an error reply with no data.
 
 Anything else (a backbone weight, an unexpected name or shape, another dtype, arrays or text in the
@@ -48,6 +49,7 @@ from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_
                                   withheld_reply)
 from fedesm.model.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
 from fedesm.settings import JobSettings
+from fedesm.training.privacy.release import releasable_under_dp
 
 MAX_TEXT = 256  # longest string a header may carry (site names, task ids, dtype names)
 MAX_METRICS = 512  # numbers one result may carry as metrics
@@ -82,6 +84,7 @@ class ExpectedResult:
     shapes: dict
     dtype: str
     site: Optional[str] = None
+    dp: bool = False  # the job trains with DP-SGD: only the metrics of `fedesm.training.privacy.release` leave
 
     @classmethod
     def for_job(cls, settings: JobSettings, site: Optional[str] = None,
@@ -94,7 +97,8 @@ class ExpectedResult:
         if settings.lora.r > max_lora_rank:
             raise FedesmError(f"the job's lora.r {settings.lora.r} is above this site's max_lora_rank {max_lora_rank}")
         shapes = exchanged_shapes(get_architecture(settings.model.arch), settings.lora, settings.model.num_labels)
-        return cls(shapes=shapes, dtype=settings.federation.transfer_dtype, site=site)
+        return cls(shapes=shapes, dtype=settings.federation.transfer_dtype, site=site,
+                   dp=not settings.training.dp_noise_multiplier <= 0)  # nan counts as DP: the stricter list
 
 
 def _number(value: Any) -> bool:
@@ -131,7 +135,7 @@ def _headers_problem(shareable: Shareable, received: bool = False) -> Optional[s
     return None
 
 
-def _metrics_problem(metrics: Any, where: str) -> Optional[str]:
+def _metrics_problem(metrics: Any, where: str, dp: bool = False) -> Optional[str]:
     if not isinstance(metrics, dict):
         return f"{where} that are not a mapping"
     if len(metrics) > MAX_METRICS:
@@ -141,6 +145,8 @@ def _metrics_problem(metrics: Any, where: str) -> Optional[str]:
             return f"a {where} name {str(k)[:60]!r}"
         if not _number(v):
             return f"{where} {k!r} holding {type(v).__name__}, not a number"
+        if dp and not releasable_under_dp(k):
+            return f"{where} {k!r} of a DP-SGD job, which could reveal its secret batches (not on the closed list)"
     return None
 
 
@@ -166,7 +172,7 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
                         for v in b.values())):
             return f"meta {BACKBONE_KEY} that is not the backbone's arch, source name and digest"
     if METRICS_KEY in meta:
-        problem = _metrics_problem(meta[METRICS_KEY], "metrics")
+        problem = _metrics_problem(meta[METRICS_KEY], "metrics", expected is not None and expected.dp)
         if problem:
             return problem
     if expected is None:
@@ -210,7 +216,7 @@ def result_problem(shareable: Shareable, expected: Optional[ExpectedResult] = No
         unknown = sorted(set(meta) - _WEIGHT_META)
         if unknown:
             return f"undeclared meta {unknown[:3]}"
-        return _metrics_problem(dxo.data or {}, "metrics")
+        return _metrics_problem(dxo.data or {}, "metrics", expected is not None and expected.dp)
     if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
         return _weights_problem(dxo.data, meta, expected)
     return f"a DXO of kind {getattr(dxo.data_kind, 'value', dxo.data_kind)}"

@@ -11,6 +11,7 @@ the site says so to the server instead of sending a contribution (`fedesm.flare.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -25,8 +26,24 @@ class PolicyRefusal(FedesmError):
     """The job asks for less privacy than the site allows: one line saying which setting and why."""
 
 
+def _dp_problem(training: TrainConfig) -> Optional[str]:
+    """Why the job's DP settings cannot be honoured whatever the site's policy: a non-finite number (nan passes
+    every comparison, inf never ends the accounting), or class weights computed from the private data."""
+    for name in ("dp_noise_multiplier", "dp_max_grad_norm", "dp_delta"):
+        value = getattr(training, name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            return f"the job's training.{name} {value!r} is not a finite number"
+    if training.dp_noise_multiplier > 0 and isinstance(training.class_weights, str):
+        return (f"the job's training.class_weights {training.class_weights} are computed from this site's private "
+                "training set outside the DP accounting (fixed w0,w1 or none only)")
+    return None
+
+
 def refusal(training: TrainConfig, policy: SitePrivacySettings) -> Optional[str]:
     """Why this site refuses a job with these training settings, or None when it may run."""
+    problem = _dp_problem(training)
+    if problem:
+        return problem
     dp_on = training.dp_noise_multiplier > 0
     if policy.dp_required and not dp_on:
         why = ", ".join(name for name, on in (("privacy.require_dp", policy.require_dp),
