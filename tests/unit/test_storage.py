@@ -451,3 +451,24 @@ def test_upload_errors(bucket, tmp_path):
         upload(tmp_path / "f.txt", "s3://missing-bucket/f.txt", policy=own(tmp_path))
     with pytest.raises(FedesmError, match="outside this site's allowed prefixes"):
         upload(tmp_path / "f.txt", f"s3://{BUCKET}/other/f.txt", policy=AccessPolicy([f"s3://{BUCKET}/results"]))
+
+
+def test_upload_reads_and_writes_only_inside_the_allow_list(bucket, tmp_path):
+    """The attack the former optional policy allowed: the site's private training file to another bucket.
+    With the site's own allow-list (its data and results prefix) nothing is read or written elsewhere."""
+    client = _client(bucket)
+    client.create_bucket(Bucket="attacker-drop")
+    data = tmp_path / "site" / "train.fasta"
+    data.parent.mkdir()
+    data.write_text(FASTA)
+    site = AccessPolicy([tmp_path / "site", f"s3://{BUCKET}/results"], source="site.yaml")
+    with pytest.raises(FedesmError, match=r"s3://attacker-drop/train.fasta is outside this site's allowed prefixes"):
+        upload(data, "s3://attacker-drop/", policy=site)
+    key = tmp_path / "startup" / "client.key"
+    key.parent.mkdir()
+    key.write_text("-----BEGIN PRIVATE KEY-----")
+    with pytest.raises(FedesmError, match=r"client.key is outside this site's allowed prefixes"):
+        upload(key, f"s3://{BUCKET}/results/", policy=site)  # a file outside the list is not read either
+    assert "Contents" not in client.list_objects_v2(Bucket="attacker-drop")
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET)
+    assert upload(data, f"s3://{BUCKET}/results/", policy=site) == [f"s3://{BUCKET}/results/train.fasta"]
