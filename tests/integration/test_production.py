@@ -8,8 +8,9 @@ separate admin port, as in the orchestrator chart's production values. The tests
   meta / download`, then `fedesm predict`), the export with `--set` flags for a tiny model;
 * the README's admin-console session fed to `fl_admin.sh` on stdin (`check_status server`,
   `list_jobs`, `abort_job`);
-* the refusals: a bundle that brings code (every site refuses it; the server refuses it from a lead),
-  a component outside the class allow-list, a bundle exported by another fedesm version.
+* the refusals: a bundle that brings code (the server's job checker refuses it, and each site's when
+  the sites alone get it), a component outside fedesm's job shapes, a job that declares one model and
+  trains another, a bundle exported by another fedesm version.
 
 The server's guard is set to warn here, so that what the test sees is the *sites'* refusal of a
 bundle of another version (with the shipped default the server refuses it at submission already:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,19 +184,30 @@ def test_admin_console_session_from_the_readme(network):
 # ---- what a site refuses ------------------------------------------------------------------------
 
 
-def test_a_bundle_that_brings_code_is_refused_by_every_site_and_from_a_lead_by_the_server(network):
+def test_a_bundle_that_brings_code_is_refused_by_the_server_and_by_every_site(network):
+    """The server's job checker refuses the code before any site gets it (from the project admin and a lead
+    alike: a job is data); sent to the sites alone, each site's checker refuses it on its own (NVFLARE's byoc
+    right, denied to every role there, would refuse it next)."""
     net = network["net"]
     job = export(network, "--with-code")
     assert (job / "app" / "custom" / "fedesm" / "flare" / "executor.py").is_file()
+    refused = ("server: fedesm job check: app/custom/fedesm/__init__.py: a fedesm job carries only "
+               "config/config_fed_client.json and config/config_fed_server.json")
+    for kit in (net.admin_kit, net.kit("lead@org1.example")):
+        meta = finished(network, submit(network, job, kit))
+        assert meta["status"] == "FINISHED:FAILED_TO_RUN" and meta["job_deploy_detail"] == [refused]
+        assert not (net.kit("site-1") / meta["job_id"]).exists()  # nothing of it was deployed at the site
+    shutil.copytree(job / "app", job / "app_server", ignore=shutil.ignore_patterns("custom"))
+    shutil.move(job / "app", job / "app_site")
+    meta_json = json.loads((job / "meta.json").read_text())
+    meta_json["deploy_map"] = {"app_server": ["server"], "app_site": ["site-1", "site-2"]}
+    (job / "meta.json").write_text(json.dumps(meta_json))
     meta = finished(network, submit(network, job, net.admin_kit))
     assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    site_line = "NVFLARE_ERROR: " + refused.split(": ", 1)[1]  # the site's own checker, before NVFLARE's byoc right
     assert sorted(meta["job_deploy_detail"]) == [
-        "num_ok_sites 0 < required_min_sites 2", "server: OK",
-        "site-1: NVFLARE_ERROR: BYOC not permitted", "site-2: NVFLARE_ERROR: BYOC not permitted"]
-    assert not (net.kit("site-1") / meta["job_id"]).exists()  # nothing of it was deployed at the site
-    # a lead may submit jobs, but not run code on the orchestrator either
-    meta = finished(network, submit(network, job, net.kit("lead@org1.example")))
-    assert meta["status"] == "FINISHED:FAILED_TO_RUN" and meta["job_deploy_detail"] == ["server: BYOC not permitted"]
+        "num_ok_sites 0 < required_min_sites 2", "server: OK", f"site-1: {site_line}", f"site-2: {site_line}"]
+    assert not (net.kit("site-1") / meta["job_id"]).exists()
 
 
 def test_a_component_outside_fedesms_job_shapes_is_refused_at_deployment(network):

@@ -18,8 +18,9 @@ A site that installed fedesm runs only that code. Its kit's ``local/`` folder ge
   (`fedesm.flare.privacy.AdaptersOnlyFilter`).
 
 The server gets ``authorization.json`` with ``byoc`` left only to the project admin (org admins and
-leads may not run their code on the orchestrator), and ``resources.json`` with its own allow-list
-and job checker, its job store and snapshots under one folder of its workspace, and ``max_jobs`` 1 (two jobs never
+leads may not run their code on the orchestrator; the server's job checker refuses an app with code
+from anyone, so that right only matters where the checker is taken out), and ``resources.json``
+with its own allow-list and job checker, its job store and snapshots under one folder of its workspace, and ``max_jobs`` 1 (two jobs never
 share a site's GPU unnoticed). Both are built on the templates of the installed NVFLARE, so they
 stay NVFLARE 2.9's files with fedesm's changes and nothing else.
 
