@@ -450,8 +450,9 @@ class FederationSettings(Settings):
     mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
                            "same tags and steps as TensorBoard); needs the mlflow package on the server")
     mlflow_tracking_uri: Optional[str] = setting(
-        None, "MLflow tracking server (http://host:5000, sqlite:///path.db, file:/path) when mlflow is on; default: "
-        "the server's MLFLOW_TRACKING_URI environment variable, else mlflow.db in the job's result folder",
+        None, "MLflow tracking server (http://host:5000, sqlite:///path.db, file:/path) when mlflow is on, for the "
+        "simulator; default: the server's MLFLOW_TRACKING_URI environment variable, else mlflow.db in the job's "
+        "result folder (a provisioned participant refuses a job that sets it: fedesm.flare.job_check)",
         metavar="URI")
     mlflow_experiment: str = setting("fedesm", "MLflow experiment the runs are logged under")
 

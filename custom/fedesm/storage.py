@@ -105,8 +105,10 @@ class AccessPolicy:
 
     Fail closed: an empty or ``None`` list allows *nothing*, so a site whose config names no prefixes
     reads no private data at all (the shipped public sets, ``gpsite:ATP``, never go through a
-    policy). Only a caller that passes no policy (``fetch(..., policy=None)``: the user's own
-    commands on their own machine) reads unchecked. ``source`` names the config the list came from.
+    policy). Every `fetch` and `upload` takes a policy, there is no unchecked call: a site's comes
+    from its own config (`fedesm.site_config.SiteConfig.policy`), and a command the user types on
+    their own machine passes `AccessPolicy.exactly` of what they typed. ``source`` names the config
+    the list came from.
     """
 
     def __init__(self, allowed_prefixes: Iterable[str | os.PathLike] | None = None, source: str = ""):
@@ -122,6 +124,12 @@ class AccessPolicy:
                 if not prefix.strip():
                     raise FedesmError("allowed prefixes: empty entry")
                 self._local.append(Path(prefix).expanduser().resolve())
+
+    @classmethod
+    def exactly(cls, uri: str | os.PathLike, source: str) -> "AccessPolicy":
+        """A policy that allows `uri` (and, for a prefix, what lies under it) and nothing else: for a location
+        the user named themselves (`source` says where: a command line, a server's own setting)."""
+        return cls([str(uri).rstrip("/") if is_s3_uri(uri) else str(uri)], source=source)
 
     @property
     def empty(self) -> bool:
@@ -338,13 +346,20 @@ def _fetch_prefix(client, uri: str, bucket: str, prefix: str, cache_dir: Path) -
 # --------------------------------------------------------------------------- public API
 
 
+def _require(policy) -> "AccessPolicy":
+    if not isinstance(policy, AccessPolicy):
+        raise FedesmError("storage: every read and upload needs the site's own allow-list (an AccessPolicy), "
+                          f"got {type(policy).__name__}")
+    return policy
+
+
 def fetch(
     uri: str | os.PathLike,
     cache_dir: str | os.PathLike,
-    policy: AccessPolicy | None = None,
+    policy: AccessPolicy,
     endpoint_url: str | None = None,
 ) -> Path:
-    """Return a local path holding ``uri``'s content, checked against ``policy`` first.
+    """Return a local path holding ``uri``'s content, checked against ``policy`` (required) first.
 
     - local path: must exist; returned as given (``~`` expanded), nothing is copied.
     - ``s3://bucket/key``: downloaded to ``cache_dir/bucket/key`` (reused when unchanged).
@@ -354,10 +369,10 @@ def fetch(
     """
     from fedesm.data.catalog import is_shipped_name, resolve
 
+    _require(policy)
     if is_shipped_name(uri):
         return Path(resolve(str(uri)))
-    if policy is not None:
-        policy.check(uri)
+    policy.check(uri)
     if not is_s3_uri(uri):
         path = Path(uri).expanduser()
         if not path.exists():
@@ -379,14 +394,18 @@ def upload(
     local_path: str | os.PathLike,
     uri: str,
     endpoint_url: str | None = None,
-    policy: AccessPolicy | None = None,
+    *,
+    policy: AccessPolicy,
 ) -> list[str]:
     """Upload a file (to ``uri``, or ``uri + name`` when ``uri`` ends with ``/``) or a directory
     (recursively, under the ``uri`` prefix, which must end with ``/``). Returns the URIs written.
+    Both the file read and every object written must lie under ``policy`` (required).
 
     S3 makes each object visible only once fully uploaded, so readers never see partial files.
     """
+    _require(policy)
     local = Path(local_path).expanduser()
+    policy.check(local)
     bucket, key = parse_s3_uri(uri)
     if local.is_dir():
         if key and not key.endswith("/"):
@@ -402,8 +421,7 @@ def upload(
     for path, object_key in pairs:
         object_uri = f"{S3_SCHEME}{bucket}/{object_key}"
         parse_s3_uri(object_uri)  # refuse keys we could not fetch back safely
-        if policy is not None:
-            policy.check(object_uri)
+        policy.check(object_uri)
         client = client or make_s3_client(endpoint_url)
         try:
             client.upload_file(str(path), bucket, object_key)

@@ -8,8 +8,9 @@ separate admin port, as in the orchestrator chart's production values. The tests
   meta / download`, then `fedesm predict`), the export with `--set` flags for a tiny model;
 * the README's admin-console session fed to `fl_admin.sh` on stdin (`check_status server`,
   `list_jobs`, `abort_job`);
-* the refusals: a bundle that brings code (every site refuses it; the server refuses it from a lead),
-  a component outside the class allow-list, a bundle exported by another fedesm version.
+* the refusals: a bundle that brings code (the server's job checker refuses it, and each site's when
+  the sites alone get it), a component outside fedesm's job shapes, a job that declares one model and
+  trains another, a bundle exported by another fedesm version.
 
 The server's guard is set to warn here, so that what the test sees is the *sites'* refusal of a
 bundle of another version (with the shipped default the server refuses it at submission already:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,22 +184,35 @@ def test_admin_console_session_from_the_readme(network):
 # ---- what a site refuses ------------------------------------------------------------------------
 
 
-def test_a_bundle_that_brings_code_is_refused_by_every_site_and_from_a_lead_by_the_server(network):
+def test_a_bundle_that_brings_code_is_refused_by_the_server_and_by_every_site(network):
+    """The server's job checker refuses the code before any site gets it (from the project admin and a lead
+    alike: a job is data); sent to the sites alone, each site's checker refuses it on its own (NVFLARE's byoc
+    right, denied to every role there, would refuse it next)."""
     net = network["net"]
     job = export(network, "--with-code")
     assert (job / "app" / "custom" / "fedesm" / "flare" / "executor.py").is_file()
+    refused = ("server: fedesm job check: app/custom/fedesm/__init__.py: a fedesm job carries only "
+               "config/config_fed_client.json and config/config_fed_server.json")
+    for kit in (net.admin_kit, net.kit("lead@org1.example")):
+        meta = finished(network, submit(network, job, kit))
+        assert meta["status"] == "FINISHED:FAILED_TO_RUN" and meta["job_deploy_detail"] == [refused]
+        assert not (net.kit("site-1") / meta["job_id"]).exists()  # nothing of it was deployed at the site
+    shutil.copytree(job / "app", job / "app_server", ignore=shutil.ignore_patterns("custom"))
+    shutil.move(job / "app", job / "app_site")
+    meta_json = json.loads((job / "meta.json").read_text())
+    meta_json["deploy_map"] = {"app_server": ["server"], "app_site": ["site-1", "site-2"]}
+    (job / "meta.json").write_text(json.dumps(meta_json))
     meta = finished(network, submit(network, job, net.admin_kit))
     assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    site_line = "NVFLARE_ERROR: " + refused.split(": ", 1)[1]  # the site's own checker, before NVFLARE's byoc right
     assert sorted(meta["job_deploy_detail"]) == [
-        "num_ok_sites 0 < required_min_sites 2", "server: OK",
-        "site-1: NVFLARE_ERROR: BYOC not permitted", "site-2: NVFLARE_ERROR: BYOC not permitted"]
-    assert not (net.kit("site-1") / meta["job_id"]).exists()  # nothing of it was deployed at the site
-    # a lead may submit jobs, but not run code on the orchestrator either
-    meta = finished(network, submit(network, job, net.kit("lead@org1.example")))
-    assert meta["status"] == "FINISHED:FAILED_TO_RUN" and meta["job_deploy_detail"] == ["server: BYOC not permitted"]
+        "num_ok_sites 0 < required_min_sites 2", "server: OK", f"site-1: {site_line}", f"site-2: {site_line}"]
+    assert not (net.kit("site-1") / meta["job_id"]).exists()
 
 
-def test_a_component_outside_the_class_allow_list_is_refused_at_the_site(network):
+def test_a_component_outside_fedesms_job_shapes_is_refused_at_deployment(network):
+    """The job checker (NVFLARE's app validator in each kit, fedesm.flare.job_check) refuses it before
+    anything is built; more attacks of this kind: tests/security/."""
     net, root = network["net"], network["root"]
     job = export(network)
     marker = root / "the-job-ran-this"
@@ -206,21 +221,18 @@ def test_a_component_outside_the_class_allow_list_is_refused_at_the_site(network
     cfg["components"].append({"id": "intruder", "path": "subprocess.Popen", "args": {"args": ["touch", str(marker)]}})
     client.write_text(json.dumps(cfg, indent=2))
     meta = finished(network, submit(network, job, net.admin_kit))
-    assert meta["status"] != "FINISHED:COMPLETED"
-    log = net.job_log("site-1", meta["job_id"]).read_text()
-    assert "Component 'subprocess.Popen' at config path 'components.#3' is not in allow_list" in log
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    assert meta["job_deploy_detail"] == [
+        "server: fedesm job check: config/config_fed_client.json: component 'intruder' names 'subprocess.Popen', "
+        "which is not one of fedesm's job component classes (fedesm.flare.job_check.COMPONENT_CLASSES)"]
     assert not marker.exists()
 
 
-def test_a_result_beyond_the_declared_model_is_refused_at_the_site_and_the_server_says_why(network):
-    """A code-free bundle that declares one model and trains another: its components get their own lora
-    block (out_proj adapted too) while the job's declared blocks say q, k, v. Every round's result then
-    carries tensors the declared model has not; each site's outbound filter (its kit's privacy.json) refuses
-    it before it leaves, the server logs the sites' reason, no contribution reaches the aggregator, and with
-    min_clients 2 the job stops."""
-    from fedesm import results
-    from fedesm.tables import read_table
-
+def test_a_job_that_declares_one_model_and_trains_another_is_refused_at_deployment(network):
+    """A code-free bundle whose components get their own lora block (out_proj adapted too) while the job's
+    declared blocks say q, k, v: the job checker refuses it before anything is built (each site's outbound
+    filter, which would refuse the undeclared tensors, is tested in tests/unit/test_privacy_filter.py and
+    tests/integration/test_privacy.py)."""
     net = network["net"]
     job = export(network)
     for name in ("config_fed_client.json", "config_fed_server.json"):
@@ -232,18 +244,10 @@ def test_a_result_beyond_the_declared_model_is_refused_at_the_site_and_the_serve
                 comp["args"]["lora"] = undeclared
         path.write_text(json.dumps(cfg, indent=2))
     meta = finished(network, submit(network, job, net.admin_kit))
-    assert meta["status"] != "FINISHED:COMPLETED"
-    problem = ("site privacy policy: refused to send tensor 'base_model.model.esm.layers.0.self_attn.out_proj.lora_A."
-               "weight', not one of the 14 of the job's model")
-    result = net.download(meta["job_id"], Path(tempfile.mkdtemp(dir=network["root"], prefix="result-")))
-    server = (result / "workspace" / "log.txt").read_text()  # the server's job log, as the admin downloads it
-    said = re.search(r"(site-\d) sent nothing for task train \(round 0; TASK_RESULT_FILTER_ERROR\): "
-                     + re.escape(problem), server)
-    assert said, server[-3000:]
-    assert "accepted contribution" not in server and "Cannot reach min_responses" in server
-    assert problem in net.job_log(said.group(1), meta["job_id"]).read_text()  # refused where the data is
-    rows = read_table(results.output_dir(result / "workspace") / results.METRICS)
-    assert any(r.get("withheld", "").startswith(problem) for r in rows if r["site"] == said.group(1))
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN"
+    (line,) = meta["job_deploy_detail"]
+    assert line.startswith("server: fedesm job check: config/config_fed_client.json: executors[0].executor.args.lora: ")
+    assert not any((net.kit(s) / meta["job_id"]).exists() for s in ("site-1", "site-2"))
 
 
 def test_a_bundle_of_another_fedesm_version_is_refused_by_every_site_in_one_line(network):
@@ -276,5 +280,6 @@ def test_every_participant_logs_its_versions_at_start(network):
     for site in net.state.clients:  # and the policy the kits carry is the one shipped
         local = net.kit(site) / "local"
         resources = json.loads((local / "resources.json").read_text())
-        assert resources["allow_log_streaming"] is False and resources["class_allow_list"][0] == "fedesm."
+        assert resources["allow_log_streaming"] is False and "fedesm." not in resources["class_allow_list"]
+        assert resources["app_validator"]["path"] == "fedesm.flare.job_check.FedesmJobValidator"
         assert json.loads((local / "authorization.json").read_text())["permissions"]["lead"]["byoc"] == "none"

@@ -74,7 +74,7 @@ def test_the_server_keeps_byoc_for_the_project_admin_only():
                                           ("server", "app/config/config_fed_server.json")])
 def test_class_allow_list_admits_the_shipped_jobs_and_nothing_else(role, config):
     """NVFLARE's own allow-list widget passes every component of every shipped job and refuses
-    anything else that is not fedesm's."""
+    anything else, fedesm's functions and other classes included (the list names exact classes)."""
     from nvflare.apis.fl_exception import UnsafeComponentError
     from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
@@ -84,10 +84,11 @@ def test_class_allow_list_admits_the_shipped_jobs_and_nothing_else(role, config)
     assert enforcement.value == "enforce"
     used = set().union(*(policy.component_paths(render_job(t)[config]) for t in JOBS.values()))
     assert "fedesm.flare.executor.EsmLoraExecutor" in used or "fedesm.flare.persistor.LoraPersistor" in used
-    assert {p for p in used if not p.startswith("fedesm.")} == set(allowed) - {"fedesm."}
-    for path in used | {"fedesm.anything.At.All"}:
+    assert used <= set(allowed) and not any(a.endswith(".") for a in allowed)
+    for path in used:
         assert any(authorizer._path_matches_prefix(path, a) for a in allowed), path
-    for path in ("subprocess.Popen", "nvflare.app_common.np.np_trainer.NPTrainer", "fedesmx.Evil", "os.system"):
+    for path in ("subprocess.Popen", "nvflare.app_common.np.np_trainer.NPTrainer", "fedesmx.Evil", "os.system",
+                 "fedesm.anything.At.All", "fedesm.storage.upload", "fedesm.storage.fetch", "fedesm."):
         assert not any(authorizer._path_matches_prefix(path, a) for a in allowed), path
     with pytest.raises(UnsafeComponentError, match="not in allow_list"):
         ctx = FLContext()
@@ -106,6 +107,9 @@ def test_site_resources_turn_log_streaming_off_declare_gpus_and_add_the_guard():
                                       "args": {"version_mismatch": "warn"}}
     # the rest is NVFLARE 2.9's own site template
     assert {"resource_consumer", "process_launcher", "site_log_streamer"} <= set(comps)
+    # and NVFLARE's app-validator hook runs the job checker on every app before it is deployed
+    assert res["app_validator"] == {"path": "fedesm.flare.job_check.FedesmJobValidator", "args": {"role": "client"}}
+    assert policy.server_resources("/s")["app_validator"]["args"] == {"role": "server"}
 
 
 def test_server_resources_keep_the_job_store_in_the_workspace_and_one_job_at_a_time():
@@ -139,7 +143,9 @@ def test_apply_to_kits_and_the_cli(tmp_path, capsys):
     assert main(["poc", "policy", "--role", "site", "--gpus", "1", "--out", str(tmp_path / "x")]) == 0
     assert json.loads((tmp_path / "x" / "resources.json").read_text()) == policy.client_resources(num_gpus=1)
     assert main(["poc", "policy", "--role", "simulator", "--out", str(tmp_path / "ws")]) == 0
-    assert json.loads((tmp_path / "ws" / "local" / "resources.json").read_text())["class_allow_list"][0] == "fedesm."
+    simulator = json.loads((tmp_path / "ws" / "local" / "resources.json").read_text())
+    assert simulator["class_allow_list"] == sorted(set(policy.class_allow_list("client")) |
+                                                   set(policy.class_allow_list("server")))
     assert main(["poc", "policy", "--role", "server", "--server-store", "rel/store", "--out", str(tmp_path / "y")]) == 2
     assert "give an absolute path" in capsys.readouterr().err
 
@@ -178,15 +184,28 @@ def test_site_guard_refuses_a_job_of_another_fedesm_version_at_deployment(tmp_pa
     assert scheduling.get_prop(FLContextKey.AUTHORIZATION_RESULT, True) is True
 
 
-def test_site_guard_warns_when_told_to_and_passes_jobs_fedesm_did_not_write():
+def test_site_guard_warns_when_told_to_and_refuses_jobs_that_record_no_version():
     warn = FedesmSiteGuard(version_mismatch="warn")
     ctx = _deploy_ctx({"name": "j", VERSION_KEY: "9.9"})
     warn.handle_event(EventType.AUTHORIZE_COMMAND_CHECK, ctx)
     assert ctx.get_prop(FLContextKey.AUTHORIZATION_RESULT, True) is True
-    plain = _deploy_ctx({"name": "hello-numpy"})
-    FedesmSiteGuard().handle_event(EventType.AUTHORIZE_COMMAND_CHECK, plain)
-    assert plain.get_prop(FLContextKey.AUTHORIZATION_RESULT, True) is True
-    assert version_problem({}) is None and version_problem({VERSION_KEY: fedesm.__version__}) is None
+    missing = (f"fedesm version missing: hello-numpy records no fedesm_version in meta.json, so this participant "
+               f"cannot tell which fedesm wrote it; export it with `fedesm job export` (fedesm {fedesm.__version__})")
+    for meta in ({"name": "hello-numpy"}, {"name": "hello-numpy", VERSION_KEY: None}):
+        plain = _deploy_ctx(meta)
+        FedesmSiteGuard().handle_event(EventType.AUTHORIZE_COMMAND_CHECK, plain)
+        assert plain.get_prop(FLContextKey.AUTHORIZATION_RESULT) is False
+        assert plain.get_prop(FLContextKey.AUTHORIZATION_REASON) == missing
+        submitted = FLContext()
+        submitted.set_prop(FLContextKey.JOB_META, meta, private=True, sticky=False)
+        FedesmSiteGuard().handle_event(EventType.SUBMIT_JOB, submitted)
+        assert submitted.get_prop(FLContextKey.JOB_BLOCK_REASON) == missing
+    lenient = _deploy_ctx({"name": "hello-numpy"})
+    warn.handle_event(EventType.AUTHORIZE_COMMAND_CHECK, lenient)  # warn keeps the warning-only path
+    assert lenient.get_prop(FLContextKey.AUTHORIZATION_RESULT, True) is True
+    assert version_problem({VERSION_KEY: fedesm.__version__}) is None
+    assert version_problem(None).startswith("fedesm version missing: the job records no fedesm_version")
+    assert len(version_problem({"name": "x" * 5000, VERSION_KEY: "y" * 5000})) < 400  # one short line
     with pytest.raises(SettingError, match="site_policy.version_mismatch: 'ignore' is not one of refuse, warn"):
         FedesmSiteGuard(version_mismatch="ignore")
 

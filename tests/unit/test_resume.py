@@ -254,7 +254,9 @@ def test_a_round_on_s3_resumes_with_its_run(tmp_path, crashed, s3):
     from fedesm.storage import upload
 
     boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="fl-runs")
-    upload(crashed.out, "s3://fl-runs/job-a/fedesm/")
+    from fedesm.storage import AccessPolicy
+
+    upload(crashed.out, "s3://fl-runs/job-a/fedesm/", policy=AccessPolicy([crashed.out, "s3://fl-runs/job-a"], "test"))
     local = fetch_resume_point("s3://fl-runs/job-a/fedesm/rounds/round_002", tmp_path / "cache")
     point = read_resume_point(local)
     assert point.rounds_done == 2 and sorted(point.earlier_rounds) == [0, 1]

@@ -21,6 +21,12 @@ BUCKET = "site-a-data"
 FASTA = ">P1 binding=0010\nMKTA\n>P2\n"  # 3 lines
 
 
+def own(tmp_path) -> AccessPolicy:
+    """What the tests' own commands may touch (every fetch and upload needs an allow-list)."""
+    return AccessPolicy([f"s3://{BUCKET}", "s3://no-such-bucket", "s3://missing-bucket", "s3://bkt", tmp_path],
+                        source="the test")
+
+
 def _client(server):
     return boto3.client("s3", endpoint_url=server.endpoint_url)
 
@@ -146,7 +152,13 @@ def test_empty_policy_refuses_every_private_read_but_not_shipped_sets(tmp_path, 
             fetch("s3://bkt/data/train.fa", tmp_path / "cache", policy=policy)  # refused before any S3 call
         assert fetch("gpsite:ATP:test", tmp_path / "cache", policy=policy).name == "ATP_test.txt.gz"
     assert "(site.yaml)" in _message(lambda: AccessPolicy([], source="site.yaml").check(str(data)))
-    assert fetch(str(data), tmp_path / "cache") == data  # no policy at all: the user's own command
+    assert fetch(str(data), tmp_path / "cache", policy=AccessPolicy.exactly(data, "a command line")) == data
+    for call in (lambda: fetch(str(data), tmp_path / "cache", None), lambda: fetch("gpsite:ATP:test", tmp_path, None),
+                 lambda: upload(data, "s3://bkt/x", policy=None)):  # no unchecked read or upload, not even a public set
+        with pytest.raises(FedesmError, match="needs the site's own allow-list"):
+            call()
+    with pytest.raises(TypeError):
+        fetch(str(data), tmp_path / "cache")  # the allow-list is a required argument
 
 
 def _message(call) -> str:
@@ -168,11 +180,11 @@ def test_fetch_local_path_checked_and_returned(tmp_path, no_network):
     data.parent.mkdir()
     data.write_text(FASTA)
     cache = tmp_path / "cache"
-    assert fetch(str(data), cache) == data
+    assert fetch(str(data), cache, policy=own(tmp_path)) == data
     assert fetch(data, cache, policy=AccessPolicy([tmp_path / "site"])) == data
     assert not cache.exists()
     with pytest.raises(FedesmError, match=r"missing\.fasta: no such file or directory"):
-        fetch(str(tmp_path / "site" / "missing.fasta"), cache)
+        fetch(str(tmp_path / "site" / "missing.fasta"), cache, policy=own(tmp_path))
 
 
 def test_fetch_local_dotdot_escape_is_denied(tmp_path, no_network):
@@ -189,7 +201,7 @@ def test_fetch_local_dotdot_escape_is_denied(tmp_path, no_network):
 def test_fetch_fasta_dataset(bucket, tmp_path):
     _put(bucket, "train/train.fasta", FASTA.encode())
     cache = tmp_path / "cache"
-    path = fetch(f"s3://{BUCKET}/train/train.fasta", cache)
+    path = fetch(f"s3://{BUCKET}/train/train.fasta", cache, policy=own(tmp_path))
     assert path == cache.resolve() / BUCKET / "train" / "train.fasta"
     assert path.read_text() == FASTA and len(path.read_text().splitlines()) == 3
     assert not list(path.parent.glob("*.part"))
@@ -199,7 +211,7 @@ def test_fetch_binary_checkpoint_multipart(bucket, tmp_path):
     # 9 MiB: above s3transfer's 8 MiB threshold, so the download uses ranged, ETag-pinned GETs.
     blob = os.urandom(9 * 1024 * 1024)
     _put(bucket, "models/esm2_t6_8M.pt", blob)
-    path = fetch(f"s3://{BUCKET}/models/esm2_t6_8M.pt", tmp_path / "cache", endpoint_url=bucket.endpoint_url)
+    path = fetch(f"s3://{BUCKET}/models/esm2_t6_8M.pt", tmp_path / "cache", endpoint_url=bucket.endpoint_url, policy=own(tmp_path))
     assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(blob).digest()
 
 
@@ -208,12 +220,12 @@ def test_second_fetch_reuses_cache_without_get(bucket, tmp_path, calls):
     uri = f"s3://{BUCKET}/models/ckpt.pt"
     cache = tmp_path / "cache"
 
-    first = fetch(uri, cache)
+    first = fetch(uri, cache, policy=own(tmp_path))
     assert calls.get("GetObject", 0) >= 1
     st = first.stat()
     calls.clear()
 
-    second = fetch(uri, cache)
+    second = fetch(uri, cache, policy=own(tmp_path))
     assert second == first
     assert calls == {"HeadObject": 1}  # one metadata request, no download
     assert (second.stat().st_ino, second.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
@@ -221,12 +233,12 @@ def test_second_fetch_reuses_cache_without_get(bucket, tmp_path, calls):
     # The object changes in S3: the next fetch downloads the new content.
     _put(bucket, "models/ckpt.pt", b"new weights")
     calls.clear()
-    assert fetch(uri, cache).read_bytes() == b"new weights"
+    assert fetch(uri, cache, policy=own(tmp_path)).read_bytes() == b"new weights"
     assert calls.get("GetObject", 0) >= 1
 
     # The cached copy is edited locally: it is replaced by the object's content.
     first.write_bytes(b"tampered!!!")  # same size as the object
-    assert fetch(uri, cache).read_bytes() == b"new weights"
+    assert fetch(uri, cache, policy=own(tmp_path)).read_bytes() == b"new weights"
 
 
 def test_fetch_prefix_mirrors_keys_and_drops_stale_files(bucket, tmp_path, calls):
@@ -236,7 +248,7 @@ def test_fetch_prefix_mirrors_keys_and_drops_stale_files(bucket, tmp_path, calls
     _put(bucket, "other/private.fasta", b">X\nA\n")
     cache = tmp_path / "cache"
 
-    root = fetch(f"s3://{BUCKET}/data/", cache)
+    root = fetch(f"s3://{BUCKET}/data/", cache, policy=own(tmp_path))
     assert root == cache.resolve() / BUCKET / "data"
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     assert files == ["splits/valid.fasta", "train.fasta"]
@@ -244,11 +256,11 @@ def test_fetch_prefix_mirrors_keys_and_drops_stale_files(bucket, tmp_path, calls
     assert not (cache / BUCKET / "other").exists()
 
     calls.clear()
-    assert fetch(f"s3://{BUCKET}/data/", cache) == root
+    assert fetch(f"s3://{BUCKET}/data/", cache, policy=own(tmp_path)) == root
     assert "GetObject" not in calls  # everything reused from the cache
 
     _client(bucket).delete_object(Bucket=BUCKET, Key="data/splits/valid.fasta")
-    fetch(f"s3://{BUCKET}/data/", cache)
+    fetch(f"s3://{BUCKET}/data/", cache, policy=own(tmp_path))
     assert not (root / "splits" / "valid.fasta").exists()
     assert (root / "train.fasta").exists()
     assert len(list((cache / storage.META_DIR).glob("*.json"))) == 1  # its cache record went too
@@ -257,14 +269,14 @@ def test_fetch_prefix_mirrors_keys_and_drops_stale_files(bucket, tmp_path, calls
 def test_fetch_whole_bucket_needs_trailing_slash(bucket, tmp_path):
     _put(bucket, "a.fasta", FASTA.encode())
     with pytest.raises(FedesmError, match="names a bucket, not an object"):
-        fetch(f"s3://{BUCKET}", tmp_path / "cache")
-    root = fetch(f"s3://{BUCKET}/", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}", tmp_path / "cache", policy=own(tmp_path))
+    root = fetch(f"s3://{BUCKET}/", tmp_path / "cache", policy=own(tmp_path))
     assert (root / "a.fasta").read_text() == FASTA
 
 
 def test_empty_prefix_is_an_error(bucket, tmp_path):
     with pytest.raises(FedesmError, match=rf"^s3://{BUCKET}/nothing/: no objects under this prefix$"):
-        fetch(f"s3://{BUCKET}/nothing/", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/nothing/", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_listed_key_with_dotdot_never_escapes_cache(bucket, tmp_path):
@@ -272,7 +284,7 @@ def test_listed_key_with_dotdot_never_escapes_cache(bucket, tmp_path):
     _put(bucket, "data/../../../evil.txt", b"pwned")  # S3 accepts any key
     cache = tmp_path / "deep" / "cache"
     with pytest.raises(FedesmError, match="path traversal"):
-        fetch(f"s3://{BUCKET}/data/", cache)
+        fetch(f"s3://{BUCKET}/data/", cache, policy=own(tmp_path))
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
 
 
@@ -281,15 +293,15 @@ def test_listed_key_with_dotdot_never_escapes_cache(bucket, tmp_path):
 
 def test_missing_object(bucket, tmp_path):
     with pytest.raises(FedesmError, match=rf"^s3://{BUCKET}/nope\.fasta: no such object$"):
-        fetch(f"s3://{BUCKET}/nope.fasta", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/nope.fasta", tmp_path / "cache", policy=own(tmp_path))
     assert not (tmp_path / "cache" / BUCKET / "nope.fasta").exists()
 
 
 def test_missing_bucket(s3, tmp_path):
     with pytest.raises(FedesmError, match=r"^s3://no-such-bucket/x\.fasta: no such bucket 'no-such-bucket'$"):
-        fetch("s3://no-such-bucket/x.fasta", tmp_path / "cache")
+        fetch("s3://no-such-bucket/x.fasta", tmp_path / "cache", policy=own(tmp_path))
     with pytest.raises(FedesmError, match="no such bucket 'no-such-bucket'"):
-        fetch("s3://no-such-bucket/data/", tmp_path / "cache")
+        fetch("s3://no-such-bucket/data/", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_denied_prefix_refused_before_any_network_call(tmp_path, no_network):
@@ -301,7 +313,7 @@ def test_denied_prefix_refused_before_any_network_call(tmp_path, no_network):
     with pytest.raises(FedesmError, match="path traversal"):
         fetch(f"s3://{BUCKET}/site-a/../site-b/x", tmp_path / "cache", policy=policy)
     with pytest.raises(FedesmError, match="path traversal"):
-        fetch(f"s3://{BUCKET}/../x", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/../x", tmp_path / "cache", policy=own(tmp_path))
     assert not (tmp_path / "cache").exists()
 
 
@@ -315,9 +327,9 @@ def test_unknown_access_key_is_an_authentication_error(bucket, tmp_path):
     _put(bucket, "train.fasta", FASTA.encode())
     bucket.set_auth(True)  # moto now checks keys against its IAM: "testing" does not exist
     with pytest.raises(FedesmError, match=r"^could not authenticate to S3 for .*\(InvalidAccessKeyId\): check AWS credentials$"):
-        fetch(f"s3://{BUCKET}/train.fasta", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/train.fasta", tmp_path / "cache", policy=own(tmp_path))
     with pytest.raises(FedesmError, match=r"could not authenticate to S3 .*check AWS credentials"):
-        fetch(f"s3://{BUCKET}/", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/", tmp_path / "cache", policy=own(tmp_path))
     assert not (tmp_path / "cache" / BUCKET / "train.fasta").exists()
 
 
@@ -330,7 +342,7 @@ def test_wrong_secret_is_an_authentication_error(bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-" + key["SecretAccessKey"])
     bucket.set_auth(True)
     with pytest.raises(FedesmError, match=r"\(SignatureDoesNotMatch\): check AWS credentials"):
-        fetch(f"s3://{BUCKET}/train.fasta", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/train.fasta", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_access_denied_by_iam_policy(bucket, tmp_path, monkeypatch):
@@ -355,22 +367,22 @@ def test_access_denied_by_iam_policy(bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
     bucket.set_auth(True)
 
-    assert fetch(f"s3://{BUCKET}/site-a/train.fasta", tmp_path / "cache").read_text() == FASTA
+    assert fetch(f"s3://{BUCKET}/site-a/train.fasta", tmp_path / "cache", policy=own(tmp_path)).read_text() == FASTA
     with pytest.raises(FedesmError, match=rf"^s3://{BUCKET}/site-b/train\.fasta: access denied by S3"):
-        fetch(f"s3://{BUCKET}/site-b/train.fasta", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/site-b/train.fasta", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_no_credentials(s3, tmp_path, monkeypatch):
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(FedesmError, match=r"^could not authenticate to S3 for s3://bkt/x \(no usable credentials found\): check AWS credentials$"):
-        fetch("s3://bkt/x", tmp_path / "cache")
+        fetch("s3://bkt/x", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_unreachable_endpoint(tmp_path, monkeypatch):
     point_env_at(monkeypatch, type("Closed", (), {"endpoint_url": f"http://127.0.0.1:{free_port()}"})(), tmp_path)
     with pytest.raises(FedesmError, match=r"^s3://bkt/x\.pt: cannot reach the S3 endpoint \(Could not connect to the endpoint URL"):
-        fetch("s3://bkt/x.pt", tmp_path / "cache")
+        fetch("s3://bkt/x.pt", tmp_path / "cache", policy=own(tmp_path))
 
 
 def test_an_unreachable_endpoint_is_tried_three_times_only(tmp_path, monkeypatch):
@@ -394,11 +406,11 @@ def test_endpoint_argument_and_env_precedence(bucket, tmp_path, monkeypatch):
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("FEDESM_S3_ENDPOINT_URL", closed)
     # The argument wins over the environment.
-    assert fetch(f"s3://{BUCKET}/a.fasta", tmp_path / "c1", endpoint_url=bucket.endpoint_url).read_text() == FASTA
+    assert fetch(f"s3://{BUCKET}/a.fasta", tmp_path / "c1", endpoint_url=bucket.endpoint_url, policy=own(tmp_path)).read_text() == FASTA
     # Without FEDESM_S3_ENDPOINT_URL, boto3's own AWS_ENDPOINT_URL_S3 is honoured.
     monkeypatch.delenv("FEDESM_S3_ENDPOINT_URL")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", bucket.endpoint_url)
-    assert fetch(f"s3://{BUCKET}/a.fasta", tmp_path / "c2").read_text() == FASTA
+    assert fetch(f"s3://{BUCKET}/a.fasta", tmp_path / "c2", policy=own(tmp_path)).read_text() == FASTA
 
 
 def test_failed_download_leaves_no_partial_file(bucket, tmp_path, monkeypatch):
@@ -417,7 +429,7 @@ def test_failed_download_leaves_no_partial_file(bucket, tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage, "make_s3_client", failing_client)
     with pytest.raises(FedesmError, match=rf"^s3://{BUCKET}/big\.pt: S3 error: Read timeout on endpoint URL"):
-        fetch(f"s3://{BUCKET}/big.pt", tmp_path / "cache")
+        fetch(f"s3://{BUCKET}/big.pt", tmp_path / "cache", policy=own(tmp_path))
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
 
@@ -430,25 +442,46 @@ def test_upload_file_and_directory_round_trip(bucket, tmp_path):
     (results / "metrics.json").write_text('{"auprc": 0.5}')
     (results / "round_1" / "adapter.safetensors").write_bytes(b"\x01\x02")
 
-    assert upload(results / "metrics.json", f"s3://{BUCKET}/out/") == [f"s3://{BUCKET}/out/metrics.json"]
-    assert upload(results / "metrics.json", f"s3://{BUCKET}/out/m.json") == [f"s3://{BUCKET}/out/m.json"]
-    assert upload(results, f"s3://{BUCKET}/run1/") == [
+    assert upload(results / "metrics.json", f"s3://{BUCKET}/out/", policy=own(tmp_path)) == [f"s3://{BUCKET}/out/metrics.json"]
+    assert upload(results / "metrics.json", f"s3://{BUCKET}/out/m.json", policy=own(tmp_path)) == [f"s3://{BUCKET}/out/m.json"]
+    assert upload(results, f"s3://{BUCKET}/run1/", policy=own(tmp_path)) == [
         f"s3://{BUCKET}/run1/metrics.json",
         f"s3://{BUCKET}/run1/round_1/adapter.safetensors",
     ]
-    root = fetch(f"s3://{BUCKET}/run1/", tmp_path / "cache")
+    root = fetch(f"s3://{BUCKET}/run1/", tmp_path / "cache", policy=own(tmp_path))
     assert (root / "round_1" / "adapter.safetensors").read_bytes() == b"\x01\x02"
-    assert fetch(f"s3://{BUCKET}/out/m.json", tmp_path / "cache").read_text() == '{"auprc": 0.5}'
+    assert fetch(f"s3://{BUCKET}/out/m.json", tmp_path / "cache", policy=own(tmp_path)).read_text() == '{"auprc": 0.5}'
 
 
 def test_upload_errors(bucket, tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(FedesmError, match="no such file or directory"):
-        upload(tmp_path / "missing.txt", f"s3://{BUCKET}/x")
+        upload(tmp_path / "missing.txt", f"s3://{BUCKET}/x", policy=own(tmp_path))
     with pytest.raises(FedesmError, match="needs a prefix URI ending with '/'"):
-        upload(tmp_path / "d", f"s3://{BUCKET}/x")
+        upload(tmp_path / "d", f"s3://{BUCKET}/x", policy=own(tmp_path))
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(FedesmError, match="no such bucket 'missing-bucket'"):
-        upload(tmp_path / "f.txt", "s3://missing-bucket/f.txt")
+        upload(tmp_path / "f.txt", "s3://missing-bucket/f.txt", policy=own(tmp_path))
     with pytest.raises(FedesmError, match="outside this site's allowed prefixes"):
         upload(tmp_path / "f.txt", f"s3://{BUCKET}/other/f.txt", policy=AccessPolicy([f"s3://{BUCKET}/results"]))
+
+
+def test_upload_reads_and_writes_only_inside_the_allow_list(bucket, tmp_path):
+    """The attack the former optional policy allowed: the site's private training file to another bucket.
+    With the site's own allow-list (its data and results prefix) nothing is read or written elsewhere."""
+    client = _client(bucket)
+    client.create_bucket(Bucket="attacker-drop")
+    data = tmp_path / "site" / "train.fasta"
+    data.parent.mkdir()
+    data.write_text(FASTA)
+    site = AccessPolicy([tmp_path / "site", f"s3://{BUCKET}/results"], source="site.yaml")
+    with pytest.raises(FedesmError, match=r"s3://attacker-drop/train.fasta is outside this site's allowed prefixes"):
+        upload(data, "s3://attacker-drop/", policy=site)
+    key = tmp_path / "startup" / "client.key"
+    key.parent.mkdir()
+    key.write_text("-----BEGIN PRIVATE KEY-----")
+    with pytest.raises(FedesmError, match=r"client.key is outside this site's allowed prefixes"):
+        upload(key, f"s3://{BUCKET}/results/", policy=site)  # a file outside the list is not read either
+    assert "Contents" not in client.list_objects_v2(Bucket="attacker-drop")
+    assert "Contents" not in client.list_objects_v2(Bucket=BUCKET)
+    assert upload(data, f"s3://{BUCKET}/results/", policy=site) == [f"s3://{BUCKET}/results/train.fasta"]

@@ -42,5 +42,6 @@ def load_data(uri: str, cache_dir=None):
     if uri.startswith("s3://"):
         from fedesm import storage
 
-        uri = str(storage.fetch(uri, Path(cache_dir or Path.home() / ".cache" / "fedesm")))
+        uri = str(storage.fetch(uri, Path(cache_dir or Path.home() / ".cache" / "fedesm"),
+                                storage.AccessPolicy.exactly(uri, source="the command line")))
     return load_dataset(uri)

@@ -11,9 +11,11 @@ it. The guard compares it with the installed version:
   ``job_deploy_detail`` (``site-1: fedesm version mismatch: ...``) and nothing is started there;
 * on the server, when a job is submitted (``SUBMIT_JOB``): the submitter gets the line back.
 
-`fedesm.settings.SitePolicySettings.version_mismatch` decides refuse or warn. Jobs without a
-recorded version (not written by fedesm) pass untouched. At ``SYSTEM_START`` the guard logs the
-fedesm, NVFLARE and torch versions of the participant.
+`fedesm.settings.SitePolicySettings.version_mismatch` decides refuse or warn. A job without a
+recorded version (not written by fedesm, or with the record removed) is refused the same way: a
+site cannot tell which fedesm wrote it. At ``SYSTEM_START`` the guard logs the fedesm, NVFLARE and
+torch versions of the participant. What the job's configs hold is checked by
+`fedesm.flare.job_check` (NVFLARE's app validator) once the app is unpacked.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def installed_versions() -> dict[str, str]:
 
 
 def version_problem(job_meta: Optional[dict], installed: str = __version__) -> Optional[str]:
-    """One line when the job's recorded fedesm version is not `installed`, else None."""
-    recorded = (job_meta or {}).get(VERSION_KEY)
-    if recorded is None or str(recorded) == installed:
+    """One line when the job records no fedesm version or another than `installed`, else None."""
+    meta = job_meta if isinstance(job_meta, dict) else {}
+    recorded = meta.get(VERSION_KEY)
+    name = str(meta.get("name") or meta.get("job_id") or "the job")[:60]
+    if recorded is None:
+        return (f"fedesm version missing: {name} records no {VERSION_KEY} in meta.json, so this participant "
+                f"cannot tell which fedesm wrote it; export it with `fedesm job export` (fedesm {installed})")
+    recorded = str(recorded)[:40]
+    if recorded == installed:
         return None
-    name = (job_meta or {}).get("name") or (job_meta or {}).get("job_id") or "the job"
     return (f"fedesm version mismatch: {name} was exported by fedesm {recorded}, this participant runs "
             f"{installed}; re-export it with fedesm {installed} (or upgrade the sites, docs/operations.md)")
 

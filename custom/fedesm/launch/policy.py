@@ -4,18 +4,23 @@ A site that installed fedesm runs only that code. Its kit's ``local/`` folder ge
 
 * ``authorization.json``: NVFLARE 2.9's default policy with the ``byoc`` right (jobs that bring
   code in ``app/custom``) denied to every role, the project admin included;
-* ``resources.json``: NVFLARE's site resources with a class allow-list of exactly ``fedesm.`` and
-  the NVFLARE components the shipped jobs name (`fedesm.launch.jobs`), ``allow_log_streaming``
-  off (no site log leaves the site), the GPUs the site declares, and `FedesmSiteGuard` (logs the
-  versions, refuses jobs of another fedesm version: `SitePolicySettings`);
+* ``resources.json``: NVFLARE's site resources with a class allow-list of the exact component
+  classes the shipped jobs name (`fedesm.launch.jobs`; NVFLARE matches an entry without a trailing
+  dot as that path exactly, and its loader imports the module before the last dot, so no function,
+  method or other class is reachable), the job checker as NVFLARE's ``app_validator``
+  (`fedesm.flare.job_check.FedesmJobValidator`: every app is compared with fedesm's job shapes
+  after unpacking and before anything is built), ``allow_log_streaming`` off (no site log leaves
+  the site), the GPUs the site declares, and `FedesmSiteGuard` (logs the versions, refuses jobs of
+  another fedesm version or none: `SitePolicySettings`);
 * ``privacy.json``: one scope, the default, whose result filter lets only the job's LoRA factors and
   head (names, shapes and dtype of the model it declares, rank at most ``max_lora_rank``), counts
   and metrics leave, and refuses anything else with a logged reason
   (`fedesm.flare.privacy.AdaptersOnlyFilter`).
 
 The server gets ``authorization.json`` with ``byoc`` left only to the project admin (org admins and
-leads may not run their code on the orchestrator), and ``resources.json`` with its own allow-list,
-its job store and snapshots under one folder of its workspace, and ``max_jobs`` 1 (two jobs never
+leads may not run their code on the orchestrator; the server's job checker refuses an app with code
+from anyone, so that right only matters where the checker is taken out), and ``resources.json``
+with its own allow-list and job checker, its job store and snapshots under one folder of its workspace, and ``max_jobs`` 1 (two jobs never
 share a site's GPU unnoticed). Both are built on the templates of the installed NVFLARE, so they
 stay NVFLARE 2.9's files with fedesm's changes and nothing else.
 
@@ -37,10 +42,8 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
-from fedesm.launch.jobs import CLIENT_CONFIG, JOBS, SERVER_CONFIG, render_job
 from fedesm.settings import SitePolicySettings
 
-FEDESM_PREFIX = "fedesm."
 AUTHORIZATION = "authorization.json"
 RESOURCES = "resources.json"
 PRIVACY = "privacy.json"
@@ -51,6 +54,7 @@ MAX_JOBS = 1  # the server runs one job at a time: a site's GPU is never shared 
 GUARD_ID = "fedesm_site_guard"
 GUARD_PATH = "fedesm.flare.site_guard.FedesmSiteGuard"
 PRIVACY_FILTER_PATH = "fedesm.flare.privacy.AdaptersOnlyFilter"
+VALIDATOR_PATH = "fedesm.flare.job_check.FedesmJobValidator"
 PRIVACY_SCOPE = "fedesm"
 CHARTS_DIR = Path(__file__).resolve().parents[3] / "helm"
 # The server's job store as the image lays it out: inside NVFL_WORKSPACE (/var/nvflare/workspace), which the
@@ -100,10 +104,11 @@ def component_paths(config) -> set[str]:
 
 
 def class_allow_list(role: str) -> list[str]:
-    """`fedesm.` and the NVFLARE component classes the shipped jobs name for `role` (client | server)."""
-    config = {"client": CLIENT_CONFIG, "server": SERVER_CONFIG}[role]
-    paths = set().union(*(component_paths(render_job(t)[config]) for t in JOBS.values()))
-    return [FEDESM_PREFIX] + sorted(p for p in paths if not p.startswith(FEDESM_PREFIX))
+    """The exact component classes fedesm's jobs name for `role` (client | server): full class paths,
+    never a package prefix (a prefix admits every callable under it, functions included)."""
+    from fedesm.flare.job_check import component_classes
+
+    return sorted(component_classes(role))
 
 
 def authorization(role: str) -> dict:
@@ -134,12 +139,18 @@ def _guard(policy: Optional[SitePolicySettings]) -> dict:
     return {"id": GUARD_ID, "path": GUARD_PATH, "args": args}
 
 
+def _validator(role: str) -> dict:
+    """NVFLARE's app_validator hook: the job checker, run on every app before it is deployed."""
+    return {"path": VALIDATOR_PATH, "args": {"role": role}}
+
+
 def client_resources(num_gpus: int = 0, gpu_mem_gib: float = 0, policy: Optional[SitePolicySettings] = None) -> dict:
     """A site's resources.json: NVFLARE's, with fedesm's allow-list, no log streaming, its GPUs, the guard."""
     res = _template("local_client_resources", {
         "num_gpus": json.dumps(int(num_gpus)), "gpu_mem": json.dumps(gpu_mem_gib), "allow_log_streaming": "false",
         "class_allow_list": json.dumps(class_allow_list("client"))})
     res["components"].append(_guard(policy))
+    res["app_validator"] = _validator("client")
     return res
 
 
@@ -161,6 +172,7 @@ def server_resources(store_root: str | os.PathLike, max_jobs: int = MAX_JOBS,
     if found != {"job_manager", "job_scheduler"}:
         raise FedesmError(f"NVFLARE's server resources template has no {sorted({'job_manager', 'job_scheduler'} - found)}")
     res["components"].append(_guard(policy))
+    res["app_validator"] = _validator("server")
     return res
 
 

@@ -55,7 +55,9 @@ def load_backbone(source: str, cache_dir=None, policy=None, endpoint_url=None) -
         from fedesm import storage
 
         cache = Path(cache_dir or Path.home() / ".cache" / "fedesm")
-        local = storage.fetch(source, cache, policy=policy, endpoint_url=endpoint_url)
+        if policy is None:  # a command the user typed: exactly what they named
+            policy = storage.AccessPolicy.exactly(source, source="the backbone named on the command line")
+        local = storage.fetch(source, cache, policy, endpoint_url=endpoint_url)
         return _load_local(local, origin=source)
 
     from fedesm.model.hf import is_hf_source
