@@ -78,6 +78,7 @@ def _predict(args) -> int:
     from fedesm.data.readers import read_sequences
     from fedesm.training.inference import predict_proba, resolve_device
 
+    _check_predict_args(args)  # bad flags: one line before any model is loaded
     model_path = Path(args.model)
     if model_path.is_file():
         from fedesm.model.export import load_exported
@@ -122,6 +123,20 @@ def _predict(args) -> int:
               f"at threshold {threshold:.2f}: precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
               f"F1 {m['f1']:.3f}, MCC {m['mcc']:.3f}")
     return 0
+
+
+def _check_predict_args(args) -> None:
+    """--threshold in (0, 1) and --max-len within ESM-2's window, as training.threshold / training.max_len."""
+    import math
+
+    from fedesm.data.batching import ESM2_MAX_RESIDUES
+    from fedesm.errors import FedesmError
+
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0 < args.threshold < 1):
+        raise FedesmError(f"predict --threshold: must be in (0, 1), got {args.threshold:g}")
+    if args.max_len is not None and not 1 <= args.max_len <= ESM2_MAX_RESIDUES:
+        raise FedesmError(f"predict --max-len: ESM-2 takes 1 to {ESM2_MAX_RESIDUES} residues per window, "
+                          f"got {args.max_len}")
 
 
 def _read_labelled(path: str):
