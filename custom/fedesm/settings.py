@@ -153,10 +153,11 @@ def _coerce(kind: Any, value: Any, where: str, meta: Mapping | None = None) -> A
     if kind is int:
         if isinstance(value, bool):
             raise SettingError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         try:
-            number = int(value) if isinstance(value, (int, str)) else _fail()
+            if isinstance(value, float) and value.is_integer():
+                number = int(value)
+            else:
+                number = int(value) if isinstance(value, (int, str)) else _fail()
         except (TypeError, ValueError, OverflowError):
             raise SettingError(f"{where}: expected an integer, got {_short(value)}") from None
         highest = meta.get("maximum") or MAX_INT

@@ -145,6 +145,10 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
     lora_r = merged.get("lora_r")
     if lora_r is not None and (isinstance(lora_r, bool) or not isinstance(lora_r, int) or lora_r < 1):
         raise FedesmError(f"{path}: lora_r must be a positive integer (the site's LoRA rank), got {lora_r!r}")
+    if lora_r is not None:
+        from fedesm.settings import LoraSettings
+
+        LoraSettings.from_dict({"r": lora_r}, where=f"{path} (site {site}) lora_r")  # within every model's width
     return SiteConfig(
         site=site,
         train=str(data["train"]),
