@@ -75,7 +75,6 @@ def _train(args) -> int:
 def _predict(args) -> int:
     from fedesm.data.batching import Tokenizer
     from fedesm.data.catalog import resolve
-    from fedesm.data.readers import read_sequences
     from fedesm.training.inference import predict_proba, resolve_device
 
     _check_predict_args(args)  # bad flags: one line before any model is loaded
@@ -96,7 +95,7 @@ def _predict(args) -> int:
     threshold = args.threshold if args.threshold is not None else threshold
     max_len = args.max_len or max_len
     labelled = _read_labelled(args.input)
-    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else read_sequences(resolve(args.input))
+    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else _read_unlabelled(resolve(args.input))
     device = resolve_device(args.device)
     model.to(device)
     probs = predict_proba(model, Tokenizer(alphabet), [s for _, s in seqs], max_len, device)
@@ -140,12 +139,28 @@ def _check_predict_args(args) -> None:
 
 
 def _read_labelled(path: str):
-    """The input's labelled, valid records, or None: no labels (2-line FASTA, a table without them) or a
-    problem, which `read_sequences` then reports in its own terms."""
+    """The input's labelled, valid records, or None when it carries no labels (a 2-line FASTA); the same
+    checks as training (`load_dataset`). An input that carries labels (a table, a FASTA with label lines)
+    whose labels or records are wrong is refused with that problem: its labels are never silently dropped."""
+    from fedesm.data.catalog import resolve
+    from fedesm.data.readers import detect_format
     from fedesm.data.validate import load_dataset
     from fedesm.errors import DataError
 
     try:
         return load_dataset(path)
-    except DataError:
+    except DataError as problem:
+        local = resolve(path)
+        label_lines: list = []
+        if detect_format(local)[0] != "fasta":
+            raise  # a table always has a labels column: its problem is the input's problem
+        _read_unlabelled(local, label_lines)  # its own problems first: empty, no such file, a directory, ids
+        if label_lines:  # some records carry labels: report what is wrong with them instead of predicting
+            raise problem
         return None
+
+
+def _read_unlabelled(path, label_lines=None):
+    from fedesm.data.readers import read_sequences
+
+    return read_sequences(path, label_lines)
