@@ -185,6 +185,7 @@ def read_records_with_lines(
     from fedesm.data.catalog import resolve
 
     path = resolve(path)  # a shipped set's name (gpsite:ATP) -> its file
+    max_chain_length(), max_input_bytes()  # a bad limit setting: one error for the file, before any record
     fmt, gz = detect_format(path)
     p = Path(path)
     if not p.exists():
@@ -215,6 +216,7 @@ def read_sequences(path: PathLike, label_lines: Optional[list] = None) -> list[t
     from fedesm.data.records import ESM_RESIDUES
 
     path = Path(path)
+    max_chain_length(), max_input_bytes()
     fmt, gz = detect_format(path)
     if path.is_dir():
         raise DataError("is a directory, expected a data file", path=path)
