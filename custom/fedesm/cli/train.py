@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
 from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
                                 lora_from_args, train_config_from_args)
+from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_path
 
 
@@ -23,7 +25,9 @@ def register(sub) -> None:
     p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
                    help="ESM-2 source: fair-esm name (online), local .pt, a Hugging Face folder (save_pretrained) "
                    "or hf:ID (online), s3:// URI, or random:ARCH (default esm2_t12_35M_UR50D)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused when it holds a run, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the run an existing --out holds (its metrics, tb/, "
+                   "best/ and last/ are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_attention_arg(p)
     add_lora_args(p)
@@ -53,12 +57,29 @@ def _train(args) -> int:
     from fedesm.training.centralized import run_centralized
 
     cfg, lora = train_config_from_args(args), lora_from_args(args)  # bad settings: one line before any read
+    out = Path(args.out)
+    held = _run_entries(out)
+    if held and not args.force:
+        raise FedesmError(f"{out} holds a run ({', '.join(p.name for p in held)}); pass --force to replace it, "
+                          "or choose another --out")
     train = load_data(args.train)
     val = load_data(args.val)
     for note in check_site_data(train, val, args.train, args.val, cfg.max_len):
         print(f"fedesm: note: {note}", file=sys.stderr)
-    rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
-                           attention=attention_from_args(args))
+    for entry in held:  # --force: the old run goes only once the new one's settings and data are known good
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    created = not out.exists()
+    try:
+        rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
+                               attention=attention_from_args(args))
+    except BaseException:
+        if not _finished_a_round(out):  # failed before its first round: leave nothing behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for entry in _run_entries(out):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) and v == v else f"{'-':>6}"  # noqa: E731
     best = max(rows[1:], key=lambda r: (r["auprc"] if r["auprc"] == r["auprc"] else -1, r["f1"]))
     print("validation metrics per round (precision/recall/F1 at 0.5; thr = the F1-maximising threshold)")
@@ -70,6 +91,26 @@ def _train(args) -> int:
     print(f"best round {best['round']} (val AUPRC {best['auprc']:.3f}, calls at {best['threshold_tuned']:.3f}); "
           f"adapters in {Path(args.out) / 'best'} and {Path(args.out) / 'last'}")
     return 0
+
+
+RUN_ENTRIES = ("metrics.jsonl", "metrics.csv", "tb", "best", "last")
+
+
+def _run_entries(out: Path) -> list[Path]:
+    """What of a previous `fedesm train` run `out` holds (none when it is absent or holds other things)."""
+    if out.exists() and not out.is_dir():
+        raise FedesmError(f"--out {out} is a file, not a folder")
+    return [out / name for name in RUN_ENTRIES if (out / name).exists()]
+
+
+def _finished_a_round(out: Path) -> bool:
+    import json
+
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(r, dict) and isinstance(r.get("round"), int) and r["round"] >= 1 for r in rows)
 
 
 def _predict(args) -> int:
