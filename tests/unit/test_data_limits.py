@@ -174,3 +174,21 @@ def test_crlf_input_is_accepted_as_documented(tmp_path, model_dir):
     assert [r.id for r in read_records(path)] == ["a"]
     assert _predict(model_dir, path, tmp_path / "pred.csv") == 0
     assert "crlf" in (Path(__file__).resolve().parents[2] / "README.md").read_text().lower()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["data", "split", "gpsite:ATP", "--sites", "2", "--seed", "-1"], "--seed must be in 0 .. 4,294,967,295"),
+    (["data", "split", "gpsite:ATP", "--sites", "2", "--alpha", "inf"], "--alpha must be a finite number > 0"),
+    (["data", "split", "gpsite:ATP", "--sites", "2", "--alpha", "nan"], "--alpha must be a finite number > 0"),
+    (["data", "split", "gpsite:ATP", "--sites", "99999999999999999999"], "--sites must be in 1 .. 2,147,483,647"),
+    (["data", "synth", "--seed", "-5"], "--seed must be in 0 .. 4,294,967,295"),
+    (["data", "synth", "--n", "99999999999999"], "--n must be in 1 .. 2,147,483,647"),
+    (["data", "validate", "gpsite:ATP", "--max-len", "-3"], "--max-len must be in 1 .. 2,147,483,647"),
+])
+def test_the_data_commands_hold_their_numbers_to_the_same_rule(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out.fa" if argv[1] == "synth" else tmp_path / "split"
+    if argv[1] != "validate":
+        argv = [*argv, "--out", str(out)]
+    assert main(argv) == 2
+    _one_line(capsys, needle)
+    assert not out.exists()
