@@ -217,3 +217,43 @@ def test_the_fuzz_drew_enough():
         pytest.skip("runs with the whole file")
     assert sum(DRAWS.values()) >= 1000, DRAWS
     print(f"settings fuzz draws: {dict(DRAWS)}, total {sum(DRAWS.values())}")
+
+
+# ---------------------------------------------------------------------------------- accepted means it runs
+
+EDGES = {  # the ends of what each training and LoRA field accepts (the fuzz above probes past them)
+    "batch_size": [1, 3], "lr": [1e-12, 5.0], "weight_decay": [0.0, 10.0], "warmup_steps": [0, None, 50],
+    "schedule": ["cosine", "linear", "constant"], "min_lr_ratio": [0.0, 1.0], "grad_clip": [0.0, 1e-6, 1e6],
+    "class_weights": ["balanced", "sqrt", None, [0.0, 1.0], [1.0, 0.0], [1e-9, 1e9]], "focal_gamma": [0.0, 5.0],
+    "max_len": [1, 2, 1022], "seed": [0, 2**32 - 1], "grad_noise_std": [0.0, 1e-4],
+    "freeze_lora_a": [False, True], "activation_checkpointing": [False, True],
+}
+LORA_EDGES = {"r": [1, 64], "alpha": [1e-6, 1e3], "dropout": [0.0, 0.999], "targets": [("q_proj",), ("fc1", "fc2"),
+                                                                                     ("out_proj", "v_proj")]}
+
+
+def test_accepted_edge_settings_run_a_step(tiny_checkpoint, synth_data):
+    """A block the checks accept is one a short run accepts: two optimizer steps of the tiny model at the
+    ends of every training and LoRA range, a finite loss."""
+    from fedesm.model.adapters import build_lora_model
+    from fedesm.model.backbone import load_backbone
+    from fedesm.training.trainer import LocalTrainer
+
+    backbone_path = str(tiny_checkpoint)
+    train = synth_data[0][:16]
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.fixed_dictionaries({k: st.sampled_from(v) for k, v in EDGES.items()}),
+           st.fixed_dictionaries({k: st.sampled_from(v) for k, v in LORA_EDGES.items()}))
+    def prop(training, lora):
+        DRAWS["runs"] += 1
+        config = TrainConfig.from_dict({**training, "rounds": 1, "steps_per_round": 2})
+        with _bounded(60):
+            backbone = load_backbone(backbone_path)
+            model = build_lora_model(backbone, LoraSettings.from_dict(lora), seed=config.seed)
+            stats = LocalTrainer(model, backbone.alphabet, train, config).train_steps(2)
+        assert stats.steps == 2 and math.isfinite(stats.loss), (training, lora, stats.loss)
+
+    prop()
+    assert DRAWS["runs"] >= 20
