@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -53,11 +54,27 @@ class SettingError(FedesmError):
     """A bad setting: says which block and field, and what is allowed."""
 
 
+# One rule for numbers, whatever the way in: a float is finite unless its field says otherwise
+# (`nonfinite=True`), and an integer lies in [-MAX_INT, MAX_INT] or in its field's own tighter
+# `maximum` (a count or size beyond what the machine can address makes no run, only a hang or a crash).
+MAX_INT = 2**31 - 1
+MAX_BATCH_SIZE = 65_536  # sequences per step: 65,536 x 1,022 tokens is already beyond any accelerator
+MAX_EVAL_BATCH_TOKENS = 2**26
+MAX_NUM_LABELS = 1024
+MAX_SEED = 2**32 - 1  # numpy's and every seeded generator's range
+# The Linear modules of an ESM-2 layer that LoRA can adapt; each has embed_dim as its smaller side
+# (q/k/v/out: E x E, fc1: E -> 4E, fc2: 4E -> E), so a rank above embed_dim adds nothing but cost.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
 def setting(default: Any, help: str, *, choices: Sequence[str] | None = None, flag: bool = True,
-            aliases: Sequence[str] = (), metavar: str | None = None):
-    """A dataclass field with what the CLI and the checks need: help text, allowed values, flag aliases."""
+            aliases: Sequence[str] = (), metavar: str | None = None, maximum: int | None = None,
+            nonfinite: bool = False):
+    """A dataclass field with what the CLI and the checks need: help text, allowed values, flag aliases,
+    an integer's largest value (`maximum`, default MAX_INT) and whether a float may be inf or NaN."""
     return field(default=default, metadata={"help": help, "choices": tuple(choices) if choices else None,
-                                            "flag": flag, "aliases": tuple(aliases), "metavar": metavar})
+                                            "flag": flag, "aliases": tuple(aliases), "metavar": metavar,
+                                            "maximum": maximum, "nonfinite": nonfinite})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,14 +126,16 @@ def apply_overrides(raw: dict, items: Sequence[str], flag: str = "--set") -> dic
     return raw
 
 
-def _coerce(kind: Any, value: Any, where: str) -> Any:
-    """`value` as the annotated type `kind` (int, float, bool, str, Optional[...], tuple[str, ...])."""
+def _coerce(kind: Any, value: Any, where: str, meta: Mapping | None = None) -> Any:
+    """`value` as the annotated type `kind` (int, float, bool, str, Optional[...], tuple[str, ...]), within
+    the one rule for numbers (finite floats, integers up to the field's `maximum` or MAX_INT)."""
+    meta = meta or {}
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is typing.Union:  # Optional[X]
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        return _coerce(inner[0], value, where, meta)
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -134,28 +153,46 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     if kind is int:
         if isinstance(value, bool):
             raise SettingError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         try:
-            return int(value) if isinstance(value, (int, str)) else _fail()
-        except (TypeError, ValueError):
-            raise SettingError(f"{where}: expected an integer, got {value!r}") from None
+            if isinstance(value, float) and value.is_integer():
+                number = int(value)
+            else:
+                number = int(value) if isinstance(value, (int, str)) else _fail()
+        except (TypeError, ValueError, OverflowError):
+            raise SettingError(f"{where}: expected an integer, got {_short(value)}") from None
+        highest = meta.get("maximum") or MAX_INT
+        if number > highest:
+            raise SettingError(f"{where}: must be at most {highest:,}, got {_short(number)}")
+        if number < -MAX_INT:
+            raise SettingError(f"{where}: must be at least {-MAX_INT:,}, got {_short(number)}")
+        return number
     if kind is float:
         if isinstance(value, bool):
             raise SettingError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value) if isinstance(value, (int, float, str)) else _fail()
-        except (TypeError, ValueError):
-            raise SettingError(f"{where}: expected a number, got {value!r}") from None
+            number = float(value) if isinstance(value, (int, float, str)) else _fail()
+        except (TypeError, ValueError, OverflowError):
+            raise SettingError(f"{where}: expected a number, got {_short(value)}") from None
+        if not math.isfinite(number) and not meta.get("nonfinite"):
+            raise SettingError(f"{where}: must be a finite number, got {_short(value)}")
+        return number
     if kind is str:
         if not isinstance(value, str):
-            raise SettingError(f"{where}: expected text, got {value!r}")
+            raise SettingError(f"{where}: expected text, got {_short(value)}")
+        if "\x00" in value or "\n" in value or "\r" in value:
+            raise SettingError(f"{where}: must be one line of text without NUL, got {_short(value)}")
         return value
     return value  # Any: the field's own check normalises it
 
 
 def _fail():
     raise ValueError
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`value`'s repr cut to one short line (an error names the value, not a 20-digit integer in full)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Settings:
@@ -167,7 +204,7 @@ class Settings:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             where = f"{self.BLOCK}.{f.name}"
-            value = _coerce(hints[f.name], getattr(self, f.name), where)
+            value = _coerce(hints[f.name], getattr(self, f.name), where, f.metadata)
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise SettingError(f"{where}: {value!r} is not one of {', '.join(choices)}")
@@ -189,11 +226,13 @@ class Settings:
         """The block from a mapping (YAML, JSON, a job config); missing keys take their defaults."""
         if isinstance(d, cls):
             return d
+        prefix = f"{where}: " if where else ""
+        if d is not None and not isinstance(d, Mapping):
+            raise SettingError(f"{prefix}{cls.BLOCK}: expected a mapping of settings, got {_short(d)}")
         d = dict(d or {})
         unknown = [k for k in d if k not in cls.names()]
         if unknown:
-            hint = difflib.get_close_matches(unknown[0], cls.names(), n=1)
-            prefix = f"{where}: " if where else ""
+            hint = difflib.get_close_matches(str(unknown[0]), cls.names(), n=1)
             raise SettingError(f"{prefix}unknown {cls.BLOCK} setting {unknown[0]!r}"
                                + (f" (did you mean {hint[0]!r}?)" if hint else "")
                                + f"; valid: {', '.join(cls.names())}")
@@ -227,7 +266,7 @@ class ModelSettings(Settings):
         None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, a Hugging Face "
         "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
         "model cards")
-    num_labels: int = setting(2, "classes of the per-residue head")
+    num_labels: int = setting(2, "classes of the per-residue head", maximum=MAX_NUM_LABELS)
     attention: str = setting("fused", "self-attention kernel: fused (PyTorch scaled_dot_product_attention: flash / "
                              "memory-efficient on CUDA, same weights and outputs) or stock (fair-esm's explicit "
                              "softmax over every head's L x L weights)", choices=ATTENTIONS)
@@ -251,7 +290,8 @@ class LoraSettings(Settings):
 
     BLOCK: ClassVar[str] = "lora"
 
-    r: int = setting(16, "LoRA rank")
+    r: int = setting(16, "LoRA rank (at most the model's embedding width, the smaller side of every adapted "
+                     "matrix)")
     alpha: float = setting(32, "LoRA alpha; the update is scaled by alpha / r")
     dropout: float = setting(0.05, "dropout on the LoRA input")
     targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj"), "modules to adapt (comma-separated on "
@@ -260,12 +300,29 @@ class LoraSettings(Settings):
     def check(self) -> None:
         if self.r < 1:
             self.fail("r", f"the LoRA rank must be a positive integer, got {self.r}")
+        from fedesm.model.architectures import ARCHITECTURES
+
+        widest = max(a.embed_dim for a in ARCHITECTURES.values())
+        if self.r > widest:
+            self.fail("r", f"the LoRA rank must be at most the adapted matrices' smaller side (the embedding width, "
+                      f"{widest} in the widest ESM-2), got {self.r:,}")
         if not self.alpha > 0:
             self.fail("alpha", f"must be > 0, got {self.alpha:g}")
         if not 0 <= self.dropout < 1:
             self.fail("dropout", f"must be in [0, 1), got {self.dropout:g}")
         if not self.targets:
             self.fail("targets", "name at least one module to adapt (e.g. q_proj,k_proj,v_proj)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            self.fail("targets", f"{unknown[0]!r} names no module of an ESM-2 layer; choose from {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            self.fail("targets", f"names a module twice: {','.join(self.targets)}")
+
+    def check_fits(self, arch_name: str, embed_dim: int) -> None:
+        """The rank fits the model: at most the smaller side of every adapted matrix (its embedding width)."""
+        if self.r > embed_dim:
+            self.fail("r", f"the LoRA rank must be at most {embed_dim}, the adapted matrices' smaller side in "
+                      f"{arch_name}, got {self.r:,}")
 
     def to_peft(self):
         from peft import LoraConfig
@@ -293,7 +350,13 @@ def parse_class_weights(value) -> Any:
             raise SettingError(f"training.class_weights: {value!r} is not balanced, sqrt, none or 'w0,w1'") from None
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in value):
-        return [float(x) for x in value]
+        try:
+            weights = [float(x) for x in value]
+        except OverflowError:
+            weights = [math.inf]
+        if all(math.isfinite(w) for w in weights) and any(w > 0 for w in weights):
+            return weights
+        raise SettingError(f"training.class_weights: two finite weights w0,w1 >= 0, not both 0, got {_short(value)}")
     raise SettingError(f"training.class_weights: {value!r} is not balanced, sqrt, none or two weights w0,w1 >= 0")
 
 
@@ -306,7 +369,7 @@ class TrainConfig(Settings):
     rounds: int = setting(3, "rounds R; with steps_per_round it fixes the learning-rate schedule (a federated "
                           "job runs this many rounds)")
     steps_per_round: int = setting(100, "optimizer steps N per round, each on a batch drawn at random")
-    batch_size: int = setting(8, "sequences per step")
+    batch_size: int = setting(8, "sequences per step", maximum=MAX_BATCH_SIZE)
     lr: float = setting(1e-3, "peak AdamW learning rate")
     weight_decay: float = setting(0.01, "AdamW weight decay")
     warmup_steps: Optional[int] = setting(None, "linear warm-up steps (default: 5% of all steps, at most 500)")
@@ -326,11 +389,11 @@ class TrainConfig(Settings):
     max_len: int = setting(1000, "context in residues: longer chains are random-cropped in training, tiled in "
                            "evaluation (ESM-2 takes at most 1,022)")
     seed: int = setting(0, "seed of the initial adapters, batch sampling, crops and dropout (never of privacy "
-                        "noise, which is secret: fedesm.training.privacy.randomness)")
+                        "noise, which is secret: fedesm.training.privacy.randomness)", maximum=MAX_SEED)
     device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N; a site's own config wins")
     precision: str = setting("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     bucket: Optional[bool] = setting(None, "length-bucketed batches (default: on CUDA)", flag=False)
-    eval_batch_tokens: int = setting(16384, "tokens per evaluation batch", flag=False)
+    eval_batch_tokens: int = setting(16384, "tokens per evaluation batch", flag=False, maximum=MAX_EVAL_BATCH_TOKENS)
     threshold: float = setting(0.5, "call threshold for metrics at a fixed threshold", flag=False)
     freeze_lora_a: bool = setting(False, "train only LoRA B (FFA-LoRA; the ffa strategy needs it)")
     activation_checkpointing: bool = setting(False, "recompute each encoder layer's activations in the backward "
@@ -361,6 +424,8 @@ class TrainConfig(Settings):
         for name in ("weight_decay", "grad_clip", "focal_gamma", "grad_noise_std", "dp_noise_multiplier"):
             if getattr(self, name) < 0:
                 self.fail(name, f"must be >= 0, got {getattr(self, name):g}")
+        if self.seed < 0:
+            self.fail("seed", f"must be >= 0, got {self.seed}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             self.fail("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -380,7 +445,7 @@ class TrainConfig(Settings):
         if self.grad_noise_std and self.dp_noise_multiplier:
             self.fail("dp_noise_multiplier", "choose one privacy mode: grad_noise_std (paper) or "
                       "dp_noise_multiplier (DP-SGD)")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,4}", self.device)):
             self.fail("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         if self.dp_noise_multiplier and isinstance(self.class_weights, str):
             self.fail("class_weights", f"{self.class_weights} is computed from the private training set, which "
@@ -541,13 +606,15 @@ class SitePrivacySettings(Settings):
     debug_noise_seed: Optional[int] = setting(None, "DEBUGGING ONLY: draw privacy noise from this seed (and the "
                                               "site's name) instead of OS entropy, so runs repeat exactly; whoever "
                                               "knows it can remove the noise (logged, and noise_reproducible = 1 "
-                                              "in the metrics)", flag=False)
+                                              "in the metrics)", flag=False, maximum=MAX_SEED)
 
     def check(self) -> None:
         for name in ("min_noise_multiplier", "max_grad_norm", "target_epsilon", "target_delta"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):  # nan and inf pass < and >
                 self.fail(name, f"must be a finite number, got {value}")
+        if self.debug_noise_seed is not None and self.debug_noise_seed < 0:
+            self.fail("debug_noise_seed", f"must be >= 0, got {self.debug_noise_seed}")
         if self.min_noise_multiplier < 0:
             self.fail("min_noise_multiplier", f"must be >= 0, got {self.min_noise_multiplier:g}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -576,6 +643,9 @@ class JobSettings:
                               "federation": FederationSettings}
 
     def __post_init__(self):
+        from fedesm.model.architectures import ARCHITECTURES
+
+        self.lora.check_fits(self.model.arch, ARCHITECTURES[self.model.arch].embed_dim)
         if self.federation.strategy == "ffa" and not self.training.freeze_lora_a:
             raise SettingError("federation.strategy ffa trains only LoRA B: set training.freeze_lora_a: true")
 

@@ -156,6 +156,10 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
                                  or not 1 <= declared <= MAX_DECLARED):
         raise FedesmError(f"{path}: declared_samples must be a whole number of training sequences in 1 .. "
                           f"{MAX_DECLARED:.0e}, got {str(declared)[:40]!r}")
+    if lora_r is not None:
+        from fedesm.settings import LoraSettings
+
+        LoraSettings.from_dict({"r": lora_r}, where=f"{path} (site {site}) lora_r")  # within every model's width
     return SiteConfig(
         site=site,
         train=str(data["train"]),

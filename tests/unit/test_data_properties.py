@@ -11,6 +11,12 @@ what a damaged file yields when it is still accepted are records of the original
 Parquet files are written with page checksums (as fedesm writes them) or without (as other tools may):
 damage inside the data pages of a file without them cannot be detected by any reader, so there only
 the counts are checked.
+
+Every sixth file also goes through `fedesm predict` (a tiny trained model): it must agree with the
+validator on every valid file (one CSV row per residue) and on every file with a structured fault
+(bad labels are reported, not dropped), end in exit 0 or one line, and leave no CSV on failure. Now and
+then a file is read under a lowered limit (FEDESM_MAX_CHAIN_LENGTH below its longest chain, or
+FEDESM_MAX_INPUT_BYTES below its size): a clean file is then refused in one line naming that limit.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import contextlib
 import csv
 import gzip
 import io
+import functools
 import json
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -157,6 +165,7 @@ def examples(draw, fmt: str):
             kinds.remove("encoding")
     kind = draw(st.sampled_from(kinds))
     gz = draw(st.booleans())
+    opts["limit"] = draw(st.sampled_from(["none"] * 8 + ["chain", "bytes"]))
     where = draw(st.sampled_from(["raw", "compressed"])) if gz else "raw"
     position = draw(st.floats(0, 1))
     stray = draw(st.sampled_from(STRAY))
@@ -191,6 +200,43 @@ def damage(data: bytes, kind: str, position: float, stray: bytes) -> bytes:
     return data[:k] if kind == "truncate" else data[:k] + stray + data[k:]
 
 
+@functools.lru_cache(maxsize=1)
+def trained_model() -> Path:
+    """A tiny model trained for one step (made once; what predict loads in this test)."""
+    from fedesm.data.readers import write_records
+    from fedesm.data.synth import synth_records
+
+    root = Path(tempfile.mkdtemp(prefix="fedesm-props-"))
+    records = synth_records(n=12, n_families=3, pos_rate=0.2, min_len=40, max_len=60, seed=0)
+    write_records(records[:8], root / "train.fa")
+    write_records(records[8:], root / "val.fa")
+    rc, _, err = run(["train", "--train", str(root / "train.fa"), "--val", str(root / "val.fa"), "--backbone",
+                      "random:esm2_t2_tiny", "--out", str(root / "model"), "--rounds", "1", "--steps-per-round",
+                      "1", "--batch-size", "2", "--max-len", "64", "--no-progress", "--lora-r", "2"])
+    assert rc == 0, err
+    return root / "model"
+
+
+@contextlib.contextmanager
+def limits(kind: str, records: list[dict], payload: bytes):
+    """FEDESM_MAX_CHAIN_LENGTH just below the longest chain, or FEDESM_MAX_INPUT_BYTES below the file's size."""
+    env = {}
+    if kind == "chain" and records:
+        env["FEDESM_MAX_CHAIN_LENGTH"] = str(max(1, max(len(r["sequence"]) for r in records) - 1))
+    elif kind == "bytes" and records:
+        env["FEDESM_MAX_INPUT_BYTES"] = str(max(1, len(payload) // 2))
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield next(iter(env), None)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(argv) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -202,8 +248,15 @@ def check(example) -> None:
     fmt, n, huge, opts, kind, gz, where, position, stray, seed = example
     records = make_records(seed, n, huge)
     data = build(fmt, records, opts, kind, gz, where, position, stray, seed)
-    expected_ok = kind == "none" and bool(records)
-    expected_fail = kind in STRUCTURED or not records and kind == "none"
+    payload = gzip.decompress(data) if gz and kind == "none" else data
+    with limits(opts.get("limit", "none"), records, payload) as limit:
+        check_file(example, records, data, limit)
+
+
+def check_file(example, records, data, limit) -> None:
+    fmt, n, huge, opts, kind, gz, where, position, stray, seed = example
+    expected_ok = kind == "none" and bool(records) and not limit
+    expected_fail = kind in STRUCTURED or not records and kind == "none" or (limit and kind == "none")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = tmp / f"input.{EXT[fmt]}{'.gz' if gz else ''}"
@@ -216,6 +269,8 @@ def check(example) -> None:
         if rc == 2:
             lines = err.strip().splitlines()
             assert lines and all(line.startswith("fedesm: error: ") and str(path) in line for line in lines), lines
+            if limit and kind == "none":
+                assert limit in lines[0], (limit, lines)  # the message names the limit a user can raise
 
         split_out = tmp / "split"
         rc2, _, err2 = run(["data", "split", str(path), "--out", str(split_out), "--sites", "1", "--val", "0",
@@ -245,7 +300,36 @@ def check(example) -> None:
             if kind == "none":
                 assert sorted(r.id for r in got) == sorted(r["id"] for r in records)
                 assert len(got) == len(records)
+        if seed % 6 == 0:
+            check_predict(path, tmp, rc, kind, stats=report["files"][0].get("stats") if rc == 0 else None)
     SEEN[fmt, kind, rc] += 1
+    if limit:
+        SEEN["limit", limit, rc] += 1
+
+
+def check_predict(path: Path, tmp: Path, rc_validate: int, kind: str, stats) -> None:
+    """`fedesm predict` on the same file: the same verdict as training's loader where labels decide it."""
+    out = tmp / "predictions.csv"
+    rc, _, err = run(["predict", "--model", str(trained_model()), "--input", str(path), "--out", str(out),
+                      "--device", "cpu"])
+    assert rc in (0, 2)
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fedesm: error: "), lines
+        assert not out.exists()
+    if rc_validate == 0:  # what training accepts, predict accepts: one row per residue
+        assert rc == 0, err
+        with out.open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == stats["residues"]
+    elif kind in STRUCTURED:  # a bad label, residue, column or encoding: reported, never predicted around
+        assert rc == 2, kind
+    else:  # damaged: predict may still read a 2-line FASTA (its labels cut off); if so, ids are unique
+        if rc == 0:
+            with out.open() as f:
+                ids = [row["id"] for row in csv.DictReader(f) if row["position"] == "1"]
+            assert len(ids) == len(set(ids)) and all(ids)
+    SEEN["predict", kind, rc] += 1
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -263,11 +347,17 @@ def test_the_property_runs_covered_every_format_and_damage():
     """At least 1,000 files, every format, every kind of damage, both outcomes (run with the tests above)."""
     if not SEEN:
         pytest.skip("runs after test_every_generated_file_is_read_correctly_or_refused_in_one_line")
-    assert sum(SEEN.values()) >= 1000
-    assert {f for f, _, _ in SEEN} == set(FORMATS)
-    assert {k for _, k, _ in SEEN} == {"none", *RANDOM, *STRUCTURED}
-    assert {rc for _, _, rc in SEEN} == {0, 2}
+    files = {key: count for key, count in SEEN.items() if key[0] in FORMATS}
+    assert sum(files.values()) >= 1000
+    assert {f for f, _, _ in files} == set(FORMATS)
+    assert {k for _, k, _ in files} == {"none", *RANDOM, *STRUCTURED}
+    assert {rc for _, _, rc in files} == {0, 2}
+    predicted = {key: count for key, count in SEEN.items() if key[0] == "predict"}
+    assert sum(predicted.values()) >= 150 and {rc for _, _, rc in predicted} == {0, 2}
+    limited = {key: count for key, count in SEEN.items() if key[0] == "limit"}
+    assert {k for _, k, _ in limited} == {"FEDESM_MAX_CHAIN_LENGTH", "FEDESM_MAX_INPUT_BYTES"}
+    print(f"\npredict runs by damage and exit code: {predicted}; limited files: {limited}")
     summary = collections.Counter()
-    for (f, k, rc), count in SEEN.items():
+    for (f, k, rc), count in files.items():
         summary[k, rc] += count
     print("\nfiles by damage and exit code:", dict(sorted(summary.items())))

@@ -14,8 +14,15 @@ from fedesm.errors import FedesmError
 _COMMAND_MODULES = ["model", "data", "train", "job", "demo", "experiment", "poc"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (and exit 2), like every other fedesm error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedesm",
         description="Federated LoRA fine-tuning of ESM-2 for per-residue binding-site prediction (NVIDIA FLARE).",
     )

@@ -126,7 +126,28 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _check_numbers(args, positive=(), seeds=("seed",), finite=()) -> None:
+    """The settings' rule for numbers on these flags: seeds 0 .. 2^32-1, counts >= 1, floats finite (one line)."""
+    import math
+
+    from fedesm.settings import MAX_INT, MAX_SEED
+
+    for name in seeds:
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise FedesmError(f"--{name.replace('_', '-')} must be in 0 .. {MAX_SEED:,}, got {value}")
+    for name in positive:
+        value = getattr(args, name)
+        if not 1 <= value <= MAX_INT:
+            raise FedesmError(f"--{name.replace('_', '-')} must be in 1 .. {MAX_INT:,}, got {value}")
+    for name in finite:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise FedesmError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+
+
 def cmd_validate(args) -> int:
+    _check_numbers(args, positive=("max_len", "max_problems"))
     if args.max_problems < 1:
         raise FedesmError("--max-problems must be at least 1")
     results, all_ok = [], True
@@ -156,6 +177,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_split(args) -> int:
+    _check_numbers(args, positive=("sites",), finite=("alpha",))
     records = load_dataset(args.input)
     result = split_records(
         records, mode=args.mode, n_sites=args.sites, val_frac=args.val, test_frac=args.test,
@@ -174,6 +196,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    _check_numbers(args, positive=("n", "families", "min_len", "max_len"))
     records = synth_records(args.n, args.families, args.pos_rate, args.min_len, args.max_len, args.seed)
     comment = synth_comment(args.n, args.families, args.pos_rate, args.min_len, args.max_len, args.seed)
     write_records(records, args.out, comment=comment)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
                                 lora_from_args, train_config_from_args)
+from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_path
 
 
@@ -24,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
                    help="ESM-2 source: fair-esm name (online), local .pt, a Hugging Face folder (save_pretrained) "
                    "or hf:ID (online), s3:// URI, or random:ARCH (default esm2_t12_35M_UR50D)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused when it holds a run, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the run an existing --out holds (its metrics, tb/, "
+                   "best/ and last/ are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_attention_arg(p)
     add_lora_args(p)
@@ -54,12 +58,29 @@ def _train(args) -> int:
     from fedesm.training.centralized import run_centralized
 
     cfg, lora = train_config_from_args(args), lora_from_args(args)  # bad settings: one line before any read
+    out = Path(args.out)
+    held = _run_entries(out)
+    if held and not args.force:
+        raise FedesmError(f"{out} holds a run ({', '.join(p.name for p in held)}); pass --force to replace it, "
+                          "or choose another --out")
     train = load_data(args.train)
     val = load_data(args.val)
     for note in check_site_data(train, val, args.train, args.val, cfg.max_len):
         print(f"fedesm: note: {note}", file=sys.stderr)
-    rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
-                           attention=attention_from_args(args))
+    for entry in held:  # --force: the old run goes only once the new one's settings and data are known good
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    created = not out.exists()
+    try:
+        rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
+                               attention=attention_from_args(args))
+    except BaseException:
+        if not _finished_a_round(out):  # failed before its first round: leave nothing behind
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for entry in _run_entries(out):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
     fmt = lambda v: f"{v:6.3f}" if isinstance(v, float) and v == v else f"{'-':>6}"  # noqa: E731
     best = max(rows[1:], key=lambda r: (r["auprc"] if r["auprc"] == r["auprc"] else -1, r["f1"]))
     print("validation metrics per round (precision/recall/F1 at 0.5; thr = the F1-maximising threshold)")
@@ -73,12 +94,32 @@ def _train(args) -> int:
     return 0
 
 
+RUN_ENTRIES = ("metrics.jsonl", "metrics.csv", "tb", "best", "last")
+
+
+def _run_entries(out: Path) -> list[Path]:
+    """What of a previous `fedesm train` run `out` holds (none when it is absent or holds other things)."""
+    if out.exists() and not out.is_dir():
+        raise FedesmError(f"--out {out} is a file, not a folder")
+    return [out / name for name in RUN_ENTRIES if (out / name).exists()]
+
+
+def _finished_a_round(out: Path) -> bool:
+    import json
+
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(r, dict) and isinstance(r.get("round"), int) and r["round"] >= 1 for r in rows)
+
+
 def _predict(args) -> int:
     from fedesm.data.batching import Tokenizer
     from fedesm.data.catalog import resolve
-    from fedesm.data.readers import read_sequences
     from fedesm.training.inference import predict_proba, resolve_device
 
+    _check_predict_args(args)  # bad flags: one line before any model is loaded
     model_path = Path(args.model)
     if model_path.is_file():
         from fedesm.model.export import load_exported
@@ -96,7 +137,7 @@ def _predict(args) -> int:
     threshold = args.threshold if args.threshold is not None else threshold
     max_len = args.max_len or max_len
     labelled = _read_labelled(args.input)
-    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else read_sequences(resolve(args.input))
+    seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else _read_unlabelled(resolve(args.input))
     device = resolve_device(args.device)
     model.to(device)
     print(f"predicting {len(seqs)} sequences ({sum(len(s) for _, s in seqs):,} residues) on {device} ...",
@@ -129,13 +170,43 @@ def _predict(args) -> int:
     return 0
 
 
+def _check_predict_args(args) -> None:
+    """--threshold in (0, 1) and --max-len within ESM-2's window, as training.threshold / training.max_len."""
+    import math
+
+    from fedesm.data.batching import ESM2_MAX_RESIDUES
+    from fedesm.errors import FedesmError
+
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0 < args.threshold < 1):
+        raise FedesmError(f"predict --threshold: must be in (0, 1), got {args.threshold:g}")
+    if args.max_len is not None and not 1 <= args.max_len <= ESM2_MAX_RESIDUES:
+        raise FedesmError(f"predict --max-len: ESM-2 takes 1 to {ESM2_MAX_RESIDUES} residues per window, "
+                          f"got {args.max_len}")
+
+
 def _read_labelled(path: str):
-    """The input's labelled, valid records, or None: no labels (2-line FASTA, a table without them) or a
-    problem, which `read_sequences` then reports in its own terms."""
+    """The input's labelled, valid records, or None when it carries no labels (a 2-line FASTA); the same
+    checks as training (`load_dataset`). An input that carries labels (a table, a FASTA with label lines)
+    whose labels or records are wrong is refused with that problem: its labels are never silently dropped."""
+    from fedesm.data.catalog import resolve
+    from fedesm.data.readers import detect_format
     from fedesm.data.validate import load_dataset
     from fedesm.errors import DataError
 
     try:
         return load_dataset(path)
-    except DataError:
+    except DataError as problem:
+        local = resolve(path)
+        label_lines: list = []
+        if detect_format(local)[0] != "fasta":
+            raise  # a table always has a labels column: its problem is the input's problem
+        _read_unlabelled(local, label_lines)  # its own problems first: empty, no such file, a directory, ids
+        if label_lines:  # some records carry labels: report what is wrong with them instead of predicting
+            raise problem
         return None
+
+
+def _read_unlabelled(path, label_lines=None):
+    from fedesm.data.readers import read_sequences
+
+    return read_sequences(path, label_lines)

@@ -24,6 +24,12 @@ label that is not 0/1, a label count that differs from the sequence length, a mi
 JSON) raise ``DataError`` naming the file, the record id and the line (Parquet: ``row N``, 0-based).
 Content checks (alphabet, duplicate ids, empty sequences) are ``fedesm.data.validate``'s job.
 Writes are atomic: a temp file beside the target, renamed into place.
+
+Limits, each a setting a user can raise (an environment variable, named in the message that refuses):
+``FEDESM_MAX_CHAIN_LENGTH`` residues per chain (default 100,000: titin, the longest known, has 34,350) and
+``FEDESM_MAX_INPUT_BYTES`` bytes of (decompressed) text per file (default 4 GiB). Both are checked while
+the file is read and decompressed, so a small gzip that expands to gigabytes is refused within its first
+line, and a JSON label list nested deeper than a list of 0/1 is refused as such (never a RecursionError).
 """
 
 from __future__ import annotations
@@ -67,6 +73,68 @@ _REQUIRED_COLUMNS = ("id", "sequence", "labels")
 _UNREADABLE = (OSError, EOFError, UnicodeDecodeError, zlib.error)
 # A CSV field may hold a whole chain with its labels (titin: 34,350 residues, 3 characters each as "[0, 1, ...]").
 _CSV_FIELD_LIMIT = 1 << 28
+MAX_CHAIN_LENGTH_ENV, DEFAULT_MAX_CHAIN_LENGTH = "FEDESM_MAX_CHAIN_LENGTH", 100_000
+MAX_INPUT_BYTES_ENV, DEFAULT_MAX_INPUT_BYTES = "FEDESM_MAX_INPUT_BYTES", 4 << 30
+_READ_CHUNK = 1 << 20
+
+
+def _limit(env: str, default: int) -> int:
+    text = os.environ.get(env, "").strip().replace("_", "").replace(",", "")
+    if not text:
+        return default
+    if not text.isdigit() or not 0 < int(text) < 1 << 62:
+        raise DataError(f"{env}={os.environ[env]!r} is not a positive whole number")
+    return int(text)
+
+
+def max_chain_length() -> int:
+    """Residues a chain may have (FEDESM_MAX_CHAIN_LENGTH, default 100,000)."""
+    return _limit(MAX_CHAIN_LENGTH_ENV, DEFAULT_MAX_CHAIN_LENGTH)
+
+
+def max_input_bytes() -> int:
+    """Bytes of (decompressed) text a data file may hold (FEDESM_MAX_INPUT_BYTES, default 4 GiB)."""
+    return _limit(MAX_INPUT_BYTES_ENV, DEFAULT_MAX_INPUT_BYTES)
+
+
+def _max_line_chars() -> int:
+    # A line holds at most one chain and its labels ("[0, 1, ...]": 3 characters a residue), plus an id and a family.
+    return 4 * max_chain_length() + 65_536
+
+
+def _too_long_line(path, line) -> DataError:
+    limit = max_chain_length()
+    return DataError(f"a line longer than {_max_line_chars():,} characters: more than a chain of at most {limit:,} "
+                     f"residues and its labels ({MAX_CHAIN_LENGTH_ENV}={limit}; raise it to read longer chains)",
+                     path=path, line=line)
+
+
+class _BoundedReader(io.RawIOBase):
+    """A binary stream (a file, or gzip's decompressed one) that refuses to yield more than `limit` bytes."""
+
+    def __init__(self, inner, path, limit: int):
+        self.inner, self.path, self.limit, self.count = inner, path, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.inner.readinto(buffer)
+        self.count += n or 0
+        if self.count > self.limit:
+            raise DataError(f"more than {self.limit:,} bytes{' once decompressed' if isinstance(self.inner, gzip.GzipFile) else ''} "
+                            f"({MAX_INPUT_BYTES_ENV}={self.limit}; raise it to read larger files)", path=self.path)
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _open_binary(path: Path, gz: bool):
+    """The file's (decompressed) bytes, refused past FEDESM_MAX_INPUT_BYTES while they are read."""
+    inner = gzip.open(path, "rb") if gz else open(path, "rb")
+    return io.BufferedReader(_BoundedReader(inner, path, max_input_bytes()), buffer_size=_READ_CHUNK)
 
 
 def no_records_error(path: PathLike, detail: str) -> DataError:
@@ -117,6 +185,7 @@ def read_records_with_lines(
     from fedesm.data.catalog import resolve
 
     path = resolve(path)  # a shipped set's name (gpsite:ATP) -> its file
+    max_chain_length(), max_input_bytes()  # a bad limit setting: one error for the file, before any record
     fmt, gz = detect_format(path)
     p = Path(path)
     if not p.exists():
@@ -139,18 +208,26 @@ def read_records_with_lines(
     return records, lines
 
 
-def read_sequences(path: PathLike) -> list[tuple[str, str]]:
+def read_sequences(path: PathLike, label_lines: Optional[list] = None) -> list[tuple[str, str]]:
     """(id, sequence) pairs of a file to predict on: FASTA with or without label lines (2-line, wrapped
-    or 3-line; label lines are skipped), or a table in any format `read_records` reads. Residues are
-    checked against ESM-2's alphabet."""
+    or 3-line; label lines are skipped, and their line numbers appended to ``label_lines`` when given),
+    or a table in any format `read_records` reads. Residues are checked against ESM-2's alphabet; an
+    empty file, an empty or duplicated id and a chain past the length limit are refused as in training."""
     from fedesm.data.records import ESM_RESIDUES
 
     path = Path(path)
+    max_chain_length(), max_input_bytes()
     fmt, gz = detect_format(path)
+    if path.is_dir():
+        raise DataError("is a directory, expected a data file", path=path)
     if not path.is_file():
         raise DataError("no such file", path=path)
     if fmt != "fasta":
-        return [(r.id, r.sequence) for r in read_records(path)]
+        records, lines = read_records_with_lines(path)
+        if not records:
+            raise no_records_error(path, "a table with no rows")
+        _refuse_duplicate_ids([r.id for r in records], lines, path)
+        return [(r.id, r.sequence) for r in records]
     entries: list[list] = []  # [id, sequence or None, header line]
     for n, text in _numbered_lines(path, gz):
         line = text.strip()
@@ -163,18 +240,44 @@ def read_sequences(path: PathLike) -> list[tuple[str, str]]:
         elif entries[-1][1] is None:
             entries[-1][1] = line.upper()
         elif _looks_like_labels(line):
+            if label_lines is not None:
+                label_lines.append(n)
             continue  # the label line of a 3-line FASTA
         else:
             entries[-1][1] += line.upper()  # a wrapped sequence
+            check_chain_length(len(entries[-1][1]), path, entries[-1][0] or None, entries[-1][2])
+    if not entries:
+        raise no_records_error(path, "empty, or only blank lines and comments")
+    _refuse_duplicate_ids([e[0] for e in entries], [e[2] for e in entries], path)
     out = []
     for rid, seq, n in entries:
+        if not rid:
+            raise DataError("empty record id", path=path, line=n)
         if not seq:
             raise DataError("empty sequence", path=path, record_id=rid, line=n)
+        check_chain_length(len(seq), path, rid, n)
         bad = set(seq) - ESM_RESIDUES
         if bad:
             raise DataError(f"residues not in ESM's alphabet: {''.join(sorted(bad))}", path=path, record_id=rid, line=n)
         out.append((rid, seq))
     return out
+
+
+def check_chain_length(n: int, path=None, record_id=None, line=None) -> None:
+    """A chain longer than FEDESM_MAX_CHAIN_LENGTH residues is refused (the limit named in the message)."""
+    limit = max_chain_length()
+    if n > limit:
+        raise DataError(f"chain of {n:,} residues is longer than the limit of {limit:,} ({MAX_CHAIN_LENGTH_ENV}={limit}; "
+                        "raise it to read longer chains)", path, record_id, line)
+
+
+def _refuse_duplicate_ids(ids: list, lines: list, path) -> None:
+    first: dict = {}
+    for rid, line in zip(ids, lines):
+        if rid in first and rid:
+            raise DataError(f"duplicate id (first at {'line ' if isinstance(first[rid], int) else ''}{first[rid]})",
+                            path=path, record_id=rid, line=line)
+        first.setdefault(rid, line)
 
 
 def make_record(rid, sequence, labels, family=None, path=None, line=None) -> Record:
@@ -184,7 +287,10 @@ def make_record(rid, sequence, labels, family=None, path=None, line=None) -> Rec
     rid = "" if rid is None else str(rid).strip()
     if not rid:
         raise DataError("empty record id", path=path, line=line)
+    if not isinstance(sequence, (str, type(None))):
+        raise DataError(f"sequence must be text, got {type(sequence).__name__}", path, rid, line)
     seq = "".join(str(sequence if sequence is not None else "").split()).upper()
+    check_chain_length(len(seq), path, rid, line)
     arr = parse_labels(labels, path=path, record_id=rid, line=line)
     if len(arr) != len(seq):
         raise DataError(f"label length {len(arr)} != sequence length {len(seq)}", path, rid, line)
@@ -199,9 +305,12 @@ def parse_labels(labels, path=None, record_id=None, line=None) -> np.ndarray:
     if isinstance(labels, str):
         text = "".join(labels.split())
         if text.startswith("["):
+            if text.startswith("[["):  # a list of 0/1 is flat: refuse nesting before the parser recurses into it
+                raise DataError("labels are a nested list; expected a 0/1 string or a flat list of 0/1",
+                                path, record_id, line)
             try:
                 labels = json.loads(text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise DataError(f"labels {text[:30]!r} are not a 0/1 string or a list of 0/1", path, record_id, line)
         else:
             bad = next((i for i, c in enumerate(text) if c not in "01"), None)
@@ -215,25 +324,51 @@ def parse_labels(labels, path=None, record_id=None, line=None) -> np.ndarray:
     for i, v in enumerate(values):
         if isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)):
             continue
-        raise DataError(f"label {v!r} at position {i + 1} is not 0 or 1", path, record_id, line)
+        shown = "a nested list" if isinstance(v, (list, tuple, dict)) else repr(v)[:30]
+        raise DataError(f"label {shown} at position {i + 1} is not 0 or 1", path, record_id, line)
     return np.asarray(values, dtype=np.uint8)
 
 
 def _open_text(path: Path, gz: bool):
     # newline=None: universal newlines, so CRLF files (as GPSite ships) read the same as LF ones;
     # utf-8-sig: a leading byte-order mark is not part of the first line.
-    if gz:
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline=None)
-    return open(path, "rt", encoding="utf-8-sig", newline=None)
+    return io.TextIOWrapper(_open_binary(path, gz), encoding="utf-8-sig", newline=None)
 
 
 def _numbered_lines(path: Path, gz: bool) -> Iterator[tuple[int, str]]:
+    longest = _max_line_chars()
     try:
         with _open_text(path, gz) as f:
-            for n, line in enumerate(f, start=1):
+            n = 0
+            while True:
+                line = f.readline(longest + 1)  # never more than a line's worth in memory
+                if not line:
+                    return
+                n += 1
+                if len(line) > longest:
+                    raise _too_long_line(path, n)
                 yield n, line.rstrip("\r\n")
     except _UNREADABLE as e:  # truncated or damaged gzip, binary file, another encoding...
         raise _unreadable(path, e) from None
+
+
+def _read_text(path: Path, gz: bool) -> str:
+    """The whole (decompressed) text, refused as soon as one line runs past what a chain can need."""
+    longest, parts, run = _max_line_chars(), [], 0
+    try:
+        with _open_text(path, gz) as f:
+            while True:
+                chunk = f.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                cut = max(chunk.rfind("\n"), chunk.rfind("\r"))
+                run = run + len(chunk) if cut < 0 else len(chunk) - cut - 1
+                if run > longest:
+                    raise _too_long_line(path, None)
+    except _UNREADABLE as e:
+        raise _unreadable(path, e) from None
+    return "".join(parts)
 
 
 def _parse_header(text: str) -> tuple[str, Optional[str]]:
@@ -308,11 +443,7 @@ def _check_columns(path, columns, line) -> None:
 
 
 def _read_delimited(path: Path, gz: bool, delimiter: str):
-    try:
-        with _open_text(path, gz) as f:
-            text = f.read()
-    except _UNREADABLE as e:
-        raise _unreadable(path, e) from None
+    text = _read_text(path, gz)
     lines = text.splitlines(keepends=True)
     skip = _skip_leading_comments(lines)
     if csv.field_size_limit() < _CSV_FIELD_LIMIT:
@@ -359,6 +490,9 @@ def _read_jsonl(path: Path, gz: bool):
         except json.JSONDecodeError as e:
             yield DataError(f"invalid JSON: {e.msg}", path, None, n)
             continue
+        except RecursionError:  # C json recurses per bracket: [[[[...]]]] 100,000 deep
+            yield DataError("invalid JSON: nested too deep (a record is one flat object)", path, None, n)
+            continue
         if not isinstance(obj, dict):
             yield DataError("expected a JSON object per line", path, None, n)
             continue
@@ -375,9 +509,12 @@ def _read_parquet(path: Path, gz: bool):
 
     try:
         if gz:
-            with gzip.open(path, "rb") as f:
+            with _open_binary(path, gz) as f:
                 table = pq.read_table(io.BytesIO(f.read()), page_checksum_verification=True)
         else:
+            if path.stat().st_size > max_input_bytes():
+                raise DataError(f"more than {max_input_bytes():,} bytes ({MAX_INPUT_BYTES_ENV}={max_input_bytes()}; "
+                                "raise it to read larger files)", path=path)
             # pages carrying a CRC (fedesm writes them) are verified: damage inside a data page can otherwise
             # decode into other, valid-looking labels
             table = pq.read_table(path, page_checksum_verification=True)

@@ -29,6 +29,7 @@ def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_l
     from peft import get_peft_model
 
     lora = lora or LoraSettings()
+    lora.check_fits(getattr(backbone, "source", "the backbone"), int(backbone.model.embed_dim))
     for p in backbone.model.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):

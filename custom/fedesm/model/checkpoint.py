@@ -85,6 +85,22 @@ def read_checkpoint(path) -> dict:
         ) from None
 
 
+def refuse_tensor_mismatch(origin, missing, unexpected, mismatched=(), shown: int = 3) -> None:
+    """One line listing the first few tensors a checkpoint lacks, does not expect, or holds in another shape,
+    and refusing it: a partial checkpoint would otherwise run on random values where its weights are missing."""
+    missing, unexpected, mismatched = sorted(missing), sorted(unexpected), sorted(mismatched)
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for count, what, names in ((len(missing), "lacks", missing), (len(unexpected), "has unexpected", unexpected),
+                               (len(mismatched), "has in another shape", mismatched)):
+        if count:
+            more = f", ... {count - shown} more" if count > shown else ""
+            parts.append(f"{what} {count} tensor{'s' if count > 1 else ''} ({', '.join(map(str, names[:shown]))}{more})")
+    raise FedesmError(f"{origin}: does not match its ESM-2 architecture: {'; '.join(parts)}; refusing to fill "
+                      "missing weights with random values")
+
+
 def build_from_checkpoint(name: str, data: dict, origin: str):
     """(ESM2 module, alphabet) from checkpoint data; one-line errors for what is not an ESM-2 checkpoint."""
     import esm
@@ -95,15 +111,42 @@ def build_from_checkpoint(name: str, data: dict, origin: str):
         cfg = data["cfg"]["model"]
         for attr in ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"):
             getattr(cfg, attr)
+        layers, dim, heads = (int(getattr(cfg, a)) for a in ("encoder_layers", "encoder_embed_dim",
+                                                              "encoder_attention_heads"))
+        if not (0 < layers <= 1024 and 0 < dim <= 65536 and 0 < heads <= dim and dim % heads == 0):
+            raise ValueError
     except Exception:
-        raise FedesmError(f"{origin}: not an ESM-2 checkpoint (cfg.model lacks encoder_layers/embed_dim/heads)") from None
-    data = {"cfg": data["cfg"], "model": data["model"]}
+        raise FedesmError(f"{origin}: not an ESM-2 checkpoint (cfg.model lacks encoder_layers/embed_dim/heads, "
+                          "or they make no ESM-2)") from None
+    if not isinstance(data["model"], dict) or not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        raise FedesmError(f"{origin}: not a fair-esm checkpoint ('model' is not a mapping of tensors)")
+    if not hasattr(cfg, "token_dropout"):
+        cfg = argparse.Namespace(**{**vars(cfg), "token_dropout": True}) if isinstance(cfg, argparse.Namespace) else cfg
+    _check_tensor_names(cfg, data["model"], origin)
+    data = {"cfg": {"model": cfg}, "model": data["model"]}
     # fair-esm picks the ESM-2 code path by name; fedesm only loads ESM-2.
     name = name if name.startswith("esm2") else "esm2_" + name
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Regression weights not found")
             model, alphabet = esm.pretrained.load_model_and_alphabet_core(name, data, regression_data=None)
-    except RuntimeError as e:
+    except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         raise FedesmError(f"{origin}: state dict does not match its cfg: {str(e).splitlines()[-1][:300]}") from None
     return model, alphabet
+
+
+def _check_tensor_names(cfg, state: dict, origin) -> None:
+    """The checkpoint's tensors against the ESM-2 its cfg describes (built on the meta device: no memory)."""
+    import re
+
+    from fedesm.model.architectures import EsmArchitecture
+
+    expected = new_esm2(EsmArchitecture(int(cfg.encoder_layers), int(cfg.encoder_embed_dim),
+                                        int(cfg.encoder_attention_heads), on_hub=False), device="meta")[0].state_dict()
+    prefix = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")  # fair-esm's own renaming
+    found = {prefix.sub("", k): v for k, v in state.items()}
+    optional = {"contact_head.regression.weight", "contact_head.regression.bias"}  # a file of their own
+    missing = set(expected) - set(found) - optional
+    unexpected = set(found) - set(expected)
+    mismatched = {k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k].shape)}
+    refuse_tensor_mismatch(origin, missing, unexpected, mismatched)

@@ -202,13 +202,16 @@ def load_hf_esm2(source: str, cache_dir=None):
     try:
         with _quiet_transformers():
             if has_lm_head:
-                hf = EsmForMaskedLM.from_pretrained(path).float()
+                hf, info = EsmForMaskedLM.from_pretrained(path, output_loading_info=True)
+                hf = hf.float()
                 encoder = hf.esm
             else:
-                hf = encoder = EsmModel.from_pretrained(path, add_pooling_layer=False).float()
+                hf, info = EsmModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+                hf = encoder = hf.float()
     except Exception as e:
         raise FedesmError(f"{origin}: cannot load the weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
+    _refuse_partial_weights(origin, info)
     arch = EsmArchitecture(config.num_hidden_layers, config.hidden_size, config.num_attention_heads, on_hub=False)
     esm2, alphabet = new_esm2(arch, seed=0)
     esm2.token_dropout = bool(config.token_dropout)
@@ -280,6 +283,20 @@ def to_hf_masked_lm(esm2):
                   "lm_head.bias": lm.bias, "lm_head.decoder.weight": lm.weight})
     _load_exact(model, state, "EsmForMaskedLM")
     return model.eval()
+
+
+def _refuse_partial_weights(origin, info: dict) -> None:
+    """transformers fills what a weights file lacks with random values (and says so in a log line): refuse it.
+    Ignored: rotary inv_freq and position ids (computed, not weights), the contact head (unused), and the
+    heads a backbone folder may carry that fedesm does not use (lm_head, classifier, pooler)."""
+    from fedesm.model.checkpoint import refuse_tensor_mismatch
+
+    def used(key: str) -> bool:
+        return not re.search(r"inv_freq|position_ids|contact_head|^(esm\.)?pooler\.|^lm_head\.|^classifier\.", key)
+
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys") or []]
+    refuse_tensor_mismatch(origin, [k for k in info.get("missing_keys") or [] if used(k)],
+                           [k for k in info.get("unexpected_keys") or [] if used(k)], mismatched)
 
 
 def _load_exact(model, state: dict, what: str) -> None:
