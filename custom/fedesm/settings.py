@@ -37,8 +37,8 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.strategies import STRATEGIES, STRATEGY
 
-STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
 WEIGH_BY = ("uniform", "declared")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -576,8 +576,9 @@ class JobSettings:
                               "federation": FederationSettings}
 
     def __post_init__(self):
-        if self.federation.strategy == "ffa" and not self.training.freeze_lora_a:
-            raise SettingError("federation.strategy ffa trains only LoRA B: set training.freeze_lora_a: true")
+        if STRATEGY[self.federation.strategy].freezes_a and not self.training.freeze_lora_a:
+            raise SettingError(f"federation.strategy {self.federation.strategy} trains only LoRA B: "
+                               "set training.freeze_lora_a: true")
 
     @classmethod
     def from_dict(cls, d: Mapping | None, where: str | None = None) -> "JobSettings":
