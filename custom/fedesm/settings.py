@@ -313,7 +313,7 @@ class TrainConfig(Settings):
     schedule: str = setting("cosine", "decay after warm-up", choices=SCHEDULES)
     min_lr_ratio: float = setting(0.1, "the schedule's final learning rate, relative to lr")
     grad_clip: float = setting(1.0, "gradient-norm clip; 0 disables")
-    # "balanced" (default): w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
+    # "balanced": w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
     # sqrt: chosen on held-out VALIDATION AUPRC over 3 seeds on GPSite ATP (3.9%), PRO (15.6%) and a synthetic
     # 1.5% set (scripts/class_weight_study.py, docs/results/loss): mean rank sqrt 1.67, plain 2.00, balanced 2.33.
     # The differences are within the seed spread on ATP and PRO; at 1.5% balanced (~65x) over-corrects

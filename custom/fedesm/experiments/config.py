@@ -50,7 +50,7 @@ class DataSpec:
 class ArmSpec:
     id: str
     label: str = ""
-    kind: str = "federated"  # federated | centralized
+    kind: str = "federated"  # one of ARM_KINDS: federated | centralized | site-alone
     training: dict = field(default_factory=dict)
     federation: dict = field(default_factory=dict)
     description: str = ""
