@@ -42,6 +42,7 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
+from fedesm.paths import repo_path
 from fedesm.settings import SitePolicySettings
 
 AUTHORIZATION = "authorization.json"
@@ -56,7 +57,7 @@ GUARD_PATH = "fedesm.flare.site_guard.FedesmSiteGuard"
 PRIVACY_FILTER_PATH = "fedesm.flare.privacy.AdaptersOnlyFilter"
 VALIDATOR_PATH = "fedesm.flare.job_check.FedesmJobValidator"
 PRIVACY_SCOPE = "fedesm"
-CHARTS_DIR = Path(__file__).resolve().parents[3] / "helm"
+CHARTS_DIR = repo_path("helm")
 # The server's job store as the image lays it out: inside NVFL_WORKSPACE (/var/nvflare/workspace), which the
 # orchestrator chart puts on its volume.
 IMAGE_STORE_ROOT = "/var/nvflare/workspace/store"
