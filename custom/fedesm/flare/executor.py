@@ -23,7 +23,7 @@ from fedesm.settings import JobSettings
 from fedesm.strategies import STRATEGY
 from fedesm.training.optimizer_state import resolve_policy
 from fedesm.training.privacy.policy import PolicyRefusal
-from fedesm.training.privacy.release import releasable_metrics
+from fedesm.evaluation.release import releasable_metrics
 
 # Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
 # recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
