@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fedesm.model.keys import lora_pairs
-from fedesm.settings import STRATEGIES
+from fedesm.strategies import STRATEGIES, STRATEGY, Strategy
 
 
 
@@ -373,14 +373,7 @@ def aggregate(
     Returns:
         ``{name: array}`` with the same keys (in order), kinds and dtypes as site 0.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown aggregation strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if strategy == "fra-ef" and state is None:
-        raise ValueError("strategy 'fra-ef' needs an AggregationState kept by the caller between rounds")
-    if rank is not None and (int(rank) != rank or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if not (np.isfinite(server_lr) and server_lr > 0):
-        raise ValueError(f"server_lr must be > 0, got {server_lr!r}")
+    how = _strategy(strategy, state, rank, server_lr)
     if not site_states:
         raise ValueError("no site states to aggregate")
     w = _normalise_weights(weights, len(site_states))
@@ -390,104 +383,159 @@ def aggregate(
         site_states = [*site_states, global_state]  # the global model as one more (signed) term
         w = np.concatenate([server_lr * w, [1.0 - server_lr]])
     keys = _check_sites(site_states)
-    active = [i for i in range(len(site_states)) if w[i] != 0]
-    ref = site_states[0]
-    pairs = lora_pairs(keys)
-    lora_keys = {k for pair in pairs.values() for k in pair}
-
+    sites = _Sites(site_states, [i for i in range(len(site_states)) if w[i] != 0], w, lora_pairs(keys))
+    residuals = state if how.keeps_residual else None
     out: dict[str, Any] = {}
-    groups: dict[tuple, list[str]] = {}  # fra / fra-ef: pairs of one shape, re-factored together
-    for name, (a_key, b_key) in pairs.items():
-        ranks = []
-        for i in range(len(site_states)):
-            a_shape, b_shape = _shape(site_states[i][a_key]), _shape(site_states[i][b_key])
-            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-                raise ValueError(f"{name}: site {i}'s lora_A {a_shape} and lora_B {b_shape} are not an "
-                                 "(r x d_in, d_out x r) pair")
-            ranks.append(a_shape[0])
-        a_shape, b_shape = _shape(ref[a_key]), _shape(ref[b_key])
-        if strategy in ("fedit", "ffa") and len(set(ranks)) > 1:
+    groups: dict[_Group, list[str]] = {}  # re-factoring strategies: pairs of one shape, re-factored together
+    for name in sites.pairs:
+        ranks = _pair_ranks(sites, name)
+        if not how.any_rank and len(set(ranks)) > 1:
             raise ValueError(f"{name}: {strategy} averages the factors themselves, so every site needs the same "
                              f"rank (got {sorted(set(ranks))}); fra and fra-ef average products of any ranks")
-        r_out = int(rank) if rank is not None else max(ranks)
-        if strategy == "fedit":
-            out[a_key] = _like(_weighted_mean([site_states[i][a_key] for i in active], w[active]), ref[a_key])
-            out[b_key] = _like(_weighted_mean([site_states[i][b_key] for i in active], w[active]), ref[b_key])
-        elif strategy == "ffa":
-            out[a_key] = _like(_frozen_a(site_states, active, a_key, global_state, ffa_tol), ref[a_key])
-            out[b_key] = _like(_weighted_mean([site_states[i][b_key] for i in active], w[active]), ref[b_key])
+        if how.refactors:
+            group = _Group(*_pair_dims(sites, name), tuple(ranks[i] for i in sites.active),
+                           int(rank) if rank is not None else max(ranks), _residual_rank(residuals, sites, name))
+            groups.setdefault(group, []).append(name)
         else:
-            res_rank = 0
-            if strategy == "fra-ef" and name in state.residuals:
-                a_res, b_res = state.residuals[name]
-                if a_res.shape[1] != a_shape[1] or b_res.shape[0] != b_shape[0]:
-                    raise ValueError(f"{name}: error-feedback residual shape does not match this round's factors")
-                res_rank = a_res.shape[0]
-            site_ranks = tuple(ranks[i] for i in active)  # each site's own rank r_k
-            groups.setdefault((a_shape[1], b_shape[0], site_ranks, r_out, res_rank), []).append(name)
-
-    _refactor_groups(groups, site_states, active, w, pairs, state, strategy, out)
-
+            out.update(_average_factors(sites, name, global_state if how.freezes_a else None, ffa_tol,
+                                        frozen_a=how.freezes_a))
+    for group, names in groups.items():
+        out.update(_refactor_group(sites, group, names, residuals))
+    lora_keys = {k for pair in sites.pairs.values() for k in pair}
     for k in keys:
         if k not in lora_keys:
-            out[k] = _like(_weighted_mean([site_states[i][k] for i in active], w[active]), ref[k])
-    if strategy == "fra-ef":
-        state.rounds += 1
+            out[k] = sites.mean(k)
+    if residuals is not None:
+        residuals.rounds += 1
     return {k: out[k] for k in keys}
 
 
-def _refactor_groups(groups, site_states, active, w, pairs, state, strategy, out) -> None:
-    """FRA-LoRA for every group of equal-shape pairs: stacked, re-factored in batched chunks, written to `out`
-    (and, for fra-ef, the dropped tail kept in `state`)."""
-    ref = site_states[0]
-    for (d_in, d_out, site_ranks, r_out, res_rank), names in groups.items():
-        arrays = [site_states[i][k] for name in names for k in pairs[name] for i in active]
-        dtype = _compute_dtype(arrays)
-        m = sum(site_ranks) + res_rank
-        per_pair = (d_in + d_out) * m * torch.empty((), dtype=dtype).element_size()
-        step = max(1, _CHUNK_BYTES // per_pair)
-        for lo in range(0, len(names), step):
-            chunk = names[lo : lo + step]
-            a_stack, b_stack, cols = _stack_pairs(site_states, active, w, pairs, chunk, state, site_ranks,
-                                                  res_rank, dtype)
-            if strategy == "fra-ef":
-                a_new, b_new, tail = _refactor(a_stack, b_stack, cols, r_out, tail=True)
-            else:
-                a_new, b_new = _refactor(a_stack, b_stack, cols, r_out)
-            for j, name in enumerate(chunk):
-                a_key, b_key = pairs[name]
-                out[a_key] = _like(a_new[j].numpy(), ref[a_key])
-                out[b_key] = _like(b_new[j].numpy(), ref[b_key])
-                if strategy == "fra-ef":
-                    _store_residual(state, name, tail.a[j].double().numpy(), tail.b[j].double().numpy(),
-                                    tail.s[j].double().numpy(), sum(site_ranks), torch.finfo(dtype).eps)
+def _strategy(strategy: str, state: AggregationState | None, rank, server_lr: float) -> Strategy:
+    """The strategy's record, once the call's arguments are known to suit it."""
+    if strategy not in STRATEGY:
+        raise ValueError(f"unknown aggregation strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    how = STRATEGY[strategy]
+    if how.keeps_residual and state is None:
+        raise ValueError(f"strategy {strategy!r} needs an AggregationState kept by the caller between rounds")
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if not (np.isfinite(server_lr) and server_lr > 0):
+        raise ValueError(f"server_lr must be > 0, got {server_lr!r}")
+    return how
 
 
-def _stack_pairs(site_states, active, w, pairs, names, state, site_ranks, res_rank, dtype):
-    """The stacks of the pairs ``names`` (same shapes): A (n, m, d_in), B (n, d_out, m), column weights (m,).
+@dataclass(frozen=True)
+class _Sites:
+    """One call's contributions: the state dicts, those that weigh (``active``), the weights and the LoRA pairs."""
+    states: Sequence[dict[str, Any]]
+    active: list[int]
+    w: np.ndarray
+    pairs: dict[str, tuple[str, str]]
 
-    Site k's factors (its own rank r_k, ``site_ranks``) occupy the next r_k columns with weight w_k; an
-    ``fra-ef`` residual (rank ``res_rank``) takes the last columns with weight 1.
+    def mean(self, key: str) -> Any:
+        """The weighted mean of one tensor, in site 0's kind and dtype."""
+        return _like(_weighted_mean([self.states[i][key] for i in self.active], self.w[self.active]),
+                     self.states[0][key])
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Pairs re-factored together: the same shapes, site ranks, output rank and residual rank."""
+    d_in: int
+    d_out: int
+    site_ranks: tuple[int, ...]
+    r_out: int
+    res_rank: int
+
+
+def _pair_ranks(sites: _Sites, name: str) -> list[int]:
+    """Each site's rank for one pair, once its A and B are known to make one."""
+    a_key, b_key = sites.pairs[name]
+    ranks = []
+    for i, site in enumerate(sites.states):
+        a_shape, b_shape = _shape(site[a_key]), _shape(site[b_key])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise ValueError(f"{name}: site {i}'s lora_A {a_shape} and lora_B {b_shape} are not an "
+                             "(r x d_in, d_out x r) pair")
+        ranks.append(a_shape[0])
+    return ranks
+
+
+def _pair_dims(sites: _Sites, name: str) -> tuple[int, int]:
+    a_key, b_key = sites.pairs[name]
+    return _shape(sites.states[0][a_key])[1], _shape(sites.states[0][b_key])[0]
+
+
+def _residual_rank(residuals: AggregationState | None, sites: _Sites, name: str) -> int:
+    """The rank of the error-feedback residual kept for this pair (0: none)."""
+    if residuals is None or name not in residuals.residuals:
+        return 0
+    a_res, b_res = residuals.residuals[name]
+    d_in, d_out = _pair_dims(sites, name)
+    if a_res.shape[1] != d_in or b_res.shape[0] != d_out:
+        raise ValueError(f"{name}: error-feedback residual shape does not match this round's factors")
+    return a_res.shape[0]
+
+
+def _average_factors(sites: _Sites, name: str, global_state, tol: float, *, frozen_a: bool) -> dict[str, Any]:
+    """fedit: A and B averaged each; ffa: A kept frozen, B averaged."""
+    a_key, b_key = sites.pairs[name]
+    ref = sites.states[0]
+    a = _like(_frozen_a(sites.states, sites.active, a_key, global_state, tol), ref[a_key]) if frozen_a \
+        else sites.mean(a_key)
+    return {a_key: a, b_key: sites.mean(b_key)}
+
+
+def _refactor_group(sites: _Sites, group: _Group, names: list[str], residuals: AggregationState | None) -> dict:
+    """FRA-LoRA for one group of equal-shape pairs, stacked and re-factored in batched chunks (with error
+    feedback, ``residuals`` given, the dropped tail is kept there)."""
+    ref = sites.states[0]
+    arrays = [sites.states[i][k] for name in names for k in sites.pairs[name] for i in sites.active]
+    dtype = _compute_dtype(arrays)
+    m = sum(group.site_ranks) + group.res_rank
+    per_pair = (group.d_in + group.d_out) * m * torch.empty((), dtype=dtype).element_size()
+    step = max(1, _CHUNK_BYTES // per_pair)
+    out = {}
+    for lo in range(0, len(names), step):
+        chunk = names[lo : lo + step]
+        a_stack, b_stack, cols = _stack_pairs(sites, group, chunk, residuals, dtype)
+        if residuals is not None:
+            a_new, b_new, tail = _refactor(a_stack, b_stack, cols, group.r_out, tail=True)
+        else:
+            a_new, b_new = _refactor(a_stack, b_stack, cols, group.r_out)
+        for j, name in enumerate(chunk):
+            a_key, b_key = sites.pairs[name]
+            out[a_key] = _like(a_new[j].numpy(), ref[a_key])
+            out[b_key] = _like(b_new[j].numpy(), ref[b_key])
+            if residuals is not None:
+                _store_residual(residuals, name, tail.a[j].double().numpy(), tail.b[j].double().numpy(),
+                                tail.s[j].double().numpy(), sum(group.site_ranks), torch.finfo(dtype).eps)
+    return out
+
+
+def _stack_pairs(sites: _Sites, group: _Group, names: list[str], residuals: AggregationState | None, dtype):
+    """The stacks of the pairs ``names`` (one group): A (n, m, d_in), B (n, d_out, m), column weights (m,).
+
+    Site k's factors (its own rank r_k, ``group.site_ranks``) occupy the next r_k columns with weight w_k; an
+    ``fra-ef`` residual (rank ``group.res_rank``) takes the last columns with weight 1.
     """
-    ref = site_states[active[0]]
-    d_in = _shape(ref[pairs[names[0]][0]])[1]
-    d_out = _shape(ref[pairs[names[0]][1]])[0]
-    offsets = np.concatenate([[0], np.cumsum(site_ranks)]).astype(int)
+    offsets = np.concatenate([[0], np.cumsum(group.site_ranks)]).astype(int)
+    res_rank = group.res_rank
     m = int(offsets[-1]) + res_rank
-    a_stack = torch.empty((len(names), m, d_in), dtype=dtype)
-    b_stack = torch.empty((len(names), d_out, m), dtype=dtype)
+    a_stack = torch.empty((len(names), m, group.d_in), dtype=dtype)
+    b_stack = torch.empty((len(names), group.d_out, m), dtype=dtype)
     for j, name in enumerate(names):
-        a_key, b_key = pairs[name]
-        for slot, i in enumerate(active):
+        a_key, b_key = sites.pairs[name]
+        for slot, i in enumerate(sites.active):
             lo, hi = offsets[slot], offsets[slot + 1]
-            _fill(a_stack[j, lo:hi], site_states[i][a_key])
-            _fill(b_stack[j, :, lo:hi], site_states[i][b_key])
+            _fill(a_stack[j, lo:hi], sites.states[i][a_key])
+            _fill(b_stack[j, :, lo:hi], sites.states[i][b_key])
         if res_rank:
-            a_res, b_res = state.residuals[name]
+            a_res, b_res = residuals.residuals[name]
             _fill(a_stack[j, m - res_rank :], a_res)
             _fill(b_stack[j, :, m - res_rank :], b_res)
     cols = torch.ones(m, dtype=dtype)
-    cols[: offsets[-1]] = torch.from_numpy(np.repeat(w[active], site_ranks)).to(dtype)
+    cols[: offsets[-1]] = torch.from_numpy(np.repeat(sites.w[sites.active], group.site_ranks)).to(dtype)
     return a_stack, b_stack, cols
 
 

@@ -38,8 +38,8 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence
 import yaml
 
 from fedesm.errors import FedesmError
+from fedesm.strategies import STRATEGIES, STRATEGY
 
-STRATEGIES = ("fra", "fra-ef", "fedit", "ffa")
 WEIGH_BY = ("uniform", "declared")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -376,7 +376,7 @@ class TrainConfig(Settings):
     schedule: str = setting("cosine", "decay after warm-up", choices=SCHEDULES)
     min_lr_ratio: float = setting(0.1, "the schedule's final learning rate, relative to lr")
     grad_clip: float = setting(1.0, "gradient-norm clip; 0 disables")
-    # "balanced" (default): w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
+    # "balanced": w_c = 0.5 / (local share of class c), so both classes weigh the same in the loss;
     # sqrt: chosen on held-out VALIDATION AUPRC over 3 seeds on GPSite ATP (3.9%), PRO (15.6%) and a synthetic
     # 1.5% set (scripts/class_weight_study.py, docs/results/loss): mean rank sqrt 1.67, plain 2.00, balanced 2.33.
     # The differences are within the seed spread on ATP and PRO; at 1.5% balanced (~65x) over-corrects
@@ -646,8 +646,9 @@ class JobSettings:
         from fedesm.model.architectures import ARCHITECTURES
 
         self.lora.check_fits(self.model.arch, ARCHITECTURES[self.model.arch].embed_dim)
-        if self.federation.strategy == "ffa" and not self.training.freeze_lora_a:
-            raise SettingError("federation.strategy ffa trains only LoRA B: set training.freeze_lora_a: true")
+        if STRATEGY[self.federation.strategy].freezes_a and not self.training.freeze_lora_a:
+            raise SettingError(f"federation.strategy {self.federation.strategy} trains only LoRA B: "
+                               "set training.freeze_lora_a: true")
 
     @classmethod
     def from_dict(cls, d: Mapping | None, where: str | None = None) -> "JobSettings":

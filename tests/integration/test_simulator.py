@@ -255,7 +255,7 @@ def test_one_site_federation_trains_exactly_like_that_site_alone(tmp_path):
     from fedesm.model.checkpoint import make_random_checkpoint
     from fedesm.settings import LoraSettings, TrainConfig
     from fedesm.site_config import write_site_config
-    from fedesm.training.centralized import run_centralized
+    from fedesm.centralized import run_centralized
     from fedesm.training.trainer import site_seed
 
     records = synth_records(n=120, n_families=8, pos_rate=0.1, min_len=60, max_len=160, seed=3)

@@ -22,7 +22,8 @@ from nvflare.apis.event_type import EventType
 from fedesm.aggregation import update_norm
 from fedesm.flare.aggregator import FraLoraAggregator
 from fedesm.flare.metrics_recorder import MetricsRecorder
-from tests.unit.test_flare_aggregator import KEYS, Engine, contribution, engine_context
+from tests.server_parts import Engine, contribution, engine_context
+from tests.unit.test_flare_aggregator import KEYS
 
 STRATEGIES = ["fra", "fra-ef", "fedit", "ffa"]
 HONEST = ("site-1", "site-2", "site-3")

@@ -33,7 +33,7 @@ from fedesm.settings import JobSettings, SettingError, SitePrivacySettings, Trai
 from fedesm.training.privacy import accountant
 from fedesm.training.privacy.policy import refusal
 from fedesm.training.privacy.randomness import NoiseSource
-from fedesm.training.privacy.release import DP_RELEASABLE
+from fedesm.evaluation.release import DP_RELEASABLE
 from fedesm.training.trainer import LocalTrainer
 
 JOB_ID = "d9c0ffee-job"

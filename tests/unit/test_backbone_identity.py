@@ -77,7 +77,7 @@ def test_a_site_backbone_of_another_architecture_refuses_the_job_at_set_up(tmp_p
     from fedesm.launch.jobs import JOBS
     from fedesm.model.checkpoint import make_random_checkpoint
     from fedesm.site_config import write_site_config
-    from tests.unit.test_flare_aggregator import Engine
+    from tests.server_parts import Engine
 
     ckpt = make_random_checkpoint("esm2_t4_small", tmp_path / "esm2_small.pt")
     (tmp_path / "data" / "site-1").mkdir(parents=True)
@@ -124,7 +124,7 @@ def test_a_missing_site_config_line_reaches_the_server(tmp_path, caplog):
     from fedesm.flare.executor import EsmLoraExecutor
     from fedesm.flare.payload import withheld_reason
     from fedesm.launch.jobs import JOBS
-    from tests.unit.test_flare_aggregator import Engine
+    from tests.server_parts import Engine
 
     executor = EsmLoraExecutor(**JOBS["esm2_fra_lora"].settings.to_dict())
     ctx = FLContext()

@@ -1,15 +1,11 @@
 """FraLoraAggregator on hand-built Shareables and FLContexts, and the payload helpers."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.aggregation import AggregationState, aggregate
@@ -22,6 +18,7 @@ from fedesm.flare.payload import (
     to_numpy_dict,
     to_torch_dict,
 )
+from tests.server_parts import Engine, context, contribution, engine_context
 
 D, R = 32, 4
 P = "base_model.model.esm.layers.0.self_attn"
@@ -48,28 +45,6 @@ def replaced(key, value):
 def site_weights(seed):
     rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in KEYS.items()}
-
-
-def contribution(weights, site, round_=3, steps=10, n_samples=100, metrics=None, **kw):
-    meta = {}
-    if steps is not None:
-        meta[MetaKey.NUM_STEPS_CURRENT_ROUND] = steps
-    if n_samples is not None:
-        meta["n_samples"] = n_samples
-    if metrics is not None:
-        meta["metrics"] = metrics
-    s = make_weights_shareable(weights, meta, **kw)
-    s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-    s.add_cookie(AppConstants.CONTRIBUTION_ROUND, round_)
-    return s
-
-
-def context(round_=3, global_weights=None):
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, round_, private=True, sticky=True)
-    if global_weights is not None:
-        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable(global_weights, {}), private=True, sticky=True)
-    return fl_ctx
 
 
 def test_accepts_good_contributions_and_keeps_metrics():
@@ -266,38 +241,6 @@ def test_fp16_contribution_is_decoded_and_accepted(strategy):
 
 
 # ------------------------------------------------------------ vetting against the global model, bounds
-
-
-class Engine:
-    """What the server components ask an engine for here: components by id, a workspace, and events
-    (kept, so a test sees a system panic)."""
-
-    def __init__(self, root=None, **components):
-        from nvflare.apis.workspace import Workspace
-
-        self.components = components
-        if root is not None:
-            for sub in ("startup", "local"):  # what a server's workspace (its kit) has
-                (Path(root) / sub).mkdir(parents=True, exist_ok=True)
-        self.workspace = Workspace(str(root)) if root is not None else None
-        self.events = []
-
-    def get_component(self, cid):
-        return self.components.get(cid)
-
-    def get_workspace(self):
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx):
-        from nvflare.apis.fl_constant import FLContextKey
-
-        self.events.append((event_type, fl_ctx.get_prop(FLContextKey.EVENT_DATA)))
-
-
-def engine_context(engine, round_=3, global_weights=None):
-    fl_ctx = context(round_, global_weights)
-    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
-    return fl_ctx
 
 
 def scaled(weights, glob, factor):

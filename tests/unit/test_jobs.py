@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import fedesm
 from fedesm.cli import main
 from fedesm.errors import FedesmError
+from fedesm.settings import JobSettings
 from fedesm.launch.jobs import (CLIENT_CONFIG, CONFIG_EXTENSIONS, JOBS, META, SERVER_CONFIG, VERSION_KEY, export_job,
                                 job_settings, jobs_root, list_jobs, read_job_settings, render_job)
 
@@ -22,8 +24,13 @@ def test_three_jobs_with_the_papers_settings():
     assert s.model.arch == "esm2_t12_35M_UR50D" and s.lora.r == 16 and s.training.rounds == 30
     assert s.federation.strategy == "fra" and s.training.steps_per_round == 5000 and s.training.max_len == 1000
     assert job_settings("esm2_fra_lora_skew_dp").training.grad_noise_std == 1e-4
-    # every shipped job carries every setting: none can lack what another has (the cyclic job once lacked DP keys)
-    assert {n: job_settings(n).to_dict().keys() for n in list_jobs()} == {n: s.to_dict().keys() for n in list_jobs()}
+    # every shipped job's configs carry every setting, block.field by block.field: none can lack what another
+    # has (the cyclic job once lacked DP keys)
+    every = {f"{block}.{f.name}" for block, cls in JobSettings.BLOCKS.items() for f in dataclasses.fields(cls)}
+    carried = {(n, cfg): {f"{block}.{name}" for block in JobSettings.BLOCKS
+                          for name in json.loads((jobs_root() / n / cfg).read_text()).get(block, {})}
+               for n in list_jobs() for cfg in (SERVER_CONFIG, CLIENT_CONFIG)}
+    assert len(every) > 40 and carried == {key: every for key in carried}
 
 
 @pytest.mark.parametrize("job", sorted(JOBS))

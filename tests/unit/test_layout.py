@@ -134,3 +134,37 @@ def test_settings_have_one_home():
                     if arg.arg in ("lora_r", "lora_alpha", "lora_dropout", "steps_per_round", "grad_noise_std"):
                         offenders.append(f"{p.relative_to(PACKAGE)}:{node.name}({arg.arg}=...)")
     assert offenders == [], offenders
+
+
+def _package(module: str) -> str:
+    """`fedesm.flare.aggregator` -> `fedesm.flare`; a top-level module (`fedesm.settings`) is its own."""
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {_package(m): set() for m in graph}
+    for mod, deps in graph.items():
+        packages[_package(mod)] |= {_package(d) for d in deps if _package(d) != _package(mod)}
+    return packages
+
+
+# settings <-> model: settings.py reads model.architectures and model.keys, model/ reads its settings blocks.
+# Left for later (issue 22, item 4): settings.py is being changed in parallel; no other package loop is allowed.
+ALLOWED_PACKAGE_LOOPS = [["fedesm.model", "fedesm.settings"]]
+
+
+def test_no_package_imports_one_that_imports_it_back():
+    """The file-level check cannot see training/ -> evaluation/ -> training/ through different files;
+    this one folds each package (flare, launch, training, ...) into one node."""
+    packages = _package_graph(_imports(_modules()))
+    assert {"fedesm.flare", "fedesm.launch", "fedesm.training", "fedesm.evaluation"} <= set(packages)
+    assert _cycles(packages) == ALLOWED_PACKAGE_LOOPS
+
+
+def test_the_package_walk_sees_a_loop_through_different_files():
+    """The check itself can fail: two files that import nothing of each other still close a package loop."""
+    graph = {"fedesm.training.centralized": {"fedesm.evaluation.scoring"},
+             "fedesm.evaluation.scoring": {"fedesm.training.inference"}, "fedesm.training.inference": set()}
+    assert _cycles(graph) == []
+    assert _cycles(_package_graph(graph)) == [["fedesm.evaluation", "fedesm.training"]]

@@ -64,7 +64,7 @@ def test_a_poc_site_config_runs_the_job_poc_up_prints(tmp_path):
     from fedesm.flare.executor import EsmLoraExecutor
     from fedesm.launch.jobs import JOBS
     from fedesm.site_config import DEFAULT_NAME, POC_JOB_SETTINGS, write_poc_site_config
-    from tests.unit.test_flare_aggregator import Engine
+    from tests.server_parts import Engine
 
     kit = tmp_path / "site-1"
     engine = Engine(kit)

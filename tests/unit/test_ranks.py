@@ -13,7 +13,7 @@ from fedesm.flare.aggregator import FraLoraAggregator
 from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import LoraSettings
 
-from tests.unit.test_flare_aggregator import contribution, context
+from tests.server_parts import context, contribution
 
 D_IN, D_OUT = 24, 20
 P = "base_model.model.esm.layers.0.self_attn.q_proj"

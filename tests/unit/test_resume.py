@@ -31,7 +31,7 @@ from fedesm.resume import fetch_resume_point, read_resume_point
 from fedesm.settings import FederationSettings
 from fedesm.tables import read_table
 from tests.s3_server import s3, s3_server  # noqa: F401 (fixtures)
-from tests.unit.test_flare_aggregator import Engine, contribution
+from tests.server_parts import Engine, contribution
 
 BLOCKS = {"model": {"arch": "esm2_t2_tiny"}, "lora": {"r": 4}, "training": {"rounds": 4, "steps_per_round": 5}}
 SITES = ("site-1", "site-2", "site-3")

@@ -22,7 +22,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from fedesm import results
 from fedesm.resume import read_resume_point
 from fedesm.tables import SERVER_ROW, read_table
-from tests.unit.test_flare_aggregator import Engine
+from tests.server_parts import Engine
 
 BLOCKS = {"model": {"arch": "esm2_t2_tiny"}, "lora": {"r": 4}, "training": {"rounds": 4, "steps_per_round": 5}}
 

@@ -70,10 +70,17 @@ def test_abort_stops_between_steps(tiny_checkpoint, synth_data):
 
 def test_gradient_noise_and_ffa_freeze(tiny_checkpoint, synth_data):
     train, _ = synth_data
-    plain = _trainer(tiny_checkpoint, train).train_steps(3).loss
+    plain_trainer = _trainer(tiny_checkpoint, train)
+    plain = plain_trainer.train_steps(3).loss
     noisy = _trainer(tiny_checkpoint, train, grad_noise_std=0.5)
     noisy.train_steps(3)
     assert noisy.gradients.noise is not None and noisy.gradients.noise.std == 0.5
+    # same seed, same batches: only the noise can move the noisy run's adapters away from the plain run's (both
+    # runs are bit-reproducible on CPU, test_training_is_reproducible_for_a_seed), by AdamW steps of ~lr each
+    plain_params = dict(plain_trainer.model.named_parameters())
+    moved = [float((p.detach() - plain_params[n].detach()).abs().max())
+             for n, p in noisy.model.named_parameters() if p.requires_grad]
+    assert moved and min(moved) > 1e-4, moved
     ffa = _trainer(tiny_checkpoint, train, freeze_lora_a=True)
     a_before = {n: p.detach().clone() for n, p in ffa.model.named_parameters() if "lora_A" in n}
     ffa.train_steps(3)

@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"fedesm.cli.{name}")
-        except ModuleNotFoundError as e:  # a command group not written yet
-            if e.name == f"fedesm.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"fedesm.cli.{name}").register(sub)
     return parser
 
 

@@ -12,8 +12,9 @@ def register(sub) -> None:
                        "split, FRA-LoRA in the NVFLARE simulator vs centralized), experiment 2 (label-skewed split "
                        "with gradient noise) and the strategy comparison (fra, fra-ef, fedit, ffa, optional DP-SGD); "
                        "then a markdown report with tables and plots. Presets: cpu (tiny random-init model, "
-                       "real GPSite ATP data, 3 seeds, ~1.5-2 h on 2 cores) and paper (ESM-2 35M, "
-                       "GPSite data; for a GPU).")
+                       "real GPSite ATP data, 3 seeds, ~1.5-2 h on 2 cores), paper (ESM-2 35M, "
+                       "GPSite data; for a GPU), ranks (sites of different LoRA ranks) and loss (loss class "
+                       "weights, centralized); `fedesm experiment presets` shows each one's plan.")
     esub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
 
     q = esub.add_parser("run", help="run a config's experiments and write DIR/report.md",
@@ -22,7 +23,8 @@ def register(sub) -> None:
                         "backbone, run every arm (federated arms through `nvflare simulator`, centralized arms on "
                         "the pooled site training data), evaluate every arm on the same held-out val split after "
                         "each round, and write the report. Progress lines show each round as it finishes.")
-    q.add_argument("config", help="preset name (cpu, paper; see `fedesm experiment presets`) or a YAML file")
+    q.add_argument("config", help="preset name (cpu, paper, ranks, loss; see `fedesm experiment presets`) or a YAML "
+                   "file")
     q.add_argument("--out", default=None, help="output folder (default experiments_out/<config name>)")
     q.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value, e.g. training.rounds=2 or "

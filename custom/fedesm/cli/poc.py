@@ -1,4 +1,5 @@
-"""`fedesm poc provision|up|down|status`: startup kits, and a real provisioned network on this machine."""
+"""`fedesm poc provision|up|policy|down|status`: startup kits, their site policy, and a real provisioned
+network on this machine."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def register(sub) -> None:
 
 def _train(args) -> int:
     from fedesm.data.validate import check_site_data
-    from fedesm.training.centralized import run_centralized
+    from fedesm.centralized import run_centralized
 
     cfg, lora = train_config_from_args(args), lora_from_args(args)  # bad settings: one line before any read
     out = Path(args.out)

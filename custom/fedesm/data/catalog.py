@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedesm.errors import DataError
+from fedesm.paths import repo_path
 
 ENV_VAR = "FEDESM_DATA_DIR"
 PREFIX = "gpsite:"
@@ -48,11 +49,11 @@ SETS = {s.name: s for s in (
 
 
 def data_dir() -> Path:
-    """The folder holding `gpsite/`: $FEDESM_DATA_DIR, else `<repository>/data`."""
+    """The folder holding `gpsite/`: $FEDESM_DATA_DIR, else `<repository>/data` (fedesm.paths)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[3] / "data"
+    return repo_path("data")
 
 
 def gpsite_dir() -> Path:

@@ -7,7 +7,7 @@ federated job's persistor builds as round 0):
   simulator`; each site reads its own split through a site config (`{site}` expands to its name);
   each round's global model is then scored on the held-out val split (and the last on test);
 * a centralized arm trains the same model with the same settings on the pooled training data of the
-  sites (`fedesm.training.centralized.run_centralized`), R rounds of N steps, scored the same way;
+  sites (`fedesm.centralized.run_centralized`), R rounds of N steps, scored the same way;
 * a site-alone arm trains each site's model on that site's training data only, as the site would
   without federating, R rounds of N steps, each scored the same way (rows carry `model` = the site);
 * the reference (logistic regression) is trained on the same pooled data and scored the same way.
@@ -169,10 +169,10 @@ def _train_and_score(cfg: ExperimentConfig, arm: ArmSpec, arm_dir: Path, shared:
     """One centralized-style run on `train` from the shared start; its held-out rows (val per round, and
     the final model on test with the threshold tuned on the held-out val)."""
     from fedesm.model.cards import read_adapter_state
-    from fedesm.training.centralized import run_centralized
+    from fedesm.centralized import run_centralized
 
     heldout, evaluator = shared.heldout, shared.evaluator
-    with forward_log("fedesm.training.centralized", echo, f"{prefix} "):
+    with forward_log("fedesm.centralized", echo, f"{prefix} "):
         rows = run_centralized(train, heldout["val"], shared.backbone, arm_dir, t, lora, arm=arm.id,
                                progress=False, tensorboard=False, initial_state=read_adapter_state(shared.initial),
                                attention=attention)

@@ -25,11 +25,12 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.launch.jobs import job_source
+from fedesm.paths import repo_root
 from fedesm.settings import (FederationSettings, JobSettings, LoraSettings, ModelSettings, SettingError, TrainConfig,
                              apply_overrides)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-REPO_ROOT = Path(__file__).resolve().parents[3]  # relative data paths are also tried from here
+REPO_ROOT = repo_root()  # relative data paths are also tried from here
 SPLIT_MODES = ("iid", "family", "skew", "dirichlet")
 ARM_KINDS = ("federated", "centralized", "site-alone")
 RANDOM_BACKBONE = "random"  # model.backbone: a random-init checkpoint of model.arch, written once per run
@@ -50,7 +51,7 @@ class DataSpec:
 class ArmSpec:
     id: str
     label: str = ""
-    kind: str = "federated"  # federated | centralized
+    kind: str = "federated"  # one of ARM_KINDS: federated | centralized | site-alone
     training: dict = field(default_factory=dict)
     federation: dict = field(default_factory=dict)
     description: str = ""

@@ -216,17 +216,3 @@ def plot_arms(series: dict[str, Sequence[tuple]], metric: str, out_path, title: 
             ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, lw=0)
     return _save_round_plot(fig, ax, metric, title + (" (band: +-1 sd over seeds)" if any(
         len(p) > 2 for pts in series.values() for p in pts) else ""), out_path)
-
-
-def format_round_table(rows: Sequence[dict]) -> str:
-    """Per-round, per-site table: local acc/prec/rec/F1 and the global model's F1."""
-    head = f"{'round':>5}  {'site':<12} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6}   {'global F1':>9}"
-    lines = [head, "-" * len(head)]
-    fmt = lambda v: f"{v:6.3f}" if isinstance(v, (int, float)) else f"{'-':>6}"
-    for r in sorted(rows, key=lambda r: (r["round"], r["site"])):
-        if r.get("site") == SERVER_ROW:
-            continue
-        g = r.get("global_f1")
-        lines.append(f"{r['round']:>5}  {r['site']:<12} {fmt(r.get('accuracy'))} {fmt(r.get('precision'))} "
-                     f"{fmt(r.get('recall'))} {fmt(r.get('f1'))}   {fmt(g):>9}")
-    return "\n".join(lines)

@@ -3,8 +3,9 @@
 For each seed, prepares what all arms share (data split per split mode, held-out val and test, the
 backbone, the initial adapters), then runs every arm (`fedesm.experiments.arms`), records its status
 in the run folder (`fedesm.experiments.layout`) so a run can be resumed, and writes the report (mean
-and spread over seeds). Presets live in `presets/`: `cpu` (tiny random-init ESM-2, real GPSite ATP
-data, 3 seeds, CPU) and `paper` (ESM-2 35M, r=16, 30 x 5,000 steps; for a GPU).
+and spread over seeds). Presets live in `presets/` (`fedesm experiment presets` lists them): `cpu` (tiny
+random-init ESM-2, real GPSite ATP data, 3 seeds, CPU), `paper` (ESM-2 35M, r=16, 30 x 5,000 steps; for a
+GPU), `ranks` (sites of different LoRA ranks, CPU) and `loss` (loss class weights, centralized, CPU).
 """
 
 from __future__ import annotations

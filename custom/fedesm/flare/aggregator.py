@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from fedesm import aggregation
 from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, TRANSFER_DTYPE_KEY, read_weights_shareable
 from fedesm.model.keys import fits_within_rank, lora_pairs
 from fedesm.settings import FederationSettings, LoraSettings
+from fedesm.strategies import STRATEGY
 
 
 MAX_DECLARED = 10**12  # training sequences a site may declare: more than any protein set, small enough for floats
@@ -61,6 +63,23 @@ def declared_count(value: Any) -> tuple[int | None, str | None]:
         text = str(value) if len(str(value)) < 20 else f"an integer of {len(str(value))} digits"
         return None, f"declared count {text} is not in 1 .. {MAX_DECLARED:.0e}"
     return value, None
+
+
+class Rejected(Exception):
+    """A contribution refused at vetting, with why (one line: logged and written to the metrics table)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One site's vetted contribution this round: its arrays, its weight (1, or its declared count) and meta."""
+    site: str
+    weights: dict[str, np.ndarray]
+    weight: float
+    meta: dict
 
 
 def _check_finite(result: dict) -> None:
@@ -91,6 +110,7 @@ class FraLoraAggregator(Aggregator):
         self.lora = LoraSettings.from_dict(lora, where="FraLoraAggregator")
         self.federation = FederationSettings.from_dict(federation, where="FraLoraAggregator")
         self.strategy = self.federation.strategy
+        self.how = STRATEGY[self.strategy]
         self.rank = self.lora.r
         self.weigh_by = self.federation.weigh_by
         self.expected_data_kind = DataKind.WEIGHTS
@@ -103,7 +123,7 @@ class FraLoraAggregator(Aggregator):
         self.metrics_recorder_id = metrics_recorder_id
         self._lock = threading.Lock()
         self._round = None
-        self._contributions: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+        self._contributions: dict[str, Contribution] = {}
         self._round_metrics: dict[str, dict] = {}
         self._reduced_precision = False
         self.declared: dict[str, int] = {}  # weigh_by declared: each site's count, fixed by its first contribution
@@ -114,81 +134,88 @@ class FraLoraAggregator(Aggregator):
         site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
         with self._lock:
             try:
-                reason, weights, weight, meta = self._vet(site, shareable, fl_ctx)
+                got = self._vet(site, shareable, fl_ctx)
+            except Rejected as e:
+                return self._reject(site, e.reason, fl_ctx)
             except Exception as e:  # noqa: BLE001 - whatever a contribution holds, it refuses only itself
-                reason = f"could not be vetted ({type(e).__name__}: {str(e)[:200]})"
-            if reason:
-                self.last_reject_reason = reason
-                self.log_warning(fl_ctx, f"rejected contribution from {site}: {reason}")
-                current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-                if isinstance(current, int):
-                    self._record(fl_ctx, current + 1, {site: {"rejected": reason}})
-                return False
+                return self._reject(site, f"could not be vetted ({type(e).__name__}: {str(e)[:200]})", fl_ctx)
             if self.weigh_by == "declared":
-                self.declared.setdefault(site, int(weight))
-            self._contributions[site] = (weights, weight)
-            if meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32":
+                self.declared.setdefault(site, int(got.weight))
+            self._contributions[site] = got
+            if got.meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32":
                 self._reduced_precision = True
-            metrics = meta.get(METRICS_KEY)
+            metrics = got.meta.get(METRICS_KEY)
             if isinstance(metrics, dict):
                 self._round_metrics[site] = dict(metrics)
-        self.log_info(fl_ctx, f"accepted contribution from {site} for round {self._round} (weight {weight:g})")
+        self.log_info(fl_ctx, f"accepted contribution from {site} for round {self._round} (weight {got.weight:g})")
         return True
 
-    def _vet(self, site: str, shareable: Shareable, fl_ctx: FLContext):
-        """Return (reject reason or None, weights, weight, meta)."""
+    def _reject(self, site: str, reason: str, fl_ctx: FLContext) -> bool:
+        self.last_reject_reason = reason
+        self.log_warning(fl_ctx, f"rejected contribution from {site}: {reason}")
+        current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if isinstance(current, int):
+            self._record(fl_ctx, current + 1, {site: {"rejected": reason}})
+        return False
+
+    def _vet(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> Contribution:
+        """The site's contribution, once it passes every check; `Rejected` with why it does not."""
         rc = shareable.get_return_code()
         if rc and rc != ReturnCode.OK:
-            return f"return code {rc}", None, None, None
+            raise Rejected(f"return code {rc}")
         try:
             dxo = from_shareable(shareable)
         except ValueError as e:
-            return f"not a DXO ({e})", None, None, None
+            raise Rejected(f"not a DXO ({e})") from None
         if dxo.data_kind != self.expected_data_kind:
-            return f"data kind {dxo.data_kind}, expected {self.expected_data_kind.value}", None, None, None
+            raise Rejected(f"data kind {dxo.data_kind}, expected {self.expected_data_kind.value}")
+        self._check_round(site, shareable, fl_ctx)
+        try:
+            weights, meta = read_weights_shareable(shareable)
+        except (ValueError, TypeError) as e:
+            raise Rejected(f"unreadable weights ({e})") from None
+        if not weights:
+            raise Rejected("no weights")
+        self._check_arrays(weights, fl_ctx)
+        self._check_frozen_a(weights, meta, fl_ctx)
+        return Contribution(site, weights, self._weight(site, meta), meta)
 
+    def _check_round(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> None:
+        """This round's, and the site's first of it; a new round starts here if the workflow did not reset."""
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         contribution_round = shareable.get_cookie(
             AppConstants.CONTRIBUTION_ROUND, shareable.get_header(AppConstants.CONTRIBUTION_ROUND)
         )
         if contribution_round != current_round:
-            return f"contribution for round {contribution_round}, current round is {current_round}", None, None, None
+            raise Rejected(f"contribution for round {contribution_round}, current round is {current_round}")
         if self._round != current_round:
             if self._contributions:
                 self.log_warning(fl_ctx, f"round changed to {current_round} without reset: dropping old contributions")
             self._clear_round()
             self._round = current_round
         if site in self._contributions:
-            return f"duplicate contribution in round {current_round}", None, None, None
+            raise Rejected(f"duplicate contribution in round {current_round}")
 
-        try:
-            weights, meta = read_weights_shareable(shareable)
-        except (ValueError, TypeError) as e:
-            return f"unreadable weights ({e})", None, None, None
-        if not weights:
-            return "no weights", None, None, None
-        reason = self._check_arrays(weights, fl_ctx) or self._check_frozen_a(weights, meta, fl_ctx)
-        if reason:
-            return reason, None, None, None
+    def _weight(self, site: str, meta: dict) -> float:
+        """1 (uniform: whatever sizes the site reports about itself weigh nothing) or its declared count."""
         if self.weigh_by != "declared":
-            return None, weights, 1.0, meta  # whatever sizes the site reports about itself weigh nothing
+            return 1.0
         if meta.get(N_SAMPLES_KEY) is None:
-            return ("federation.weigh_by is declared but the site sends no declared count (its operator sets "
-                    "declared_samples in its site config)"), None, None, None
+            raise Rejected("federation.weigh_by is declared but the site sends no declared count (its operator "
+                           "sets declared_samples in its site config)")
         count, reason = declared_count(meta.get(N_SAMPLES_KEY))
         if reason:
-            return reason, None, None, None
+            raise Rejected(reason)
         registered = self.declared.get(site)
         if registered is not None and registered != count:
-            return (f"declared count changed from {registered} to {count}; a site's count is fixed for the job"), \
-                None, None, None
-        return None, weights, float(count), meta
+            raise Rejected(f"declared count changed from {registered} to {count}; a site's count is fixed for the job")
+        return float(count)
 
-    def _check_frozen_a(self, weights: dict[str, np.ndarray], meta: dict, fl_ctx: FLContext) -> str | None:
+    def _check_frozen_a(self, weights: dict[str, np.ndarray], meta: dict, fl_ctx: FLContext) -> None:
         """ffa averages B alone, which is exact only if no site trained A: a changed A is refused here."""
         global_weights = self._global_weights(fl_ctx)
-        if self.strategy != "ffa" or global_weights is None:
-            return None
+        if not self.how.freezes_a or global_weights is None:
+            return
         # a frozen A sent back as float16 differs from the global one by rounding (< 2**-11 relative)
         tol = 1e-3 if meta.get(TRANSFER_DTYPE_KEY, "float32") != "float32" else 1e-6
         for a_key, _ in lora_pairs(list(weights)).values():
@@ -196,10 +223,10 @@ class FraLoraAggregator(Aggregator):
             scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
             diff = float(np.max(np.abs(weights[a_key].astype(np.float64) - ref))) if ref.size else 0.0
             if diff > tol * scale:
-                return f"ffa: changed the frozen {a_key!r} (max abs diff {diff:.3g}); only lora_B may be trained"
-        return None
+                raise Rejected(f"ffa: changed the frozen {a_key!r} (max abs diff {diff:.3g}); "
+                               "only lora_B may be trained")
 
-    def _check_arrays(self, weights: dict[str, np.ndarray], fl_ctx: FLContext) -> str | None:
+    def _check_arrays(self, weights: dict[str, np.ndarray], fl_ctx: FLContext) -> None:
         """Names, shapes, dtypes and values against the global model sent this round (ScatterAndGather
         always has one); only without it does the round's first contribution serve as the reference.
         Float arrays of another width are cast to the global model's dtype in place."""
@@ -207,56 +234,57 @@ class FraLoraAggregator(Aggregator):
         if global_weights is not None:
             missing = [k for k in global_weights if k not in weights]
             if missing:
-                return f"missing keys (the global model has them): {missing[:3]}"
+                raise Rejected(f"missing keys (the global model has them): {missing[:3]}")
             unknown = [k for k in weights if k not in global_weights]
             if unknown:
-                return f"unknown keys (not in the global model): {unknown[:3]}"
+                raise Rejected(f"unknown keys (not in the global model): {unknown[:3]}")
         for key, arr in weights.items():
             if not np.issubdtype(arr.dtype, np.floating):
-                return f"{key!r} is not a float array (dtype {arr.dtype})"
+                raise Rejected(f"{key!r} is not a float array (dtype {arr.dtype})")
             if global_weights is not None:
                 ref = np.asarray(global_weights[key])
                 if not self._shape_fits(key, arr.shape, ref.shape):
-                    return f"shape of {key!r} is {arr.shape}, global model has {ref.shape}"
+                    raise Rejected(f"shape of {key!r} is {arr.shape}, global model has {ref.shape}")
                 if np.issubdtype(ref.dtype, np.floating) and arr.dtype != ref.dtype:
                     with np.errstate(over="ignore"):
                         arr = weights[key] = arr.astype(ref.dtype)
             if not np.all(np.isfinite(arr)):
-                return f"{key!r} has non-finite values"
+                raise Rejected(f"{key!r} has non-finite values")
         if global_weights is None and self._contributions:
-            ref_site, (ref, _) = next(iter(self._contributions.items()))
+            first = next(iter(self._contributions.values()))
+            ref_site, ref = first.site, first.weights
             missing = [k for k in ref if k not in weights]
             extra = [k for k in weights if k not in ref]
             if missing or extra:
-                return f"keys differ from {ref_site}'s (missing {missing[:3]}, unexpected {extra[:3]})"
+                raise Rejected(f"keys differ from {ref_site}'s (missing {missing[:3]}, unexpected {extra[:3]})")
             for key, arr in weights.items():
-                if not self._shape_fits(key, arr.shape, ref[key].shape, same_rank=False):
-                    return f"shape of {key!r} is {arr.shape}, {ref_site} sent {ref[key].shape}"
-        return self._check_site_rank(weights)
+                if not self._shape_fits(key, arr.shape, ref[key].shape, any_rank=True):
+                    raise Rejected(f"shape of {key!r} is {arr.shape}, {ref_site} sent {ref[key].shape}")
+        self._check_site_rank(weights)
 
     # Sites of different means (fedesm.ranks): with fra / fra-ef a site's LoRA factors may have a smaller rank
     # than the global model's, A (r_k x d_in) and B (d_out x r_k) with 1 <= r_k <= the global rank, the same
     # r_k for every pair it sends; every other shape must equal the global model's.
-    def _shape_fits(self, key: str, shape: tuple, reference: tuple, same_rank: bool = True) -> bool:
-        """`shape` against the global model's (`same_rank`: the rank may only be smaller) or another site's
-        (any rank: the global model bounds it); ranks may differ only under fra / fra-ef."""
-        if self.strategy not in ("fra", "fra-ef"):
+    def _shape_fits(self, key: str, shape: tuple, reference: tuple, any_rank: bool = False) -> bool:
+        """`shape` against the global model's (a rank at most the global one) or, `any_rank`, another site's
+        (the global model bounds it); ranks may differ only under strategies that accept any rank."""
+        if not self.how.any_rank:
             return tuple(shape) == tuple(reference)
-        return fits_within_rank(key, shape, reference, any_rank=not same_rank)
+        return fits_within_rank(key, shape, reference, any_rank=any_rank)
 
-    def _check_site_rank(self, weights: dict[str, np.ndarray]) -> str | None:
+    def _check_site_rank(self, weights: dict[str, np.ndarray]) -> None:
         ranks = {}
         try:
             pairs = lora_pairs(list(weights))
         except ValueError as e:  # a lone factor
-            return str(e)
+            raise Rejected(str(e)) from None
         for a_key, b_key in pairs.values():
-            if weights[a_key].ndim != 2 or weights[b_key].ndim != 2 or weights[a_key].shape[0] != weights[b_key].shape[1]:
-                return f"{a_key!r} {weights[a_key].shape} and {b_key!r} {weights[b_key].shape} are not one LoRA pair"
+            a, b = weights[a_key], weights[b_key]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise Rejected(f"{a_key!r} {a.shape} and {b_key!r} {b.shape} are not one LoRA pair")
             ranks[a_key] = weights[a_key].shape[0]
         if len(set(ranks.values())) > 1:
-            return f"LoRA ranks differ between the site's own matrices ({sorted(set(ranks.values()))})"
-        return None
+            raise Rejected(f"LoRA ranks differ between the site's own matrices ({sorted(set(ranks.values()))})")
 
     @staticmethod
     def _global_weights(fl_ctx: FLContext) -> dict[str, Any] | None:
@@ -273,35 +301,62 @@ class FraLoraAggregator(Aggregator):
     # ------------------------------------------------------------------------------- aggregate
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
-        fed = self.federation
-        failed: dict[str, str] = {}
-        result = None
         with self._lock:
             round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             global_state = self._global_weights(fl_ctx)
-            vetted = sorted(self._contributions)  # by name, not arrival: the same inputs give the same bits
-            checks = aggregation.screen_updates([self._contributions[s][0] for s in vetted], global_state,
-                                                max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm,
-                                                clip_ratio=fed.clip_update_ratio)
-            self.last_round_checks = dict(zip(vetted, checks))
-            self.last_round_sites = list(vetted)
-            sites = [s for s, c in zip(vetted, checks) if c.reason is None]
-            while len(sites) >= fed.min_clients:
-                try:
-                    result, shares = self._combine(sites, global_state)
-                    break
-                except Exception as e:  # noqa: BLE001 - find the contribution that breaks it, refuse only that one
-                    culprits = self._culprits(sites, global_state) or {}
-                    if not culprits:
-                        failed["*"] = f"aggregation failed ({type(e).__name__}: {str(e)[:200]})"
-                        sites = []
-                        break
-                    failed.update(culprits)
-                    sites = [s for s in sites if s not in culprits]
-            if result is not None:
-                self.last_round_weights = dict(zip(sites, shares))
-                self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in sites}
-        row = round_ + 1 if isinstance(round_, int) else None
+            sites = self._screen(global_state)
+            sites, result, failed = self._combine_usable(sites, global_state)
+        self._report(round_, failed, fl_ctx)
+        if result is None:
+            reason = (f"round {round_}: {len(sites)} usable contribution(s) ({', '.join(sites) or 'none'}), "
+                      f"federation.min_clients is {self.federation.min_clients}: stopping; the last saved round is "
+                      "the last good one" + (f"; {failed['*']}" if "*" in failed else ""))
+            self.log_error(fl_ctx, reason)
+            self.system_panic(reason, fl_ctx)
+            return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
+        summary = ", ".join(f"{s}={w:.3f}" for s, w in self.last_round_weights.items())
+        msg = f"round {round_}: {self.strategy} of {len(sites)} sites, weights by {self.weigh_by}: {summary}"
+        if self.how.keeps_residual and self.ef_state.residual_norms:
+            msg += f"; max EF residual norm {max(self.ef_state.residual_norms.values()):.3g}"
+        self.log_info(fl_ctx, msg)
+        meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: round_}
+        return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+
+    def _screen(self, global_state) -> list[str]:
+        """The bounds on each vetted update (`aggregation.screen_updates`): the sites that pass, by name (not
+        arrival: the same inputs give the same bits)."""
+        fed = self.federation
+        vetted = sorted(self._contributions)
+        checks = aggregation.screen_updates([self._contributions[s].weights for s in vetted], global_state,
+                                            max_ratio=fed.max_update_ratio, max_norm=fed.max_update_norm,
+                                            clip_ratio=fed.clip_update_ratio)
+        self.last_round_checks = dict(zip(vetted, checks))
+        self.last_round_sites = list(vetted)
+        return [s for s, c in zip(vetted, checks) if c.reason is None]
+
+    def _combine_usable(self, sites: list[str], global_state) -> tuple[list[str], dict | None, dict[str, str]]:
+        """The strategy over `sites`; a contribution that breaks it is refused alone ('*': none could be
+        blamed) while at least `min_clients` remain. Returns the sites used, the result (None: the round
+        fails) and the refused sites with why."""
+        failed: dict[str, str] = {}
+        while len(sites) >= self.federation.min_clients:
+            try:
+                result, shares = self._combine(sites, global_state)
+            except Exception as e:  # noqa: BLE001 - find the contribution that breaks it, refuse only that one
+                culprits = self._culprits(sites, global_state) or {}
+                if not culprits:
+                    failed["*"] = f"aggregation failed ({type(e).__name__}: {str(e)[:200]})"
+                    return [], None, failed
+                failed.update(culprits)
+                sites = [s for s in sites if s not in culprits]
+                continue
+            self.last_round_weights = dict(zip(sites, shares))
+            self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in sites}
+            return sites, result, failed
+        return sites, None, failed
+
+    def _report(self, round_, failed: dict[str, str], fl_ctx: FLContext) -> None:
+        """Each screened site's update norm, scale and rejection, logged and written to the round's row."""
         verdicts = {}
         for site, check in self.last_round_checks.items():
             verdicts[site] = {"update_norm": check.norm, "update_norm_ratio": check.ratio}
@@ -311,48 +366,34 @@ class FraLoraAggregator(Aggregator):
             if reason:
                 verdicts[site]["rejected"] = reason
                 self.log_warning(fl_ctx, f"round {round_}: rejected the update of {site}: {reason}")
-        if row is not None:
-            self._record(fl_ctx, row, verdicts)
-        if result is None:
-            reason = (f"round {round_}: {len(sites)} usable contribution(s) ({', '.join(sites) or 'none'}), "
-                      f"federation.min_clients is {fed.min_clients}: stopping; the last saved round is the last "
-                      "good one" + (f"; {failed['*']}" if "*" in failed else ""))
-            self.log_error(fl_ctx, reason)
-            self.system_panic(reason, fl_ctx)
-            return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
-        summary = ", ".join(f"{s}={w:.3f}" for s, w in self.last_round_weights.items())
-        msg = f"round {round_}: {self.strategy} of {len(sites)} sites, weights by {self.weigh_by}: {summary}"
-        if self.strategy == "fra-ef" and self.ef_state.residual_norms:
-            msg += f"; max EF residual norm {max(self.ef_state.residual_norms.values()):.3g}"
-        self.log_info(fl_ctx, msg)
-        meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: round_}
-        return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+        if isinstance(round_, int):
+            self._record(fl_ctx, round_ + 1, verdicts)
 
     def shares(self, sites: list[str]) -> np.ndarray:
         """Each site's share of the average: equal, or by the declared counts capped at max_weight_share."""
         if self.weigh_by != "declared":
             return np.full(len(sites), 1.0 / len(sites))
-        counts = [self.declared.get(s, self._contributions[s][1]) for s in sites]
+        counts = [self.declared.get(s, self._contributions[s].weight) for s in sites]
         return aggregation.capped_shares(counts, self.federation.max_weight_share)
 
     def _combine(self, sites: list[str], global_state) -> tuple[dict, list[float]]:
         """The strategy over `sites`; an update scaled down by the screen (scale c < 1) enters as
         G + c (site - G): its share c goes to the site, 1 - c to the global model, a term of its own."""
         shares = self.shares(sites)
-        states = [self._contributions[s][0] for s in sites]
+        states = [self._contributions[s].weights for s in sites]
         scales = np.array([self.last_round_checks[s].scale if s in self.last_round_checks else 1.0 for s in sites])
         weights = shares * scales
         if global_state is not None and np.any(scales < 1):
             states = [*states, global_state]
             weights = np.concatenate([weights, [float(np.sum(shares * (1 - scales)))]])
-        saved = copy.deepcopy(self.ef_state) if self.strategy == "fra-ef" else None
+        saved = copy.deepcopy(self.ef_state) if self.how.keeps_residual else None
         try:
             result = aggregation.aggregate(
                 states,
                 weights,
                 strategy=self.strategy,
                 rank=self.rank,
-                state=self.ef_state if self.strategy == "fra-ef" else None,
+                state=self.ef_state if self.how.keeps_residual else None,
                 global_state=global_state,
                 ffa_tol=1e-3 if self._reduced_precision else 1e-6,
                 server_lr=self.federation.server_lr,
@@ -375,13 +416,18 @@ class FraLoraAggregator(Aggregator):
         return found
 
     def _combine_alone(self, site: str, global_state) -> None:
-        states = [self._contributions[site][0]]
+        states = [self._contributions[site].weights]
         if global_state is not None:
             states.append(global_state)
         result = aggregation.aggregate(states, [1.0] * len(states), strategy=self.strategy, rank=self.rank,
-                                       state=copy.deepcopy(self.ef_state) if self.strategy == "fra-ef" else None,
+                                       state=copy.deepcopy(self.ef_state) if self.how.keeps_residual else None,
                                        global_state=global_state, ffa_tol=1e-3 if self._reduced_precision else 1e-6)
         _check_finite(result)
+
+    def residuals(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """The error-feedback residual factors a saved round keeps (None: the strategy keeps none)."""
+        with self._lock:
+            return dict(self.ef_state.residuals) if self.how.keeps_residual else None
 
     def restore_ef_state(self, residuals: dict, rounds: int) -> None:
         """Continue fra-ef from a saved round (a resumed job): its residual factors and round count."""

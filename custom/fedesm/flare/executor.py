@@ -20,9 +20,10 @@ from fedesm.flare.payload import (BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE
                                   read_weights_shareable, to_torch_dict, withheld_reply)
 from fedesm.ranks import site_lora, state_rank, truncate_state
 from fedesm.settings import JobSettings
+from fedesm.strategies import STRATEGY
 from fedesm.training.optimizer_state import resolve_policy
 from fedesm.training.privacy.policy import PolicyRefusal
-from fedesm.training.privacy.release import releasable_metrics
+from fedesm.evaluation.release import releasable_metrics
 
 # Metrics per evaluated model (fedesm.evaluation.metrics.metrics_with_val_threshold): accuracy, precision,
 # recall, F1, MCC (at 0.5), AUROC, AUPRC on the site's val split; `threshold_tuned` (maximises F1 on that
@@ -103,7 +104,7 @@ class EsmLoraExecutor(Executor):
         check_job_architecture(backbone, backbone_source, self.settings.model.arch)
         self.backbone_identity = backbone_identity(backbone, shared=True)  # the server's model card records it
         self.lora = site_lora(self.settings.lora, cfg.lora_r)  # the site's own rank (fedesm.ranks)
-        if self.lora.r != self.settings.lora.r and self.settings.federation.strategy not in ("fra", "fra-ef"):
+        if self.lora.r != self.settings.lora.r and not STRATEGY[self.settings.federation.strategy].any_rank:
             raise FedesmError(f"site lora_r {self.lora.r} below the job's lora.r {self.settings.lora.r} needs "
                               f"federation.strategy fra or fra-ef (products of any rank average); "
                               f"{self.settings.federation.strategy} averages the factors themselves")

@@ -37,6 +37,7 @@ from nvflare.lighter.tool_consts import NVFLARE_SIG_FILE, NVFLARE_SUBMITTER_CRT_
 
 from fedesm.errors import FedesmError
 from fedesm.launch.jobs import CLIENT_CONFIG, JOBS, SERVER_CONFIG, WORKFLOWS, JobTemplate, render_job
+from fedesm.launch.policy import component_classes
 from fedesm.settings import JobSettings
 
 logger = logging.getLogger(__name__)
@@ -47,31 +48,6 @@ SERVER_FILE = Path(SERVER_CONFIG).relative_to("app").as_posix()
 ROLE_FILES = {"client": CLIENT_FILE, "server": SERVER_FILE}
 COMPONENT_KEYS = ("path", "class_path", "name")  # what NVFLARE's builder reads as a class to instantiate
 MAX_SHOWN = 60  # characters of a job's value quoted back in a refusal
-
-
-def _renderings() -> list[dict[str, dict]]:
-    """Every shipped job rendered with each component a setting can switch on (MLflow)."""
-    out = []
-    for template in JOBS.values():
-        for mlflow in (False, True):
-            s = template.settings
-            out.append(render_job(template, s.replace(federation=s.federation.replace(mlflow=mlflow))))
-    return out
-
-
-def _paths(config) -> set[str]:
-    if isinstance(config, dict):
-        own = {config["path"]} if isinstance(config.get("path"), str) else set()
-        return own.union(*(_paths(v) for v in config.values()))
-    if isinstance(config, list):
-        return set().union(*(_paths(v) for v in config))
-    return set()
-
-
-def component_classes(role: Optional[str] = None) -> frozenset[str]:
-    """The exact class paths fedesm's jobs name, for `role` (client | server) or both."""
-    files = {"client": [CLIENT_CONFIG], "server": [SERVER_CONFIG], None: [CLIENT_CONFIG, SERVER_CONFIG]}[role]
-    return frozenset(p for r in _renderings() for f in files for p in _paths(r[f]))
 
 
 COMPONENT_CLASSES = component_classes()

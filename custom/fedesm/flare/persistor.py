@@ -21,6 +21,7 @@ from fedesm.fileio import atomic_dir
 from fedesm.flare.payload import to_numpy_dict
 from fedesm.model.architectures import get_architecture
 from fedesm.settings import JobSettings
+from fedesm.strategies import STRATEGY
 
 
 class LoraPersistor(ModelPersistor):
@@ -109,7 +110,7 @@ class LoraPersistor(ModelPersistor):
         if recorder is not None:
             recorder.seed(point.rows, point.manifest)
         aggregator = self._component(fl_ctx, self.aggregator_id)
-        if s.federation.strategy == "fra-ef" and hasattr(aggregator, "restore_ef_state"):
+        if STRATEGY[s.federation.strategy].keeps_residual and hasattr(aggregator, "restore_ef_state"):
             aggregator.restore_ef_state(point.residuals, point.rounds_done)  # same strategy: the job hash says so
         if self.output_dir is not None and s.federation.keep_rounds:
             for n, folder in sorted(point.earlier_rounds.items()):
@@ -159,14 +160,14 @@ class LoraPersistor(ModelPersistor):
             targets.insert(0, results.round_dir(self.output_dir, rounds_done))
         recorder = self._component(fl_ctx, self.metrics_recorder_id)
         aggregator = self._component(fl_ctx, self.aggregator_id)
-        ef_state = getattr(aggregator, "ef_state", None) if self.settings.federation.strategy == "fra-ef" else None
+        residuals = aggregator.residuals() if hasattr(aggregator, "residuals") else None
         rows = recorder.snapshot() if recorder is not None else []
         for target in targets:
             with atomic_dir(target) as tmp:
                 write_adapter_files(self.last_weights, card, tmp)
                 if rounds_done is not None:
                     resume.write_resume_files(tmp, rounds_done, self.settings.federation.strategy, rows,
-                                              residuals=dict(ef_state.residuals) if ef_state is not None else None,
+                                              residuals=residuals,
                                               best_round=self.best_round, job=resume.job_definition(self.settings))
         self.log_info(fl_ctx, f"saved global adapters after {rounds_done} rounds in {self.output_dir}")
 

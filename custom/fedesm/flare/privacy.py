@@ -10,7 +10,7 @@ through only when it is exactly what `fedesm.flare.executor` sends:
   more LoRA rank than the site allows (``max_lora_rank``), and in its meta only the declared
   numbers: the transfer dtype, sample and step counts, this site's name, and the round's metrics
   (finite-size, numbers only; when the job trains with DP-SGD, only the metrics of the closed list in
-  `fedesm.training.privacy.release`: nothing computed on the secret batches, no seconds or throughput);
+  `fedesm.evaluation.release`: nothing computed on the secret batches, no seconds or throughput);
 * a ``DXO(METRICS)`` of numbers (a validation; under DP-SGD from the same closed list);
 * an error reply with no data.
 
@@ -44,16 +44,16 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 
+from fedesm.evaluation.release import releasable_under_dp
 from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE_KEY,
                                   TRANSFER_DTYPE_KEY, WITHHELD_KEY,
                                   withheld_reply)
+from fedesm.launch.policy import MAX_LORA_RANK
 from fedesm.model.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
 from fedesm.settings import JobSettings
-from fedesm.training.privacy.release import releasable_under_dp
 
 MAX_TEXT = 256  # longest string a header may carry (site names, task ids, dtype names)
 MAX_METRICS = 512  # numbers one result may carry as metrics
-MAX_LORA_RANK = 64  # the default cap on the rank of the factors a site sends
 DXO_KEY = "DXO"  # where a DXO sits in a Shareable (nvflare.apis.dxo)
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,64}$")
 # headers a result may carry when it reaches the filter: NVFLARE's own, the round, and why nothing was sent
@@ -84,7 +84,7 @@ class ExpectedResult:
     shapes: dict
     dtype: str
     site: Optional[str] = None
-    dp: bool = False  # the job trains with DP-SGD: only the metrics of `fedesm.training.privacy.release` leave
+    dp: bool = False  # the job trains with DP-SGD: only the metrics of `fedesm.evaluation.release` leave
 
     @classmethod
     def for_job(cls, settings: JobSettings, site: Optional[str] = None,

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from fedesm import __version__
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
+from fedesm.paths import repo_path
 from fedesm.settings import FederationSettings, JobSettings, ModelSettings, TrainConfig
 
 SERVER_CONFIG = "app/config/config_fed_server.json"
@@ -182,7 +183,7 @@ def _write_files(root: Path, files: Mapping[str, dict]) -> None:
 def jobs_root() -> Path:
     """The repository's `jobs/` folder, where the shipped jobs are rendered (FEDESM_JOBS_DIR overrides)."""
     env = os.environ.get("FEDESM_JOBS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "jobs"
+    return Path(env) if env else repo_path("jobs")
 
 
 def list_jobs() -> list[str]:

@@ -34,11 +34,12 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
+from fedesm.paths import repo_path
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "network.json"
-DEFAULT_PROJECT_FILE = Path(__file__).resolve().parents[3] / "provisioning" / "project.yml"
+DEFAULT_PROJECT_FILE = repo_path("provisioning", "project.yml")
 
 
 

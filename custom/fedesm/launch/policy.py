@@ -42,6 +42,8 @@ import yaml
 
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
+from fedesm.launch.jobs import CLIENT_CONFIG, JOBS, SERVER_CONFIG, render_job
+from fedesm.paths import repo_path
 from fedesm.settings import SitePolicySettings
 
 AUTHORIZATION = "authorization.json"
@@ -54,9 +56,10 @@ MAX_JOBS = 1  # the server runs one job at a time: a site's GPU is never shared 
 GUARD_ID = "fedesm_site_guard"
 GUARD_PATH = "fedesm.flare.site_guard.FedesmSiteGuard"
 PRIVACY_FILTER_PATH = "fedesm.flare.privacy.AdaptersOnlyFilter"
+MAX_LORA_RANK = 64  # the default cap on the rank of the factors a site sends (the privacy filter's max_lora_rank)
 VALIDATOR_PATH = "fedesm.flare.job_check.FedesmJobValidator"
 PRIVACY_SCOPE = "fedesm"
-CHARTS_DIR = Path(__file__).resolve().parents[3] / "helm"
+CHARTS_DIR = repo_path("helm")
 # The server's job store as the image lays it out: inside NVFL_WORKSPACE (/var/nvflare/workspace), which the
 # orchestrator chart puts on its volume.
 IMAGE_STORE_ROOT = "/var/nvflare/workspace/store"
@@ -103,11 +106,22 @@ def component_paths(config) -> set[str]:
     return set()
 
 
+def component_classes(role: Optional[str] = None) -> frozenset[str]:
+    """The exact class paths fedesm's jobs name, for `role` (client | server) or both: every shipped job
+    rendered with each component a setting can switch on (MLflow)."""
+    files = {"client": [CLIENT_CONFIG], "server": [SERVER_CONFIG], None: [CLIENT_CONFIG, SERVER_CONFIG]}[role]
+    found = set()
+    for template in JOBS.values():
+        for mlflow in (False, True):
+            s = template.settings
+            rendered = render_job(template, s.replace(federation=s.federation.replace(mlflow=mlflow)))
+            found |= {p for f in files for p in component_paths(rendered[f])}
+    return frozenset(found)
+
+
 def class_allow_list(role: str) -> list[str]:
     """The exact component classes fedesm's jobs name for `role` (client | server): full class paths,
     never a package prefix (a prefix admits every callable under it, functions included)."""
-    from fedesm.flare.job_check import component_classes
-
     return sorted(component_classes(role))
 
 
@@ -126,8 +140,6 @@ def authorization(role: str) -> dict:
 
 def privacy(max_lora_rank: Optional[int] = None) -> dict:
     """One scope, the default for every job: only the job's adapters, the head and metrics leave the site."""
-    from fedesm.flare.privacy import MAX_LORA_RANK
-
     args = {"max_lora_rank": int(max_lora_rank or MAX_LORA_RANK)}
     return {"scopes": [{"name": PRIVACY_SCOPE, "properties": {},
                         "task_result_filters": [{"path": PRIVACY_FILTER_PATH, "args": args}]}],

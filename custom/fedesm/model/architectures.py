@@ -31,10 +31,6 @@ ARCHITECTURES: dict[str, EsmArchitecture] = {
 }
 
 
-def architecture_names() -> list[str]:
-    return list(ARCHITECTURES)
-
-
 def get_architecture(name: str) -> EsmArchitecture:
     try:
         return ARCHITECTURES[name]

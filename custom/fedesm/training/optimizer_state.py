@@ -24,16 +24,16 @@ from typing import Mapping
 import torch
 
 from fedesm.model.keys import is_lora_a, is_lora_b, lora_pairs
+from fedesm.strategies import STRATEGY
 
 POLICIES = ("keep", "reset", "align")
-REFACTORED = ("fra", "fra-ef")  # strategies whose global factors come in a new basis every round
 MAX_CONDITION = 1e6  # an alignment worse conditioned than this falls back to the global factors as sent
 
 
 def resolve_policy(policy: str, strategy: str) -> str:
-    """The policy a site applies: `auto` -> align for re-factoring strategies, keep otherwise."""
+    """The policy a site applies: `auto` -> the strategy's own (align where it re-factors, keep otherwise)."""
     if policy == "auto":
-        return "align" if strategy in REFACTORED else "keep"
+        return STRATEGY[strategy].optimizer_state
     if policy not in POLICIES:
         raise ValueError(f"unknown optimizer-state policy {policy!r}; valid: auto, {', '.join(POLICIES)}")
     return policy

@@ -1,7 +1,7 @@
 """The local trainer: rounds of N optimizer steps on batches drawn at random from local data.
 
 The same code trains every federated site (the NVFLARE executor calls `train_steps` once per round)
-and the centralized run (`fedesm.training.centralized`). The model and optimizer live in the trainer
+and the centralized run (`fedesm.centralized`). The model and optimizer live in the trainer
 for its whole life, so a site keeps its optimizer state between rounds.
 """
 
