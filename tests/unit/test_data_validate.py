@@ -145,4 +145,4 @@ def test_cli_validate_several_files_and_missing_file(tmp_path, capsys):
 
 def test_cli_bad_args_are_one_line_errors(capsys):
     assert main(["data", "validate", "x.fa", "--max-problems", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "fedesm: error: --max-problems must be at least 1"
+    assert capsys.readouterr().err.strip() == "fedesm: error: --max-problems must be in 1 .. 2,147,483,647, got 0"
