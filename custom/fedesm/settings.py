@@ -45,7 +45,7 @@ TRANSFER_DTYPES = ("float32", "float16")
 BEST_METRICS = ("auprc", "auroc", "f1", "mcc")
 OPTIMIZER_STATES = ("auto", "keep", "reset", "align")
 VERSION_MISMATCH = ("refuse", "warn")
-ATTENTIONS = ("fused", "stock")
+ATTENTIONS = ("packed", "fused", "stock")
 
 
 class SettingError(FedesmError):
@@ -227,9 +227,10 @@ class ModelSettings(Settings):
         "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
         "model cards")
     num_labels: int = setting(2, "classes of the per-residue head")
-    attention: str = setting("fused", "self-attention kernel: fused (PyTorch scaled_dot_product_attention: flash / "
-                             "memory-efficient on CUDA, same weights and outputs) or stock (fair-esm's explicit "
-                             "softmax over every head's L x L weights)", choices=ATTENTIONS)
+    attention: str = setting("packed", "self-attention path: packed (padding dropped, only real tokens computed, "
+                             "attention per sequence: varlen flash on CUDA), fused (padded batch through PyTorch "
+                             "scaled_dot_product_attention) or stock (fair-esm's explicit softmax over every head's "
+                             "L x L weights); same weights and outputs", choices=ATTENTIONS)
 
     def check(self) -> None:
         from fedesm.model.architectures import ARCHITECTURES

@@ -1,0 +1,102 @@
+"""Packed (unpadded) batches against the padded fused path: same logits on every real token, same LoRA
+gradients, same DP-SGD per-sample gradients, chains of 1 to 1,022 residues; and evaluation unchanged."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fedesm.data.batching import IGNORE_INDEX, Tokenizer, eval_batches, tile_windows
+from fedesm.model.adapters import build_lora_model
+from fedesm.model.attention import Packing
+from fedesm.model.backbone import load_backbone
+from fedesm.model.esm2 import classifiers, set_attention
+from fedesm.settings import LoraSettings, ModelSettings
+
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def _seqs(lengths, seed=0):
+    rng = random.Random(seed)
+    return ["".join(rng.choice(AMINO) for _ in range(n)) for n in lengths]
+
+
+def _lora_model(arch, seed=0, layers=None):
+    """Random-init LoRA model with non-zero B factors (LoRA changes outputs and gets gradients)."""
+    backbone = load_backbone(f"random:{arch}")
+    if layers is not None:  # the first `layers` layers of the architecture, same shapes
+        backbone.model.layers = backbone.model.layers[:layers]
+    model = build_lora_model(backbone, LoraSettings(r=4), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model, backbone.alphabet
+
+
+def _run(model, tokens, attention):
+    """Logits at real tokens and LoRA/head gradients of a loss over real tokens only."""
+    set_attention(model, attention)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    real = tokens.ne(classifiers(model)[0].esm.padding_idx)
+    logits = model(tokens)[real]
+    (logits.float().square().sum() / real.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    assert float((la - lb).abs().max()) < 1e-5
+    assert ga.keys() == gb.keys() and any(".lora_A." in n for n in ga) and any(".lora_B." in n for n in ga)
+    for n in ga:
+        assert float((ga[n] - gb[n]).abs().max() / ga[n].abs().max().clamp(min=1e-30)) < 1e-5, n
+
+
+def test_packed_is_the_default():
+    assert ModelSettings().attention == "packed"
+    model, _ = _lora_model("esm2_t2_tiny")
+    assert classifiers(model)[0].attention == "packed"
+
+
+@pytest.mark.parametrize("lengths", [(1, 7, 300, 2), (1022, 1, 500)])
+def test_packed_equals_padded_tiny(lengths):
+    model, alphabet = _lora_model("esm2_t2_tiny")
+    tokens = Tokenizer(alphabet).collate([(s, None) for s in _seqs(lengths)])[0]
+    _assert_same(_run(model, tokens, "fused"), _run(model, tokens, "packed"))
+    packing = classifiers(model)[0].last_packing
+    assert packing.lengths == [n + 2 for n in lengths] and packing.n_tokens == sum(lengths) + 2 * len(lengths)
+
+
+def test_packed_equals_padded_8m_layer_1022_chain():
+    """One ESM-2 8M layer (320 wide, 20 heads), a 1,022-residue chain beside short ones."""
+    model, alphabet = _lora_model("esm2_t6_8M_UR50D", layers=1)
+    tokens = Tokenizer(alphabet).collate([(s, None) for s in _seqs((1022, 5, 64), seed=3)])[0]
+    _assert_same(_run(model, tokens, "fused"), _run(model, tokens, "packed"))
+
+
+def test_token_dropout_rescaling_and_mask_tokens_match():
+    """<mask> tokens (token dropout's per-sequence rescaling) and the stock path: the same logits."""
+    model, alphabet = _lora_model("esm2_t2_tiny")
+    tokens = Tokenizer(alphabet).collate([(s, None) for s in _seqs((40, 12, 90), seed=5)])[0]
+    tokens[0, 3:9] = alphabet.mask_idx
+    tokens[2, 50] = alphabet.mask_idx
+    assert classifiers(model)[0].esm.token_dropout
+    packed = _run(model, tokens, "packed")
+    _assert_same(_run(model, tokens, "fused"), packed)
+    _assert_same(_run(model, tokens, "stock"), packed)
+
+
+def test_packing_layout():
+    real = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    p = Packing(real)
+    assert p.lengths == [3, 1, 0, 4] and p.offsets.tolist() == [0, 3, 4, 4, 8]
+    assert p.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3] and p.segments.tolist() == [0, 0, 0, 1, 3, 3, 3, 3]
+    x = torch.arange(8.0)[:, None]
+    back = p.unpack(x)[..., 0]
+    assert back[real].tolist() == list(range(8)) and not back[~real].any()
