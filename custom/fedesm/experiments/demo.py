@@ -128,7 +128,8 @@ def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequ
                            log_path=out / "simulator.log", on_round=on_round)
     site_rows = read_table(results.output_dir(result) / results.METRICS)
     echo("[5/5] scoring each round's global model on the test split (threshold from the held-out val)")
-    evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed)
+    evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed, attention=settings.model.attention,
+                                 progress=True)
     global_rows = []
     round_dirs = results.round_dirs(results.output_dir(result))
     for rd in round_dirs:
