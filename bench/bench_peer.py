@@ -75,7 +75,7 @@ class HFPeer:
         _quiet_transformers()
         config = hf_config_for(esm2, num_labels=2, classifier_dropout=0.1)
         config._attn_implementation = "sdpa"
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs (650M: fast on GPU)
             torch.manual_seed(seed)
             model = EsmForTokenClassification(config)
         model.esm.load_state_dict(esm_model_state(esm2), strict=False)  # the same backbone weights

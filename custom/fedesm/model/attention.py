@@ -12,6 +12,13 @@ memory-efficient kernels on CUDA, the fused kernel on CPU), exactly as fair-esm 
 * the padding mask on the keys (padded keys get no weight), dropout ``attn.dropout`` in training;
 * ``out_proj`` on the heads' outputs, then the block's residuals, layer norms and GELU feed-forward.
 
+The packed path (``Packing``, ``packed_layer``; the default ``model.attention``) goes further: the
+batch's padding is dropped before the embeddings, every projection (LoRA included), layer norm,
+feed-forward and the head run on the (N, C) real tokens only, rotary positions are each token's
+column in its own sequence, and attention runs per sequence: PyTorch's variable-length flash kernel
+(``varlen_attn``) on CUDA in bf16/fp16, one SDPA call per sequence otherwise. Same function as the
+padded path (the tests hold logits and LoRA gradients to 1e-5 in fp32).
+
 Nothing in fair-esm is replaced: where attention weights are asked for (``need_head_weights``,
 contacts) a caller uses fair-esm's own forward, which is the stock path. The checkpoints, the
 adapter files and every job are unchanged.
@@ -19,8 +26,10 @@ adapter files and every job are unchanged.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,6 +95,8 @@ class Packing:
         counts = real.sum(1)
         self.offsets = F.pad(counts.cumsum(0), (1, 0))
         self.lengths = [int(n) for n in counts.tolist()]
+        ends = np.cumsum(self.lengths).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))  # (start, end) of each sequence's rows, host-side
         self.max_length = max(self.lengths, default=0)
         self.segments = torch.repeat_interleave(torch.arange(b, device=real.device), counts)  # sequence of each row
         self._cu32 = None
@@ -127,7 +138,12 @@ def _varlen(q, k, v, packing: Packing) -> Optional[torch.Tensor]:
     except ImportError:
         return None
     cu = packing.cu_seqlens()
-    return varlen_attn(q, k, v, cu, cu, packing.max_length, packing.max_length, scale=1.0)
+    try:
+        return varlen_attn(q, k, v, cu, cu, packing.max_length, packing.max_length, scale=1.0)
+    except (RuntimeError, NotImplementedError) as e:  # no flash kernel for this GPU / head size: per sequence
+        warnings.warn(f"varlen attention unavailable ({type(e).__name__}: {str(e)[:120]}); "
+                      "packed attention runs per sequence", stacklevel=2)
+        return None
 
 
 def packed_self_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
@@ -146,7 +162,7 @@ def packed_self_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
     out = _varlen(q, k, v, packing) if not dropout else None
     if out is None:  # one SDPA call per sequence on its own tokens: no padding, no mask
         parts = []
-        for s, e in zip(packing.offsets[:-1].tolist(), packing.offsets[1:].tolist()):
+        for s, e in packing.bounds:
             if e == s:
                 continue
             qs, ks, vs = (z[s:e].transpose(0, 1).unsqueeze(0) for z in (q, k, v))

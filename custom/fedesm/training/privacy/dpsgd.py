@@ -148,7 +148,7 @@ def _packed_per_sample(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, pack
                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-sample gradients of a linear layer run on packed tokens: sequence b's rows are
     offsets[b]:offsets[b + 1], its weight gradient their sum of outer products g^T x, as in the padded layout."""
-    bounds = list(zip(packing.offsets[:-1].tolist(), packing.offsets[1:].tolist()))
+    bounds = packing.bounds
     out = []
     if module.weight.requires_grad:
         out.append((module.weight, torch.stack([g[s:e].T @ x[s:e] for s, e in bounds])))
