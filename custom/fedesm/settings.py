@@ -400,6 +400,8 @@ class FederationSettings(Settings):
                                   choices=TRANSFER_DTYPES)
     evaluate_global: bool = setting(True, "sites also score the received global model on their val (and test) "
                                     "split every round")
+    evaluate_global_test: bool = setting(True, "with evaluate_global, the test split too (off where the job scores "
+                                         "each round's global model on the test split itself, as the demo does)")
     optimizer_state: str = setting("auto", "what a site does with its optimizer state for the LoRA factors when "
                                    "global adapters arrive: keep, reset (zero moments and step count), align (the "
                                    "global product in the factorization closest to the site's own factors); auto = "

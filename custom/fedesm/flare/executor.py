@@ -50,7 +50,7 @@ class EsmLoraExecutor(Executor):
 
         Args:
             model, lora, training, federation: the job's settings blocks (dicts or settings objects);
-                this executor uses model, lora, training, and federation.transfer_dtype / evaluate_global.
+                this executor uses model, lora, training, and federation.transfer_dtype / evaluate_global(_test).
             analytic_sender_id: the AnalyticsSender component that streams metrics to the server.
         """
         super().__init__()
@@ -253,7 +253,8 @@ class EsmLoraExecutor(Executor):
         # the round's number, not a local count: a resumed job or a site that joins late continues the table
         rounds_before = current_round if isinstance(current_round, int) else self.rounds_done
         if self.settings.federation.evaluate_global:
-            metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
+            test = self.test_records if self.settings.federation.evaluate_global_test else None
+            metrics.update({f"global_{k}": v for k, v in self._evaluate(test).items()})
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         stats = self.trainer.train_steps(self.trainer.config.steps_per_round,
@@ -299,11 +300,12 @@ class EsmLoraExecutor(Executor):
         self.log_info(fl_ctx, f"{self.site}: validated model of {model_owner}: F1 {metrics['f1']:.3f}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
-    def _evaluate(self) -> dict:
-        """The model in memory on the local val split (and test split, threshold tuned on val)."""
+    def _evaluate(self, test=...) -> dict:
+        """The model in memory on the local val split (and `test`, default the site's test split, threshold
+        tuned on val)."""
         from fedesm.evaluation.scoring import score_trainer
 
-        return score_trainer(self.trainer, self.val_records, self.test_records)
+        return score_trainer(self.trainer, self.val_records, self.test_records if test is ... else test)
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
         if self.trainer is None:
