@@ -289,7 +289,7 @@ class EsmLoraExecutor(Executor):
         saved = get_exchanged_state(self.trainer.model)
         try:
             set_exchanged_state(self.trainer.model, self._global_state(shareable))  # to score it, nothing else
-            metrics = self._evaluate()
+            metrics = self._evaluate(None if not self.settings.federation.evaluate_global_test else ...)
         finally:
             set_exchanged_state(self.trainer.model, saved)  # keep the site's own model for later tasks
         model_owner = str(shareable.get_header(AppConstants.MODEL_OWNER) or "SRV_server")
