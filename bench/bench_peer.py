@@ -159,7 +159,9 @@ def compare(s: PeerSettings, records=None, echo=print) -> dict:
         torch.set_num_threads(old_threads)
 
 
-def run(archs, shapes=SHAPES, reps: int = 3, threads: int = 1, echo=print, **kw) -> list[dict]:
+def run(archs, shapes=SHAPES, reps: int = 3, threads: int = 1, echo=print, out=None, **kw) -> list[dict]:
+    """Rows for every architecture x (crop, batch); with `out`, the JSON is rewritten after each row (a run
+    cut short, e.g. killed for memory, keeps what it measured)."""
     from fedesm.data.validate import load_dataset
 
     records = load_dataset(kw.get("dataset", PeerSettings.dataset))
@@ -172,6 +174,9 @@ def run(archs, shapes=SHAPES, reps: int = 3, threads: int = 1, echo=print, **kw)
             rows.append(row)
             echo(f"{arch} crop {crop} batch {batch}: fedesm/HF = {row['ratio']:.2f}x "
                  f"(padding {100 * row['padding_share']:.0f}%)")
+            if out:
+                with open(out, "w") as f:
+                    json.dump(rows, f, indent=1)
     return rows
 
 
@@ -195,11 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the rows as JSON")
     a = p.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes]
-    rows = run(a.archs, shapes, reps=a.reps, threads=a.threads, attention=a.attention)
+    rows = run(a.archs, shapes, reps=a.reps, threads=a.threads, attention=a.attention, out=a.out)
     print(format_table(rows))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -57,8 +57,10 @@ FULL = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 2},
                    "cuda_settings": {"batch_size": 8, "min_len": 800, "max_len": 1000, "steps": 5, "reps": 10,
                                      "warmup": 3}},
-    # the Hugging Face peer: GPSite ATP chains, interleaved, process CPU time, one thread
-    "peer": {"archs": ["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"], "shapes": bench_peer.SHAPES, "reps": 3},
+    # the Hugging Face peer: GPSite ATP chains, interleaved, process CPU time, one thread. 35M at 32 x 1,000:
+    # the peer's padded batch (and its attention) did not fit beside other jobs in 24 GiB: left out here.
+    "peer": {"rows": [("esm2_t6_8M_UR50D", bench_peer.SHAPES),
+                      ("esm2_t12_35M_UR50D", ((1000, 8), (512, 8), (512, 32)))], "reps": 3},
     # batch 2 (the second chain 75% long: padded), one optimizer step per repetition, one thread (steady
     # on a shared 2-core machine); on CUDA the paper's shape: batch 8 x 1,000 residues, bf16 autocast.
     "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 64, "reps": 15, "threads": 1},
@@ -87,7 +89,7 @@ QUICK = {
                    "settings": {"batch_size": 4, "min_len": 180, "max_len": 220, "warmup": 1},
                    "cuda_settings": {"batch_size": 8, "min_len": 400, "max_len": 500, "steps": 3, "reps": 4,
                                      "warmup": 2}},
-    "peer": {"archs": ["esm2_t6_8M_UR50D"], "shapes": ((1000, 8), (512, 32)), "reps": 2},
+    "peer": {"rows": [("esm2_t6_8M_UR50D", ((1000, 8), (512, 32)))], "reps": 2},
     "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 3, "threads": 1}],
                   "cuda_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 1000, "batch_size": 8, "reps": 4}]},
     "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
@@ -194,7 +196,8 @@ class Bench:
 
     def peer(self) -> dict:
         cfg = self.sizes["peer"]
-        rows = bench_peer.run(cfg["archs"], tuple(tuple(x) for x in cfg["shapes"]), reps=cfg["reps"], echo=self.echo)
+        rows = [row for arch, shapes in cfg["rows"]
+                for row in bench_peer.run([arch], tuple(tuple(x) for x in shapes), reps=cfg["reps"], echo=self.echo)]
         table = bench_peer.format_table(rows)
         self.echo(table)
         return {"rows": rows, "table": table, "target_ratio": bench_peer.TARGET_RATIO,

@@ -240,7 +240,7 @@ def test_peer_rows_run_both_loops_on_the_same_gpsite_batches(tmp_path):
     assert peer.model.base_model.model.config._attn_implementation == "sdpa"
     names = [n for n, p in peer.model.named_parameters() if p.requires_grad]
     assert names and all(".lora_" in n or "classifier" in n for n in names)
-    sizes = {"peer": {"archs": ["esm2_t2_tiny"], "shapes": ((60, 2),), "reps": 1}}
+    sizes = {"peer": {"rows": [("esm2_t2_tiny", ((60, 2),))], "reps": 1}}
     doc = run_bench.run_all(["peer"], sizes=sizes, work_dir=tmp_path, echo=lambda *a: None)
     (row,) = doc["results"]["peer"]["rows"]
     assert row["crop"] == 60 and row["batch_size"] == 2 and 0 <= row["padding_share"] < 1
