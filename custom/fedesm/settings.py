@@ -47,7 +47,7 @@ TRANSFER_DTYPES = ("float32", "float16")
 BEST_METRICS = ("auprc", "auroc", "f1", "mcc")
 OPTIMIZER_STATES = ("auto", "keep", "reset", "align")
 VERSION_MISMATCH = ("refuse", "warn")
-ATTENTIONS = ("fused", "stock")
+ATTENTIONS = ("packed", "fused", "stock")
 
 
 class SettingError(FedesmError):
@@ -267,9 +267,10 @@ class ModelSettings(Settings):
         "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
         "model cards")
     num_labels: int = setting(2, "classes of the per-residue head", maximum=MAX_NUM_LABELS)
-    attention: str = setting("fused", "self-attention kernel: fused (PyTorch scaled_dot_product_attention: flash / "
-                             "memory-efficient on CUDA, same weights and outputs) or stock (fair-esm's explicit "
-                             "softmax over every head's L x L weights)", choices=ATTENTIONS)
+    attention: str = setting("packed", "self-attention path: packed (padding dropped, only real tokens computed, "
+                             "attention per sequence: varlen flash on CUDA), fused (padded batch through PyTorch "
+                             "scaled_dot_product_attention) or stock (fair-esm's explicit softmax over every head's "
+                             "L x L weights); same weights and outputs", choices=ATTENTIONS)
 
     def check(self) -> None:
         from fedesm.model.architectures import ARCHITECTURES
@@ -478,6 +479,8 @@ class FederationSettings(Settings):
                                   choices=TRANSFER_DTYPES)
     evaluate_global: bool = setting(True, "sites also score the received global model on their val (and test) "
                                     "split every round")
+    evaluate_global_test: bool = setting(True, "with evaluate_global, the test split too (off where the job scores "
+                                         "each round's global model on the test split itself, as the demo does)")
     optimizer_state: str = setting("auto", "what a site does with its optimizer state for the LoRA factors when "
                                    "global adapters arrive: keep, reset (zero moments and step count), align (the "
                                    "global product in the factorization closest to the site's own factors); auto = "

@@ -36,16 +36,16 @@ def test_global_model_improves_and_every_site_reports_each_round(fra_run):
             if r["round"] == rnd and r["site"] in sites:
                 for k in ("accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "threshold_tuned",
                           "test_auroc", "test_auprc", "test_f1", "test_f1_tuned", "test_mcc_tuned", "train_loss",
-                          "global_f1", "global_test_auroc", "global_test_f1_tuned"):
+                          "global_f1", "global_auprc"):
                     assert r.get(k) is not None, (rnd, r["site"], k)
-    assert {r["site"] for r in rows if r["round"] == 0 and "global_test_auprc" in r} == sites
+                # the demo scores each round's global model on the test split itself: the sites do not again
+                assert "global_test_auroc" not in r, (rnd, r["site"])
+    assert {r["site"] for r in rows if r["round"] == 0 and "global_auprc" in r} == sites
     first, final = summary["global_round0_test"], summary["global_final_test"]
     assert final["test_f1_tuned"] > first["test_f1_tuned"] + 0.1
     assert final["test_auroc"] > 0.8 and final["test_auprc"] > first["test_auprc"] + 0.1
-    # the global model's test metrics that the sites report equal the demo's own scoring of that model
-    site_view = [r for r in rows if r["round"] == 2 and r["site"] in sites]
-    for r in site_view:
-        assert r["global_test_auroc"] == pytest.approx(final["test_auroc"], abs=1e-4)
+    # each round's global model is scored on the test split once, by the demo (global_test.jsonl)
+    assert [r["round"] for r in read_table(out / "global_test.jsonl")] == [0, 1, 2]
 
 
 def test_global_adapters_saved_in_peft_layout(fra_run):

@@ -106,11 +106,13 @@ def test_unpadded_batch_takes_the_unmasked_kernel(monkeypatch):
 # ----------------------------------------------------------------------------------- which path runs
 
 
-def test_fused_is_the_default_and_never_calls_the_stock_attention(monkeypatch):
-    assert ModelSettings().attention == "fused"
+@pytest.mark.parametrize("attention", ["packed", "fused"])
+def test_packed_and_fused_never_call_the_stock_attention(monkeypatch, attention):
+    assert ModelSettings().attention == "packed"
     model, alphabet = _lora_model("esm2_t2_tiny")
+    set_attention(model, attention)
     (clf,) = classifiers(model)
-    assert clf.attention == "fused"
+    assert clf.attention == attention
     assert all(fn is fused_attention.fused_layer for fn in clf._layer_fns)
     from esm.multihead_attention import MultiheadAttention
 
@@ -119,7 +121,7 @@ def test_fused_is_the_default_and_never_calls_the_stock_attention(monkeypatch):
 
     monkeypatch.setattr(MultiheadAttention, "forward", refuse)
     tokens = _tokens(alphabet, (50, 30))
-    model(tokens).sum().backward()  # fused: never the stock forward
+    model(tokens).sum().backward()  # packed / fused: never the stock forward
     set_attention(model, "stock")
     with pytest.raises(AssertionError, match="fair-esm's attention forward ran"):
         model(tokens)
@@ -130,8 +132,8 @@ def test_the_setting_turns_it_off_everywhere_it_is_read():
     assert classifiers(stock)[0].attention == "stock"
     assert all(fn is fused_attention.stock_layer for fn in classifiers(stock)[0]._layer_fns)
     job = JobSettings().with_overrides({"model.attention": "stock"})
-    assert job.model.attention == "stock" and JobSettings().to_dict()["model"]["attention"] == "fused"
-    with pytest.raises(FedesmError, match=r"^model.attention: 'flash' is not one of fused, stock$"):
+    assert job.model.attention == "stock" and JobSettings().to_dict()["model"]["attention"] == "packed"
+    with pytest.raises(FedesmError, match=r"^model.attention: 'flash' is not one of packed, fused, stock$"):
         ModelSettings(attention="flash")
     with pytest.raises(ValueError, match="not one of"):
         set_attention(stock, "flash")
@@ -165,7 +167,7 @@ def test_a_layer_it_cannot_reproduce_falls_back_to_stock():
 # ----------------------------------------------------------------------------------- activation checkpointing
 
 
-@pytest.mark.parametrize("attention", ["fused", "stock"])
+@pytest.mark.parametrize("attention", ["packed", "fused", "stock"])
 def test_activation_checkpointing_gives_the_same_gradients(attention):
     model, alphabet = _lora_model("esm2_t4_small", dropout=0.2)
     tokens = _tokens(alphabet, (200, 120), seed=5)
@@ -257,15 +259,16 @@ def test_train_and_predict_take_the_attention_flag(tiny_checkpoint, synth_data, 
                  "--backbone", str(tiny_checkpoint), "--out", str(out), "--rounds", "1", "--steps-per-round", "3",
                  "--lora-r", "4", "--no-progress", "--attention", "stock", "--activation-checkpointing"]) == 0
     probs = {}
-    for attention in ("fused", "stock"):
+    for attention in ("packed", "fused", "stock"):
         preds = tmp_path / f"{attention}.csv"
         assert main(["predict", "--model", str(out), "--input", str(tmp_path / "val.fa"), "--out", str(preds),
                      "--attention", attention]) == 0
         probs[attention] = [float(r["probability"]) for r in csv.DictReader(preds.open())]
     assert len(probs["fused"]) == sum(len(r) for r in val[:10])
     assert max(abs(a - b) for a, b in zip(probs["fused"], probs["stock"])) <= 1e-4  # 4 decimals in the CSV
+    assert max(abs(a - b) for a, b in zip(probs["fused"], probs["packed"])) <= 1e-4
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "--attention {fused,stock}" in text and "--activation-checkpointing" in text
+    assert "--attention {packed,fused,stock}" in text and "--activation-checkpointing" in text

@@ -228,3 +228,45 @@ def test_merge_keeps_other_sections_and_says_when_each_was_measured():
     assert merged["section_runs"]["comm"]["date"] == "2026-02-02"
     header = run_bench.to_markdown({**merged, "results": {}})  # the header only: these results are stand-ins
     assert "section comm re-measured on 2026-02-02" in header and "section throughput re-measured" not in header
+
+
+def test_peer_rows_run_both_loops_on_the_same_gpsite_batches(tmp_path):
+    """The Hugging Face sdpa + PEFT peer beside the site loop: same batches, same trainable shapes, a ratio."""
+    import bench_peer
+    from fedesm.model.backbone import load_backbone
+
+    backbone = load_backbone("random:esm2_t2_tiny")
+    peer = bench_peer.HFPeer(backbone.model, 4, 1e-3)
+    assert peer.model.base_model.model.config._attn_implementation == "sdpa"
+    names = [n for n, p in peer.model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n or "classifier" in n for n in names)
+    sizes = {"peer": {"rows": [("esm2_t2_tiny", ((60, 2),))], "reps": 1}}
+    doc = run_bench.run_all(["peer"], sizes=sizes, work_dir=tmp_path, echo=lambda *a: None)
+    (row,) = doc["results"]["peer"]["rows"]
+    assert row["crop"] == 60 and row["batch_size"] == 2 and 0 <= row["padding_share"] < 1
+    assert row["ratio"] == pytest.approx(row["fedesm_median"] / row["peer_median"]) and row["ratio"] > 0
+    assert 0 < row["residues_per_batch_mean"] <= 120
+    assert "## 1a. Site training vs the Hugging Face peer" in run_bench.to_markdown(doc)
+    assert any(line.startswith("peer esm2_t2_tiny crop 60 batch 2: fedesm/HF =") for line in run_bench.summary_lines(doc))
+
+
+def test_cuda_packed_script_runs_its_rows_on_cpu_and_skips_what_cannot_run(tmp_path, monkeypatch):
+    """bench/cuda_packed.py (the GPU rows) on the CPU with the tiny model: every arm measured, the JSON
+    written to $OUT, packed agreeing with fused; an unknown architecture is a skipped row, not a crash."""
+    import cuda_packed
+    from fedesm.data.validate import load_dataset
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert cuda_packed.default_out() == tmp_path / "cuda_packed.json"
+    records = load_dataset("gpsite:ATP")[:40]
+    doc = cuda_packed.run(["esm2_t2_tiny", "esm2_nonexistent"], device="cpu", precision="fp32", batch_size=2,
+                          crop=80, warmup=1, steps=1, out=cuda_packed.default_out(), records=records,
+                          echo=lambda *a: None)
+    written = json.loads((tmp_path / "cuda_packed.json").read_text())
+    assert [r["arm"] for r in written["rows"] if r["arch"] == "esm2_t2_tiny"] == list(cuda_packed.ARMS)
+    tiny = [r for r in doc["rows"] if r["arch"] == "esm2_t2_tiny"]
+    assert all(r["residues_per_second"] > 0 and "skipped" not in r for r in tiny)
+    assert tiny[0]["speed_vs_stock"] > 0 and tiny[0]["speed_vs_hf"] > 0
+    assert doc["agreement"]["esm2_t2_tiny"]["max_abs_diff_packed_vs_fused"] < 1e-4
+    (bad,) = [r for r in doc["rows"] if r["arch"] == "esm2_nonexistent"]
+    assert bad["skipped"].startswith("backbone:")

@@ -18,7 +18,7 @@ def lora_from_args(args) -> LoraSettings:
 
 
 def add_attention_arg(p: argparse.ArgumentParser) -> None:
-    """--attention fused|stock (fedesm.settings.ModelSettings.attention)."""
+    """--attention packed|fused|stock (fedesm.settings.ModelSettings.attention)."""
     add_arguments(p, ModelSettings, skip=[n for n in ModelSettings.names() if n != "attention"], title="model")
 
 

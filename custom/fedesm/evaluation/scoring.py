@@ -74,19 +74,20 @@ class AdapterEvaluator:
     run's last/) exactly as sites score theirs (same windows, threshold rule and metrics)."""
 
     def __init__(self, backbone_source: str, lora, seed: int = 0, device: str = "auto",
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, progress: bool = False):
         backbone = load_backbone(backbone_source)
         self.device = resolve_device(device)
         self.model = build_lora_model(backbone, lora, seed=seed, attention=attention).to(self.device)
         self.tokenizer = Tokenizer(backbone.alphabet)
         self.autocast = autocast_dtype(self.device)
+        self.progress = progress  # a bar over each pass (the demo's and the experiments' long ones)
 
     def load(self, adapter_dir) -> None:
         set_exchanged_state(self.model, read_adapter_state(Path(adapter_dir)))
 
     def probabilities(self, records: Sequence[Record], max_len: int) -> list[np.ndarray]:
         return predict_proba(self.model, self.tokenizer, [r.sequence for r in records], max_len, self.device,
-                             autocast=self.autocast)
+                             autocast=self.autocast, progress=self.progress, desc="score")
 
     def evaluate(self, adapter_dir, val: Sequence[Record], max_len: int, test: Optional[Sequence[Record]] = None,
                  curve: bool = False) -> dict:

@@ -33,7 +33,9 @@ SYNTHETIC = "synthetic"  # dataset name for the synthetic-motif variant (tests)
 # What `make demo` runs: a tiny random-init ESM-2, 2 sites x 4 rounds x 80 steps, minutes on 2 CPU cores.
 DEMO = JobSettings(model=ModelSettings(arch="esm2_t2_tiny"), lora=LoraSettings(r=8, alpha=16),
                    training=TrainConfig(rounds=4, steps_per_round=80, lr=3e-3, max_len=512),
-                   federation=FederationSettings(min_clients=2))
+                   # the demo scores every round's global model on the test split itself ([5/5]): the sites
+                   # score it on their val only (best-model choice), not the test split a second and third time
+                   federation=FederationSettings(min_clients=2, evaluate_global_test=False))
 
 
 PRETRAINED = "esm2_t6_8M_UR50D"  # the demo's pretrained backbone when one can be had: the smallest ESM-2
@@ -128,7 +130,8 @@ def run_demo(out_dir, dataset: str = "ATP", settings: JobSettings = DEMO, n_sequ
                            log_path=out / "simulator.log", on_round=on_round)
     site_rows = read_table(results.output_dir(result) / results.METRICS)
     echo("[5/5] scoring each round's global model on the test split (threshold from the held-out val)")
-    evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed)
+    evaluator = AdapterEvaluator(backbone, settings.lora, seed=seed, attention=settings.model.attention,
+                                 progress=True)
     global_rows = []
     round_dirs = results.round_dirs(results.output_dir(result))
     for rd in round_dirs:

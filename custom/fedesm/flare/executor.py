@@ -52,7 +52,7 @@ class EsmLoraExecutor(Executor):
 
         Args:
             model, lora, training, federation: the job's settings blocks (dicts or settings objects);
-                this executor uses model, lora, training, and federation.transfer_dtype / evaluate_global.
+                this executor uses model, lora, training, and federation.transfer_dtype / evaluate_global(_test).
             analytic_sender_id: the AnalyticsSender component that streams metrics to the server.
         """
         super().__init__()
@@ -259,7 +259,8 @@ class EsmLoraExecutor(Executor):
         # the round's number, not a local count: a resumed job or a site that joins late continues the table
         rounds_before = current_round if isinstance(current_round, int) else self.rounds_done
         if self.settings.federation.evaluate_global:
-            metrics.update({f"global_{k}": v for k, v in self._evaluate().items()})
+            test = self.test_records if self.settings.federation.evaluate_global_test else None
+            metrics.update({f"global_{k}": v for k, v in self._evaluate(test).items()})
         if abort_signal.triggered:  # during the global model's evaluation: stopped before the first step
             self.log_info(fl_ctx, f"{self.site}: aborted after 0 steps of round {current_round}")
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -301,7 +302,7 @@ class EsmLoraExecutor(Executor):
         saved = get_exchanged_state(self.trainer.model)
         try:
             set_exchanged_state(self.trainer.model, self._global_state(shareable))  # to score it, nothing else
-            metrics = self._evaluate()
+            metrics = self._evaluate(None if not self.settings.federation.evaluate_global_test else ...)
         finally:
             set_exchanged_state(self.trainer.model, saved)  # keep the site's own model for later tasks
         model_owner = str(shareable.get_header(AppConstants.MODEL_OWNER) or "SRV_server")
@@ -312,11 +313,12 @@ class EsmLoraExecutor(Executor):
         self.log_info(fl_ctx, f"{self.site}: validated model of {model_owner}: F1 {metrics['f1']:.3f}")
         return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
 
-    def _evaluate(self) -> dict:
-        """The model in memory on the local val split (and test split, threshold tuned on val)."""
+    def _evaluate(self, test=...) -> dict:
+        """The model in memory on the local val split (and `test`, default the site's test split, threshold
+        tuned on val)."""
         from fedesm.evaluation.scoring import score_trainer
 
-        return score_trainer(self.trainer, self.val_records, self.test_records)
+        return score_trainer(self.trainer, self.val_records, self.test_records if test is ... else test)
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
         if self.trainer is None:

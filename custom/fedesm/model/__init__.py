@@ -4,7 +4,7 @@
   checkpoint     fair-esm's on-disk format: read, write, random-init checkpoints
   backbone       load an encoder from a hub name, a local .pt, an s3:// URI or random:ARCH
   esm2           EsmTokenClassifier: the encoder + the linear per-residue head
-  attention      fused self-attention (scaled_dot_product_attention) on fair-esm's own layer modules
+  attention      packed (unpadded) and fused self-attention on fair-esm's own layer modules
   keys           the names others agree on: the head, LoRA factor keys, time-major modules
   adapters       PEFT LoRA wrapping, parameter counts, the exchanged state (LoRA A/B + head)
   cards          saved models: PEFT's layout + fedesm_model.json, and loading them back

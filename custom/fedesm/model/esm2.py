@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from fedesm.model.attention import can_fuse, fused_layer, stock_layer
+from fedesm.model.attention import Packing, can_fuse, fused_layer, packed_layer, rotary_tables, stock_layer
 from fedesm.model.keys import CLASSIFIER_NAME
 from fedesm.settings import ATTENTIONS, ModelSettings
 
@@ -16,9 +16,11 @@ from fedesm.settings import ATTENTIONS, ModelSettings
 class EsmTokenClassifier(nn.Module):
     """ESM-2 encoder + a linear per-residue head on the last layer's representations.
 
-    ``attention``: ``fused`` runs each layer's self-attention through PyTorch's fused kernel
-    (``fedesm.model.attention``; same weights, same outputs), ``stock`` through fair-esm's own
-    forward; default: ``model.attention`` (fused). ``checkpoint_layers``: recompute each layer's
+    ``attention``: ``packed`` (default, ``model.attention``) drops the padding first: only real
+    tokens go through the embeddings, layers and head, attention runs per sequence
+    (``fedesm.model.attention.Packing``), and the logits come back padded (zeros at padding);
+    ``fused`` runs the padded batch with PyTorch's fused kernel, ``stock`` through fair-esm's own
+    forward. All three compute the same function with the same weights. ``checkpoint_layers``: recompute each layer's
     activations in the backward pass instead of keeping them (less memory, ~one more forward).
     """
 
@@ -36,12 +38,15 @@ class EsmTokenClassifier(nn.Module):
         return getattr(self, CLASSIFIER_NAME)
 
     def set_attention(self, attention: str) -> None:
-        """``fused`` or ``stock``; fused falls back to stock on a layer it cannot reproduce exactly."""
+        """``packed``, ``fused`` or ``stock``; packed and fused fall back to the padded stock layers on a
+        model they cannot reproduce exactly."""
         if attention not in ATTENTIONS:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTIONS)}")
         self.attention = attention
-        self._layer_fns = [fused_layer if attention == "fused" and can_fuse(layer) else stock_layer
+        self._packed = attention == "packed" and all(can_fuse(layer) for layer in self.esm.layers)
+        self._layer_fns = [fused_layer if attention in ("packed", "fused") and can_fuse(layer) else stock_layer
                            for layer in self.esm.layers]
+        self.last_packing: Optional[Packing] = None  # the last packed forward's layout (DP-SGD's per-sample sums)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Last-layer representations (B, T, E); fair-esm's ESM2.forward without the LM head."""
@@ -66,7 +71,36 @@ class EsmTokenClassifier(nn.Module):
         x = esm2.emb_layer_norm_after(x)
         return x.transpose(0, 1)
 
+    def encode_packed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Last-layer representations (N, E) of the real tokens only; same values as ``encode``'s."""
+        esm2 = self.esm
+        tok = tokens.reshape(-1).index_select(0, packing.flat)
+        x = esm2.embed_scale * esm2.embed_tokens(tok)
+        if esm2.token_dropout:  # fair-esm's rescaling, per sequence, in the same operation order
+            is_mask = tok == esm2.mask_idx
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            mask_ratio_train = 0.15 * 0.8
+            src_lengths = packing.offsets[1:] - packing.offsets[:-1]
+            n_masked = torch.zeros_like(src_lengths).index_add_(0, packing.segments, is_mask.long())
+            mask_ratio_observed = n_masked.to(x.dtype) / src_lengths
+            x = x * (1 - mask_ratio_train) / (1 - mask_ratio_observed)[packing.segments][:, None]
+        tables = rotary_tables(esm2.layers[0].self_attn, packing.positions)
+        recompute = self.checkpoint_layers and self.training and torch.is_grad_enabled()
+        for layer in esm2.layers:
+            if recompute:
+                x = checkpoint(packed_layer, layer, x, packing, tables, use_reentrant=False)
+            else:
+                x = packed_layer(layer, x, packing, tables)
+        return esm2.emb_layer_norm_after(x)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token logits (B, T, num_labels); on the packed path zeros at padding tokens."""
+        if self._packed:
+            packing = Packing(tokens.ne(self.esm.padding_idx))
+            if packing.n_tokens:
+                self.last_packing = packing
+                return packing.unpack(self.head(self.dropout(self.encode_packed(tokens, packing))))
+        self.last_packing = None
         return self.head(self.dropout(self.encode(tokens)))
 
 
@@ -79,7 +113,7 @@ def classifiers(model: nn.Module) -> list[EsmTokenClassifier]:
 
 
 def set_attention(model: nn.Module, attention: str) -> None:
-    """Switch every EsmTokenClassifier in ``model`` to ``fused`` or ``stock`` attention (``model.attention``)."""
+    """Switch every EsmTokenClassifier in ``model`` to ``packed``, ``fused`` or ``stock`` (``model.attention``)."""
     for clf in classifiers(model):
         clf.set_attention(attention)
 

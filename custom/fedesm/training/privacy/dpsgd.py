@@ -10,7 +10,9 @@
 Per-sample gradients come from one forward and backward pass over the whole batch: every trainable
 parameter sits in an `nn.Linear` (PEFT's lora_A / lora_B and the head), whose per-sample weight
 gradient is sum_t grad_out[t]^T x[t] over that sample's tokens. Hooks capture x and grad_out; the
-batch axis is 1 inside fair-esm's encoder layers, which run in (T, B, C) layout, and 0 in the head.
+batch axis is 1 inside fair-esm's encoder layers, which run in (T, B, C) layout, and 0 in the head;
+on the packed path (the default: padding dropped) every layer runs on (N, C) real tokens and each
+sample's gradient sums its own rows (the model's `last_packing` says which).
 The (epsilon, delta) spent comes from `fedesm.training.privacy.accountant`. The noise and the
 Poisson draws come from a `NoiseSource` (secret, from OS entropy, unless the site's own config asks
 for reproducible noise to debug): a job's seed decides neither.
@@ -77,6 +79,7 @@ class PerSampleGradients:
         if missing:
             raise FedesmError(f"DP-SGD: {len(missing)} trainable parameter(s) are not in nn.Linear layers; "
                               "per-sample clipping covers LoRA factors and the linear head only")
+        self._model = model
         self._acts: dict[int, torch.Tensor] = {}
         self._grads: dict[int, torch.Tensor] = {}
         self._handles = []
@@ -107,14 +110,21 @@ class PerSampleGradients:
     def compute(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(parameter, per-sample gradients of shape (B, *parameter.shape))] after a backward pass."""
         out = []
+        packing = self._packing()
         for i, (name, module) in enumerate(self.layers):
             if i not in self._grads:  # layer unused in this pass: zero gradient for every sample
                 for p in module.parameters(recurse=False):
                     if p.requires_grad:
                         out.append((p, torch.zeros((batch_size, *p.shape), device=p.device, dtype=torch.float32)))
                 continue
-            axis = batch_axis(name)
             x, g = self._acts[i], self._grads[i]
+            if x.dim() == 2 and packing is not None:  # packed (N, C) tokens: sum each sequence's own rows
+                if len(packing.lengths) != batch_size or x.shape[0] != packing.n_tokens:
+                    raise RuntimeError(f"DP-SGD: {name} input {tuple(x.shape)} is not the packed batch of "
+                                       f"{batch_size} sequences")
+                out.extend(_packed_per_sample(module, x.float(), g.float(), packing))
+                continue
+            axis = batch_axis(name)
             if x.shape[axis] != batch_size:
                 raise RuntimeError(f"DP-SGD: {name} input {tuple(x.shape)} has no batch axis {axis} of size "
                                    f"{batch_size}")
@@ -127,6 +137,25 @@ class PerSampleGradients:
         self._acts.clear()
         self._grads.clear()
         return out
+
+
+    def _packing(self):
+        """The last packed forward's layout (`fedesm.model.attention.Packing`), or None after a padded one."""
+        return next((m.last_packing for m in self._model.modules() if hasattr(m, "last_packing")), None)
+
+
+def _packed_per_sample(module: nn.Linear, x: torch.Tensor, g: torch.Tensor, packing
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-sample gradients of a linear layer run on packed tokens: sequence b's rows are
+    offsets[b]:offsets[b + 1], its weight gradient their sum of outer products g^T x, as in the padded layout."""
+    bounds = packing.bounds
+    out = []
+    if module.weight.requires_grad:
+        out.append((module.weight, torch.stack([g[s:e].T @ x[s:e] for s, e in bounds])))
+    if module.bias is not None and module.bias.requires_grad:
+        out.append((module.bias, torch.zeros((len(bounds), g.shape[1]), dtype=g.dtype, device=g.device)
+                     .index_add_(0, packing.segments, g)))
+    return out
 
 
 def clip_and_sum(per_sample: list[tuple[torch.Tensor, torch.Tensor]], max_grad_norm: float
