@@ -184,6 +184,22 @@ def _privacy(raw, path: Path, site: str) -> SitePrivacySettings:
     return SitePrivacySettings.from_dict(raw or {}, where=f"{path} (site {site})")
 
 
+def backbone_source(config: SiteConfig, job_backbone: str) -> str:
+    """The backbone this site loads: its own config's, else the job's default when the job may choose it.
+
+    A job may pick `random:ARCH`, a fair-esm hub name (fixed download addresses of fair-esm) or a path,
+    which the site's allow-list then checks; never a Hugging Face id, which would let a job decide
+    which repository a site downloads and loads. A site that wants one names it in its own config.
+    """
+    if config.backbone:
+        return config.backbone
+    if str(job_backbone).startswith("hf:"):
+        raise FedesmError(f"{config.site}: the job's model.backbone {str(job_backbone)[:80]} is a Hugging Face id the "
+                          "job chose; this site loads such a backbone only when its own site config names it "
+                          "(backbone: ...)")
+    return job_backbone
+
+
 def resolve_site_path(config: SiteConfig, uri: str) -> Path:
     """A local path for `uri`, checked against the site's allowed prefixes before any read."""
     from fedesm import storage

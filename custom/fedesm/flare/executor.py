@@ -79,7 +79,7 @@ class EsmLoraExecutor(Executor):
         from fedesm.data.validate import check_site_data, load_dataset
         from fedesm.model.adapters import build_lora_model
         from fedesm.model.backbone import check_job_architecture, identity as backbone_identity, load_backbone
-        from fedesm.site_config import load_site_config, resolve_site_path
+        from fedesm.site_config import backbone_source as site_backbone, load_site_config, resolve_site_path
         from fedesm.training.trainer import LocalTrainer
 
         self.site = fl_ctx.get_identity_name()
@@ -88,6 +88,7 @@ class EsmLoraExecutor(Executor):
         self.site_config = cfg
         training = self.site_training(self.site, num_rounds, cfg.device, cfg.privacy)
         noise = self._apply_privacy_policy(fl_ctx, training, cfg.privacy)  # refuses before any data is read
+        backbone_source = site_backbone(cfg, self.settings.model.backbone_source)  # a job's hf: id is refused
         if cfg.cpu_threads:
             import torch
 
@@ -98,7 +99,6 @@ class EsmLoraExecutor(Executor):
         for note in check_site_data(self.train_records, self.val_records, cfg.train, cfg.val,
                                     self.settings.training.max_len):
             self.log_warning(fl_ctx, f"{self.site}: {note}")
-        backbone_source = cfg.backbone or self.settings.model.backbone_source
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
         check_job_architecture(backbone, backbone_source, self.settings.model.arch)
