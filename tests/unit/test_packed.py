@@ -110,7 +110,7 @@ def test_dp_per_sample_gradients_packed_equal_padded(tiny_checkpoint, synth_data
     train, _ = synth_data
     backbone = load_backbone(str(tiny_checkpoint))
     model = build_lora_model(backbone, LoraSettings(r=4))
-    config = TrainConfig(device="cpu", steps_per_round=5, batch_size=6, max_len=96, dp_noise_multiplier=1.0,
+    config = TrainConfig(device="cpu", steps_per_round=5, batch_size=6, max_len=96, dp_noise_multiplier=1.0, class_weights=None,
                          dp_max_grad_norm=1.0)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
     with torch.no_grad():
