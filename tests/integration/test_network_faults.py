@@ -238,10 +238,24 @@ def test_admin_abort_stops_sites_between_steps_and_keeps_the_last_round(both_sit
     net.abort(job_id)
     meta = net.follow(job_id, timeout=120, poll_interval=1.0)
     assert meta["status"] == "FINISHED:ABORTED"
-    for site in SITES:  # the executor saw the abort signal between two optimizer steps (or before the first)
-        wait_for(lambda: count_in(net.job_log(site, job_id), "aborted after") >= 1, f"{site} aborted", timeout=60)
+    # Which task each site is in when the abort reaches it is the machine's timing, not ours: a site still
+    # stepping stops between two optimizer steps ("aborted after"); one that had already sent its result was
+    # waiting for the next task. Either way the task it was last given ended, and nothing half-done is kept.
+    # (That training stops between steps is pinned without timing in tests/unit/test_train.py.)
+    for site in SITES:
+        log = net.job_log(site, job_id)
+        wait_for(lambda: task_ended(log.read_text(errors="replace"), site), f"{site}'s last task ended", timeout=60)
     result = net.download(job_id, tmp_path / "result")
-    check_persisted(result / "workspace" / "fedesm", last_complete=1)
+    saved = result / "workspace" / "fedesm"
+    last = max(saved_rounds(saved))
+    assert 1 <= last <= 3  # later rounds are saved only if both sites had sent them before the abort reached them
+    check_persisted(saved, last_complete=last)
+
+
+def task_ended(log_text: str, site: str) -> bool:
+    """The site's last train task (0-based round = tasks seen - 1) either stopped on the abort or sent its result."""
+    tasks = log_text.count("invoking task executor")
+    return "aborted after" in log_text or f"{site} round {tasks - 1}:" in log_text
 
 
 def test_a_sites_job_process_killed_fails_the_job_and_keeps_the_last_round(both_sites, tmp_path, site_data):
