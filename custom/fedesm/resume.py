@@ -5,7 +5,8 @@ Every round folder the server saves (``rounds/round_NNN/``, and ``last/``) is a 
 
     adapter_config.json, adapter_model.safetensors, fedesm_model.json   the global adapters + head (PEFT layout)
     fedesm_resume.json         rounds done, the strategy, the best-model bookkeeping, the job definition and
-                               its hash (:func:`job_definition`)
+                               its hash (:func:`job_definition`), and its owner: who submitted the job
+                               that saved it (NVFLARE's authenticated submitter, :func:`run_owner`)
     ef_residual.safetensors    fra-ef only: the truncated tail the next aggregation adds back
     metrics.jsonl, .csv        the metrics table up to this round
 
@@ -18,8 +19,10 @@ workflow continues at round NNN+1 (``fedesm.flare.workflows``).
 A resume point is checked like an arriving contribution before anything of it is used: finite float tensors
 of this job's names and shapes (so its rank), ``rounds_done`` a whole number below ``training.rounds``, a
 metrics table of JSON rows, and the same job definition (the hash of the settings that shape the model and
-its training; only those a resumed job may change, listed in ``MAY_CHANGE``, are left out). Anything else is
-refused in one line (FedesmError).
+its training; only those a resumed job may change, listed in ``MAY_CHANGE``, are left out), saved by a job of
+the same submitter: a job names the folder, so without the owner check anyone who may submit could resume,
+and then download, another submitter's model from the server's disk or buckets. Anything else is refused in
+one line (FedesmError).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class ResumePoint:
     rows: list[dict]  # the metrics table, rounds 0 .. rounds_done
     job: dict = field(default_factory=dict)  # the job definition it was saved by (job_definition)
     job_hash: str = ""
+    owner: Optional[dict] = None  # {"name", "org"} of the submitter whose job saved it (None: none recorded)
     residuals: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fra-ef: pair -> (A, B)
     best_round: Optional[int] = None
     manifest: dict = field(default_factory=dict)  # payload_manifest.json of the old run, when beside it
@@ -84,15 +88,16 @@ class ResumePoint:
 
 def write_resume_files(folder, rounds_done: int, strategy: str, rows: list[dict],
                        residuals: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None,
-                       best_round: Optional[int] = None, job: Optional[dict] = None) -> None:
+                       best_round: Optional[int] = None, job: Optional[dict] = None,
+                       owner: Optional[dict] = None) -> None:
     """Write the resume files into `folder` (a round folder being built, before it is renamed into place);
-    `job` is the job's :func:`job_definition`."""
+    `job` is the job's :func:`job_definition`, `owner` its submitter (:func:`run_owner`)."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     job = job or {}
     state = {"format": FORMAT, "rounds_done": int(rounds_done), "strategy": strategy, "best_round": best_round,
-             "ef_residual": bool(residuals), "job": job, "job_hash": job_hash(job)}
+             "ef_residual": bool(residuals), "job": job, "job_hash": job_hash(job), "owner": owner}
     (folder / RESUME_STATE).write_text(json.dumps(state, indent=2) + "\n")
     if residuals:
         tensors = {}
@@ -101,6 +106,25 @@ def write_resume_files(folder, rounds_done: int, strategy: str, rows: list[dict]
             tensors[f"{pair}{_SEP}B"] = np.ascontiguousarray(b_res)
         save_file(tensors, str(folder / EF_RESIDUAL))
     write_table(folder / results.METRICS, rows_until(rows, rounds_done))
+
+
+def run_owner(run_dir) -> Optional[dict]:
+    """The submitter of the job running in `run_dir` (the server's run folder): the name and organisation
+    NVFLARE writes into the run's meta.json from the admin's authenticated session (a job's own meta.json
+    cannot set them). None where there is none (the simulator)."""
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = meta.get("submitter_name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    org = meta.get("submitter_org")
+    return {"name": name, "org": org if isinstance(org, str) else ""}
+
+
+def owner_text(owner: Optional[dict]) -> str:
+    return f"{owner['name']} ({owner['org']})" if owner else "no recorded submitter (a simulator run)"
 
 
 def rows_until(rows: list[dict], rounds_done: int) -> list[dict]:
@@ -223,9 +247,14 @@ def read_resume_point(folder) -> ResumePoint:
     best_round = state.get("best_round")
     if isinstance(best_round, bool) or not (best_round is None or isinstance(best_round, int)):
         best_round = None
+    owner = state.get("owner")
+    if owner is not None and not (isinstance(owner, dict) and isinstance(owner.get("name"), str)
+                                  and isinstance(owner.get("org", ""), str)):
+        raise FedesmError(f"{where}: its owner {str(owner)[:60]!r} is not a submitter's name and organisation")
     return ResumePoint(folder=folder, rounds_done=rounds_done, weights=weights, strategy=strategy,
                        rows=rows, job=job, job_hash=saved_hash, residuals=residuals, best_round=best_round,
-                       manifest=manifest, earlier_rounds=earlier)
+                       manifest=manifest, earlier_rounds=earlier,
+                       owner={"name": owner["name"], "org": owner.get("org", "")} if owner else None)
 
 
 def _check_tensors(where: str, tensors: dict, name: str) -> None:
@@ -237,12 +266,16 @@ def _check_tensors(where: str, tensors: dict, name: str) -> None:
 
 
 def check_compatible(point: ResumePoint, expected: dict[str, tuple], total_rounds: int,
-                     definition: Optional[dict] = None) -> None:
-    """The saved adapters fit this job (same names and shapes), rounds are left to run, and it was saved by
-    the same job definition (`definition`, this job's :func:`job_definition`)."""
+                     definition: Optional[dict] = None, owner: Optional[dict] = None) -> None:
+    """It was saved by a job of this job's submitter (`owner`, :func:`run_owner`; checked first, before
+    anything of the point is compared or used), the saved adapters fit this job (same names and shapes),
+    rounds are left to run, and it was saved by the same job definition (`definition`, :func:`job_definition`)."""
+    where = f"federation.resume_from {point.folder}"
+    if point.owner != owner:
+        raise FedesmError(f"{where}: saved by a job of {owner_text(point.owner)}, and this job was submitted by "
+                          f"{owner_text(owner)}: only the submitter of a run may resume it")
     missing = sorted(set(expected) - set(point.weights))
     extra = sorted(set(point.weights) - set(expected))
-    where = f"federation.resume_from {point.folder}"
     if missing or extra:
         raise FedesmError(f"{where}: its adapters do not fit this job's model.arch / lora / num_labels "
                           f"(missing {missing[:2]}, unexpected {extra[:2]})")

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 HEART_BEAT_TIMEOUT = 20  # seconds: the server drops a killed site after this (NVFLARE default 600)
 SITES = ("site-1", "site-2")
+OTHER_USER = "lead@org1.example"  # a second submitter of the shipped project (NVFLARE's lead: submits, downloads own)
 
 
 def wait_for(predicate, what: str, timeout: float = 120.0, interval: float = 0.2):
@@ -147,6 +148,16 @@ def test_server_killed_after_round_2_network_restarted_job_resumed(both_sites, t
     t_up = time.time()
 
     resume_from = str(out / "rounds" / "round_002")
+    # another user of the project names the crashed run's folder, with the same job definition: refused
+    # before anything of it is used, and nothing of the other run's model reaches this job's result
+    stolen = net.submit(fedesm_job(tmp_path, "crash-stolen", site_data[1], **{"federation.resume_from": resume_from}),
+                        user=OTHER_USER)
+    assert net.follow(stolen, timeout=300, poll_interval=1.0, user=OTHER_USER)["status"] != "FINISHED:COMPLETED"
+    taken = net.download(stolen, tmp_path / "stolen", user=OTHER_USER) / "workspace"
+    assert "saved by a job of admin@hub.example (hub), and this job was submitted by lead@org1.example (org1): " \
+           "only the submitter of a run may resume it" in (taken / "log.txt").read_text()
+    assert not list(taken.rglob("*.safetensors"))
+
     job2 = net.submit(fedesm_job(tmp_path, "crash-resumed", site_data[1], **{"federation.resume_from": resume_from}))
     meta = net.follow(job2, timeout=600, poll_interval=1.0)
     t_done = time.time()

@@ -40,10 +40,16 @@ SITES = ("site-1", "site-2", "site-3")
 class Job:
     """One server-side run: the components of a fedesm job's server config, sharing one engine."""
 
-    def __init__(self, root: Path, job_id: str, strategy="fra-ef", **federation):
+    def __init__(self, root: Path, job_id: str, strategy="fra-ef", submitter=None, **federation):
         from fedesm.flare.aggregator import FraLoraAggregator
         from fedesm.flare.metrics_recorder import MetricsRecorder
         from fedesm.flare.persistor import LoraPersistor
+
+        if submitter is not None:  # what NVFLARE writes into the server's run folder from the admin's session
+            (Path(root) / job_id).mkdir(parents=True, exist_ok=True)
+            name, org = submitter
+            (Path(root) / job_id / "meta.json").write_text(json.dumps(
+                {"name": job_id, "job_id": job_id, "submitter_name": name, "submitter_org": org}))
 
         fed = {"strategy": strategy, "min_clients": 2, "weigh_by": "uniform", **federation}
         self.recorder = MetricsRecorder()
@@ -302,6 +308,8 @@ def _first_a(key, value, new):
     (lambda f: (f / "metrics.jsonl").write_text('{"round": 0, "site": "site-1"}\n{"round": 1, "si\n'),
      "metrics.jsonl is not a table of JSON rows (JSONDecodeError"),
     (lambda f: (f / "metrics.jsonl").write_text('[1, 2]\n'), "metrics.jsonl is not a table of JSON rows"),
+    (lambda f: _edit_state(f, owner="root"), "its owner 'root' is not a submitter's name and organisation"),
+    (lambda f: _edit_state(f, owner={"org": "hub"}), "is not a submitter's name and organisation"),
 ])
 def test_a_damaged_resume_point_is_refused_in_one_line(tmp_path, crashed, damage, message):
     import shutil
@@ -345,3 +353,36 @@ def test_a_round_of_another_job_definition_is_refused(tmp_path, crashed, strateg
                          federation={"strategy": "fra-ef", "min_clients": 3, "weigh_by": "uniform",
                                      "resume_from": folder, "train_timeout": 60, "max_update_ratio": 50})
     assert not same.load_model(fl_ctx).is_empty() and same.resumed_rounds == 2
+
+
+def test_only_the_submitter_of_a_run_may_resume_it(tmp_path):
+    """A job names the folder it resumes from; the owner recorded with every round (NVFLARE's authenticated
+    submitter of the job that saved it) must be this job's submitter, or nothing of the folder is used."""
+    alice, bob = ("alice@a.example", "a"), ("bob@b.example", "b")
+    first = Job(tmp_path / "server", "job-a", submitter=alice)
+    for n in range(2):
+        first.round(n)
+    folder = str(first.out / "rounds" / "round_002")
+    assert read_resume_point(folder).owner == {"name": "alice@a.example", "org": "a"}
+    for job_id, who, by in [("job-b", bob, "bob@b.example (b)"), ("job-s", None, "no recorded submitter")]:
+        job = Job(tmp_path / "server", job_id, submitter=who, resume_from=folder)
+        (panic,) = [data for event, data in job.engine.events if event == EventType.FATAL_SYSTEM_ERROR]
+        assert (f"saved by a job of alice@a.example (a), and this job was submitted by {by}" in panic
+                and "only the submitter of a run may resume it" in panic and "\n" not in panic)
+        assert job.persistor.resumed_rounds is None and not (job.out / "rounds" / "round_001").exists()
+    again = Job(tmp_path / "server", "job-c", submitter=alice, resume_from=folder)
+    assert again.persistor.resumed_rounds == 2 and not [e for e, _ in again.engine.events
+                                                        if e == EventType.FATAL_SYSTEM_ERROR]
+    assert read_resume_point(again.out / "last").owner == {"name": "alice@a.example", "org": "a"}
+
+
+def test_the_owner_is_what_nvflare_wrote_or_none(tmp_path):
+    from fedesm.resume import run_owner
+
+    assert run_owner(tmp_path / "absent") is None
+    (tmp_path / "meta.json").write_text("{not json")
+    assert run_owner(tmp_path) is None
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "sim", "submitter_name": ""}))
+    assert run_owner(tmp_path) is None  # the simulator's meta names no submitter
+    (tmp_path / "meta.json").write_text(json.dumps({"submitter_name": "x@y", "submitter_org": 5}))
+    assert run_owner(tmp_path) == {"name": "x@y", "org": ""}

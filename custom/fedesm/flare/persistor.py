@@ -67,11 +67,14 @@ class LoraPersistor(ModelPersistor):
         self.last_weights: Optional[dict] = None
         self.best_round: Optional[int] = None
         self.resumed_rounds: Optional[int] = None  # set by load_model when the job continues a saved round
+        self.owner: Optional[dict] = None  # the job's submitter, from the run's meta.json (resume.run_owner)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             workspace = fl_ctx.get_engine().get_workspace()
-            self.output_dir = results.output_dir(workspace.get_run_dir(fl_ctx.get_job_id()))
+            run_dir = workspace.get_run_dir(fl_ctx.get_job_id())
+            self.output_dir = results.output_dir(run_dir)
+            self.owner = resume.run_owner(run_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.cache_dir = Path(workspace.get_root_dir()) / "local" / "fedesm_cache"
         elif event_type == EventType.END_RUN:
@@ -104,7 +107,7 @@ class LoraPersistor(ModelPersistor):
         cache = self.cache_dir or Path.home() / ".cache" / "fedesm"
         point = resume.read_resume_point(resume.fetch_resume_point(s.federation.resume_from, cache))
         resume.check_compatible(point, {k: v.shape for k, v in initial.items()}, s.training.rounds,
-                                resume.job_definition(s))
+                                resume.job_definition(s), owner=self.owner)
         weights = {k: np.asarray(point.weights[k], dtype=initial[k].dtype) for k in initial}
         recorder = self._component(fl_ctx, self.metrics_recorder_id)
         if recorder is not None:
@@ -168,7 +171,8 @@ class LoraPersistor(ModelPersistor):
                 if rounds_done is not None:
                     resume.write_resume_files(tmp, rounds_done, self.settings.federation.strategy, rows,
                                               residuals=residuals,
-                                              best_round=self.best_round, job=resume.job_definition(self.settings))
+                                              best_round=self.best_round, job=resume.job_definition(self.settings),
+                                              owner=self.owner)
         self.log_info(fl_ctx, f"saved global adapters after {rounds_done} rounds in {self.output_dir}")
 
     @staticmethod

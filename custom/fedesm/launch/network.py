@@ -345,7 +345,7 @@ class LocalNetwork:
         self.admin = admin
         self.site_policy = site_policy
         self.state: Optional[NetworkState] = None
-        self._session = None
+        self._sessions: dict = {}  # admin user -> FLARE API Session
         self._popens: dict[str, subprocess.Popen] = {}
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -522,12 +522,7 @@ class LocalNetwork:
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process of this network (sites first, then the server). Safe to call twice."""
         _LIVE.discard(self)
-        if self._session is not None:
-            try:
-                self._session.close()
-            except Exception:  # noqa: BLE001 - the server may already be gone
-                pass
-            self._session = None
+        self._close_sessions()
         if self.state is None:
             return
         names = [n for n in self.state.procs if n != self.state.server] + [self.state.server]
@@ -543,12 +538,7 @@ class LocalNetwork:
     def detach(self) -> None:
         """Leave the processes running after this Python process exits (for `fedesm poc up`)."""
         _LIVE.discard(self)
-        if self._session is not None:
-            try:
-                self._session.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._session = None
+        self._close_sessions()
         self._popens.clear()
 
     def __enter__(self) -> "LocalNetwork":
@@ -563,13 +553,23 @@ class LocalNetwork:
 
     # ---- admin session -----------------------------------------------------------------------
 
-    def session(self, timeout: float = 60.0):
-        """The project admin's FLARE API Session (connected once, then reused)."""
+    def _close_sessions(self) -> None:
+        for session in self._sessions.values():
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                pass
+        self._sessions.clear()
+
+    def session(self, timeout: float = 60.0, user: Optional[str] = None):
+        """An admin user's FLARE API Session (connected once, then reused): the project admin's, or `user`'s
+        (any admin of the project, from its own startup kit: what NVFLARE authorizes is that user's role)."""
         from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-        if self._session is not None:
-            return self._session
         state = self._require_state()
+        user = user or state.admin
+        if user in self._sessions:
+            return self._sessions[user]
         deadline = time.time() + timeout
         last_error = None
         while time.time() < deadline:
@@ -578,12 +578,12 @@ class LocalNetwork:
                 raise NetworkError(f"server process exited; see {server.log}")
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # NVFLARE prints "Connecting to FLARE ..."
-                    self._session = new_secure_session(state.admin, str(self.admin_kit), timeout=5.0)
-                return self._session
+                    self._sessions[user] = new_secure_session(user, str(self.kit(user)), timeout=5.0)
+                return self._sessions[user]
             except Exception as e:  # noqa: BLE001 - NoConnection etc. while the server boots
                 last_error = e
                 time.sleep(1.0)
-        raise NetworkError(f"admin {state.admin} could not connect within {timeout:.0f}s: {last_error}")
+        raise NetworkError(f"admin {user} could not connect within {timeout:.0f}s: {last_error}")
 
     def connected_clients(self) -> dict[str, float]:
         """Sites the server currently lists, with their last heartbeat time (epoch seconds)."""
@@ -621,12 +621,12 @@ class LocalNetwork:
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    def submit(self, job_dir: str | os.PathLike) -> str:
-        """Submit a job folder (meta.json + app folders); return its job id."""
+    def submit(self, job_dir: str | os.PathLike, user: Optional[str] = None) -> str:
+        """Submit a job folder (meta.json + app folders) as the project admin or `user`; return its job id."""
         job_dir = Path(job_dir).resolve()
         if not (job_dir / "meta.json").is_file() and not (job_dir / "meta.conf").is_file():
             raise NetworkError(f"{job_dir}: not an NVFLARE job folder (no meta.json)")
-        job_id = self.session().submit_job(str(job_dir))
+        job_id = self.session(user=user).submit_job(str(job_dir))
         logger.info("submitted %s as job %s", job_dir.name, job_id)
         return job_id
 
@@ -636,6 +636,7 @@ class LocalNetwork:
         timeout: float = 600.0,
         poll_interval: float = 2.0,
         on_update: Optional[Callable[[dict], None]] = None,
+        user: Optional[str] = None,
     ) -> dict:
         """Poll the job until it finishes; log each status change; return the final job meta.
 
@@ -654,10 +655,11 @@ class LocalNetwork:
                 on_update(job_meta)
             return True
 
-        rc = self.session().monitor_job(job_id, timeout=timeout, poll_interval=poll_interval, cb=_cb)
+        session = self.session(user=user)
+        rc = session.monitor_job(job_id, timeout=timeout, poll_interval=poll_interval, cb=_cb)
         if rc == MonitorReturnCode.TIMEOUT:
             raise NetworkError(f"job {job_id} still {last['status']} after {timeout:.0f}s")
-        return self.session().get_job_meta(job_id)
+        return session.get_job_meta(job_id)
 
     def job_log(self, name: str, job_id: str) -> Path:
         """The job's log file in a participant's workspace (may not exist yet)."""
@@ -666,10 +668,10 @@ class LocalNetwork:
     def job_status(self, job_id: str) -> str:
         return self.session().get_job_meta(job_id)["status"]
 
-    def download(self, job_id: str, dest: str | os.PathLike) -> Path:
+    def download(self, job_id: str, dest: str | os.PathLike, user: Optional[str] = None) -> Path:
         """Download the job's result (server and site workspaces) into `dest`; return its folder."""
         dest = Path(dest).resolve()
-        location = self.session().download_job_result(job_id, str(dest))
+        location = self.session(user=user).download_job_result(job_id, str(dest))
         if not location or not Path(location).is_dir():
             raise NetworkError(f"job {job_id}: download returned no result folder ({location})")
         return Path(location)
