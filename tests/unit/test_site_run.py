@@ -17,16 +17,7 @@ from fedesm.settings import LoraSettings, SitePrivacySettings
 from fedesm.site_config import write_site_config
 from fedesm.site_run import SiteRun, site_training
 from fedesm.training.trainer import LocalTrainer, lr_factor
-
-SMALL = {"training.batch_size": 4, "training.max_len": 96, "training.steps_per_round": 2, "lora.r": 4,
-         "model.arch": "esm2_t2_tiny"}
-DP = {"training.dp_noise_multiplier": 1.0, "training.dp_max_grad_norm": 1.0, "training.dp_delta": 1e-5,
-      "training.class_weights": "1,4"}
-EVAL = {"accuracy", "precision", "recall", "f1", "mcc", "auroc", "auprc", "threshold_tuned"}
-# what a round reported before SiteRun existed (the executor's own metrics), without DP and without a test split
-ROUND_KEYS = EVAL | {f"global_{k}" for k in EVAL} | {"train_loss", "steps", "train_seconds", "residues_per_second",
-                                                     "lr", "task_seconds"}
-
+from tests.site_parts import DP, EVAL, ROUND_KEYS, SMALL, site_run
 
 class Lines:
     """A SiteLog that keeps its lines."""
@@ -39,16 +30,6 @@ class Lines:
 
     def warning(self, msg):
         self.lines.append(("warning", msg))
-
-
-def _run(checkpoint, data, overrides=None, site_rank=None, privacy=None, rounds=6) -> SiteRun:
-    """A SiteRun from parts, exactly as `SiteRun.set_up` assembles them."""
-    job = JOBS["esm2_fra_lora"].settings.with_overrides({**SMALL, **(overrides or {})})
-    backbone = load_backbone(str(checkpoint))
-    lora = job.lora if site_rank is None else LoraSettings(r=site_rank, alpha=job.lora.alpha * site_rank / job.lora.r)
-    trainer = LocalTrainer(build_lora_model(backbone, lora, seed=job.training.seed), backbone.alphabet, data[0],
-                           site_training(job, "site-1", rounds, "cpu", privacy))
-    return SiteRun(job, "site-1", trainer, data[0], data[1][:20], lora=lora, privacy=privacy, num_rounds=rounds)
 
 
 def test_two_sites_with_the_same_job_seed_draw_different_batches(tiny_checkpoint, synth_data):
@@ -87,7 +68,7 @@ def test_set_up_reads_the_site_config_and_says_what_it_built(tmp_path, tiny_chec
 
 
 def test_a_round_reports_the_executors_metrics_and_keeps_the_model(tiny_checkpoint, synth_data):
-    run = _run(tiny_checkpoint, synth_data)
+    run = site_run(tiny_checkpoint, synth_data)
     sent = get_exchanged_state(run.trainer.model)
     result = run.train_round(0, {k: v.clone() for k, v in sent.items()})
     assert not result.aborted and result.rounds_before == 0 and run.rounds_done == 1
@@ -103,7 +84,7 @@ def test_a_round_reports_the_executors_metrics_and_keeps_the_model(tiny_checkpoi
 
 
 def test_an_aborted_round_reports_nothing(tiny_checkpoint, synth_data):
-    run = _run(tiny_checkpoint, synth_data)
+    run = site_run(tiny_checkpoint, synth_data)
     result = run.train_round(2, run.exchanged_state(), should_abort=lambda: True)
     assert result.aborted and result.stats.steps == 0 and result.metrics == {} and run.rounds_done == 0
 
@@ -113,7 +94,7 @@ def test_a_resumed_dp_site_seeks_the_schedule_and_counts_the_rounds_before(tiny_
     zero, so the site's epsilon budget covers what the earlier rounds spent on its data."""
     from fedesm.training.privacy.accountant import compute_epsilon
 
-    run = _run(tiny_checkpoint, synth_data, DP)
+    run = site_run(tiny_checkpoint, synth_data, DP)
     cfg = run.trainer.config
     assert run.trainer.dp_steps == 0 and run.dp
     log = Lines()
@@ -135,14 +116,14 @@ def test_a_resumed_dp_site_seeks_the_schedule_and_counts_the_rounds_before(tiny_
 
 @pytest.mark.parametrize("current_round", [0, None])
 def test_a_first_round_zero_or_unnumbered_does_not_seek(tiny_checkpoint, synth_data, current_round):
-    run, log = _run(tiny_checkpoint, synth_data), Lines()
+    run, log = site_run(tiny_checkpoint, synth_data), Lines()
     run.train_round(current_round, run.exchanged_state(), should_abort=lambda: True, log=log)
     assert log.lines == [] and run.trainer.global_step == 0 and run.trainer.lr == run.trainer.config.lr  # 12 steps: no warm-up
 
 
 def test_the_global_state_is_cut_to_the_sites_rank(tiny_checkpoint, synth_data):
     """A site at rank 2 in a rank-4 job gets the best rank-2 factors of each product; its own rank as sent."""
-    job_run, site = _run(tiny_checkpoint, synth_data), _run(tiny_checkpoint, synth_data, site_rank=2)
+    job_run, site = site_run(tiny_checkpoint, synth_data), site_run(tiny_checkpoint, synth_data, site_rank=2)
     full = job_run.exchanged_state()
     b, a = next((full[k.replace("lora_A", "lora_B")], full[k]) for k in full if "lora_A" in k)
     torch.nn.init.normal_(b)  # a product of rank 4 to cut
@@ -159,14 +140,14 @@ def test_the_global_state_is_cut_to_the_sites_rank(tiny_checkpoint, synth_data):
 
 
 def test_a_spent_epsilon_budget_withholds_the_round(tiny_checkpoint, synth_data):
-    run = _run(tiny_checkpoint, synth_data, DP, privacy=SitePrivacySettings(target_epsilon=0.5))
+    run = site_run(tiny_checkpoint, synth_data, DP, privacy=SitePrivacySettings(target_epsilon=0.5))
     assert run.budget is not None and run.budget.target == 0.5
     reason = run.start_round(3, 6)
     after = run.budget.epsilon_after(2)
     assert after > 0.5 and reason == (f"round 3: epsilon budget: the next round would spend epsilon {after:.3f} > "
                                       f"this site's privacy.target_epsilon 0.5 (delta 1e-05; spent 0.000); "
                                       f"not contributing any more")
-    generous = _run(tiny_checkpoint, synth_data, DP, privacy=SitePrivacySettings(target_epsilon=1e6))
+    generous = site_run(tiny_checkpoint, synth_data, DP, privacy=SitePrivacySettings(target_epsilon=1e6))
     assert generous.start_round(0, 6) is None
     result = generous.train_round(0, generous.exchanged_state())
     assert result.metrics["epsilon_budget"] == 1e6 and "train_loss" not in result.metrics  # DP: a closed list
