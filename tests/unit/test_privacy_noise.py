@@ -14,6 +14,7 @@ from fedesm.model.adapters import build_lora_model
 from fedesm.model.backbone import load_backbone
 from fedesm.model.cards import read_adapter_state
 from fedesm.settings import JobSettings, LoraSettings, SettingError, SitePrivacySettings, TrainConfig
+from fedesm.site_run import site_training
 from fedesm.training.privacy.accountant import compute_epsilon
 from fedesm.training.privacy.policy import (EpsilonBudget, PolicyRefusal, accounting_delta, check_job, noise_source,
                                             refusal)
