@@ -107,7 +107,7 @@ def test_only_the_nvflare_glue_imports_nvflare():
 
 
 @pytest.mark.parametrize("module", ["aggregation.py", "settings.py", "model/keys.py", "tables.py", "results.py",
-                                    "resume.py"])
+                                    "resume.py", "site_run.py"])
 def test_framework_free_cores_stay_free(module):
     """The aggregation maths, the settings and the name rules import neither NVFLARE nor PEFT at the top."""
     tree = ast.parse((PACKAGE / module).read_text())
