@@ -575,7 +575,7 @@ class FederationSettings(Settings):
 
 
 @dataclass(frozen=True)
-class SitePolicySettings(Settings):
+class SiteGuardSettings(Settings):
     """A participant's own rules for the jobs it is sent (its local/resources.json, never the job's)."""
 
     BLOCK: ClassVar[str] = "site_policy"

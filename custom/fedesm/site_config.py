@@ -77,7 +77,7 @@ class SiteConfig:
     privacy: SitePrivacySettings = field(default_factory=SitePrivacySettings)  # the site's DP policy
     source: str = ""  # the file it came from, for messages
 
-    def policy(self):
+    def access_policy(self):
         from fedesm.storage import AccessPolicy
 
         return AccessPolicy(self.allowed_prefixes, source=self.source)
@@ -205,7 +205,7 @@ def resolve_site_path(config: SiteConfig, uri: str) -> Path:
     from fedesm import storage
 
     cache = Path(config.cache_dir or Path.home() / ".cache" / "fedesm")
-    return Path(storage.fetch(uri, cache, policy=config.policy(), endpoint_url=config.s3_endpoint_url))
+    return Path(storage.fetch(uri, cache, policy=config.access_policy(), endpoint_url=config.s3_endpoint_url))
 
 
 def write_site_config(path, backbone, data_dir, cpu_threads: Optional[int] = 1, device: Optional[str] = None,

@@ -19,9 +19,9 @@ class LeakyExecutor(EsmLoraExecutor):
 
     def _reply(self, meta):
         reply = super()._reply(meta)
-        if self.site != self.leak_site:
+        if self.run.site != self.leak_site:
             return reply
         dxo = from_shareable(reply)
-        weights = dict(self.trainer.model.named_parameters())
+        weights = dict(self.run.trainer.model.named_parameters())
         dxo.data[BACKBONE_WEIGHT] = weights[BACKBONE_WEIGHT].detach().cpu().numpy()
         return dxo.update_shareable(reply)

@@ -254,17 +254,17 @@ def test_orchestrator_job_store_lives_in_the_workspace_through_its_resources(ren
         assert res["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] == f"{workspace}/store/snapshot-storage"
         assert comps["job_scheduler"]["args"]["max_jobs"] == 1
         assert res == json.loads(json.dumps(policy.server_resources(f"{workspace}/store",
-                                                                     policy=_guard_policy(variant))))
+                                                                     guard=_guard_settings(variant))))
         assert files["authorization.json"] == policy.authorization("server")
         # the policy ConfigMap is projected into local/ with the kit's own NVFLARE files
         names = [src["configMap"]["name"] for src in _local_volume(docs)["projected"]["sources"]]
         assert names[1].endswith("-policy") and names[0] == "fedesm-orchestrator-local"
 
 
-def _guard_policy(variant):
-    from fedesm.settings import SitePolicySettings
+def _guard_settings(variant):
+    from fedesm.settings import SiteGuardSettings
 
-    return SitePolicySettings(version_mismatch="refuse") if variant == "prod" else None
+    return SiteGuardSettings(version_mismatch="refuse") if variant == "prod" else None
 
 
 def test_site_mounts_the_shipped_site_policy(rendered):
@@ -280,7 +280,7 @@ def test_site_mounts_the_shipped_site_policy(rendered):
         assert all(r["byoc"] == "none" for r in files["authorization.json"]["permissions"].values())
         assert files["privacy.json"] == policy.privacy()
         assert files["resources.json"] == json.loads(json.dumps(
-            policy.client_resources(num_gpus=gpus, policy=_guard_policy(variant))))
+            policy.client_resources(num_gpus=gpus, guard=_guard_settings(variant))))
         assert files["resources.json"]["allow_log_streaming"] is False
         assert files["resources.json"]["class_allow_list"] == policy.class_allow_list("client")
         sources = _local_volume(docs)["projected"]["sources"]

@@ -63,7 +63,7 @@ def network(tmp_path_factory):
     from fedesm.data.synth import synth_records
     from fedesm.launch.policy import write_server_policy
     from fedesm.model.checkpoint import make_random_checkpoint
-    from fedesm.settings import SitePolicySettings
+    from fedesm.settings import SiteGuardSettings
     from fedesm.site_config import write_site_config
 
     root = tmp_path_factory.mktemp("prod")
@@ -77,7 +77,7 @@ def network(tmp_path_factory):
     state = net.provision()
     server_kit = net.kit(state.server)
     write_server_policy(server_kit / "local", server_kit.resolve() / "store",
-                        policy=SitePolicySettings(version_mismatch="warn"))
+                        guard=SiteGuardSettings(version_mismatch="warn"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDESM_SITE_CONFIG", str(site_config))
         with net:

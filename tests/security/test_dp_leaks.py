@@ -24,12 +24,13 @@ from nvflare.app_common.app_constant import AppConstants
 from fedesm.data.records import Record
 from fedesm.errors import FedesmError
 from fedesm.flare.executor import EsmLoraExecutor
-from fedesm.flare.payload import METRICS_KEY, SITE_KEY, withheld_reason
+from fedesm.flare.payload import METRICS_KEY, SITE_KEY, make_weights_shareable, withheld_reason
 from fedesm.flare.privacy import AdaptersOnlyFilter
 from fedesm.launch.jobs import export_job
 from fedesm.model.adapters import build_lora_model
 from fedesm.model.backbone import load_backbone
 from fedesm.settings import JobSettings, SettingError, SitePrivacySettings, TrainConfig
+from fedesm.site_run import SiteRun, site_training
 from fedesm.training.privacy import accountant
 from fedesm.training.privacy.policy import refusal
 from fedesm.training.privacy.randomness import NoiseSource
@@ -76,19 +77,24 @@ def _site_ctx(tmp_path, overrides) -> FLContext:
 
 
 def _executor(checkpoint, records, overrides) -> EsmLoraExecutor:
+    """The site's executor with its SiteRun built as `SiteRun.set_up` builds it, noise from a fixed seed."""
     settings = JobSettings().with_overrides(overrides)
     executor = EsmLoraExecutor(**settings.to_dict())
-    executor.site = SITE
     backbone = load_backbone(str(checkpoint))
-    executor.trainer = LocalTrainer(build_lora_model(backbone, settings.lora), backbone.alphabet, records[0],
-                                    executor.site_training(SITE, num_rounds=2, device="cpu"),
-                                    noise=NoiseSource.from_seed(5, label=SITE))  # the same Poisson draws each run
-    executor.train_records, executor.val_records = records
+    trainer = LocalTrainer(build_lora_model(backbone, settings.lora), backbone.alphabet, records[0],
+                           site_training(settings, SITE, num_rounds=2, device="cpu"),
+                           noise=NoiseSource.from_seed(5, label=SITE))  # the same Poisson draws each run
+    executor.run = SiteRun(settings, SITE, trainer, records[0], records[1])
     return executor
 
 
+def _result(executor, meta):
+    """A result as the executor makes one: the site's exchanged state with `meta`, at the job's transfer dtype."""
+    return make_weights_shareable(executor.run.exchanged_state(), meta, executor.settings.federation.transfer_dtype)
+
+
 def _round(executor, ctx):
-    task = executor._reply({})
+    task = _result(executor, {})
     task.set_header(AppConstants.CURRENT_ROUND, 0)
     task.set_header(AppConstants.NUM_ROUNDS, 2)
     return executor.execute(AppConstants.TASK_TRAIN, task, ctx, Signal())
@@ -100,8 +106,9 @@ def test_a_dp_round_sends_nothing_about_its_secret_batches(tmp_path, tiny_checkp
     ctx = _site_ctx(tmp_path, DP)
     executor = _executor(tiny_checkpoint, synth_data, DP)
     trained = []
-    train_steps = executor.trainer.train_steps
-    executor.trainer.train_steps = lambda *a, **k: trained.append(train_steps(*a, **k)) or trained[-1]
+    trainer = executor.run.trainer
+    train_steps = trainer.train_steps
+    trainer.train_steps = lambda *a, **k: trained.append(train_steps(*a, **k)) or trained[-1]
     out = AdaptersOnlyFilter().process(_round(executor, ctx), ctx)
     assert out.get_return_code(ReturnCode.OK) == ReturnCode.OK, withheld_reason(out)
     assert trained[0].residues > 0 and trained[0].seconds > 0  # there was something to leak
@@ -111,7 +118,7 @@ def test_a_dp_round_sends_nothing_about_its_secret_batches(tmp_path, tiny_checkp
         assert set(leaving) <= DP_RELEASABLE and not set(leaving) & set(BATCH_NUMBERS)
         assert not any(v == trained[0].residues or v == trained[0].samples for k, v in leaving.items()
                        if k not in ("steps", "dp_steps"))
-    assert sent["epsilon"] == executor.trainer.gradients.epsilon() and sent["dp_steps"] == 3
+    assert sent["epsilon"] == trainer.gradients.epsilon() and sent["dp_steps"] == 3
     assert {"auprc", "f1", "global_auprc", "steps", "lr"} <= set(sent)
 
 
@@ -120,7 +127,7 @@ def test_the_sites_filter_refuses_a_dp_result_with_batch_numbers(tmp_path, tiny_
     """Whatever made the result carry them (a job, another executor): the site's own filter lets none of it out."""
     ctx = _site_ctx(tmp_path, DP)
     executor = _executor(tiny_checkpoint, synth_data, DP)
-    reply = executor._reply({METRICS_KEY: {"auprc": 0.3, metric: 1234.0}, SITE_KEY: SITE})
+    reply = _result(executor, {METRICS_KEY: {"auprc": 0.3, metric: 1234.0}, SITE_KEY: SITE})
     out = AdaptersOnlyFilter().process(reply, ctx)
     assert out.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     assert set(out) == {"__headers__"}  # no tensor, no meta, no metric travels
@@ -132,8 +139,8 @@ def test_without_dp_the_same_metrics_pass(tmp_path, tiny_checkpoint, synth_data)
     """The closed list is DP's: a job without DP-SGD (no secret batches) still reports its throughput."""
     plain = {k: v for k, v in DP.items() if not k.startswith("training.dp_")}
     ctx = _site_ctx(tmp_path, plain)
-    reply = _executor(tiny_checkpoint, synth_data, plain)._reply(
-        {METRICS_KEY: {"train_seconds": 2.0, "residues_per_second": 400.0}, SITE_KEY: SITE})
+    reply = _result(_executor(tiny_checkpoint, synth_data, plain),
+                    {METRICS_KEY: {"train_seconds": 2.0, "residues_per_second": 400.0}, SITE_KEY: SITE})
     assert AdaptersOnlyFilter().process(reply, ctx) is reply
 
 

@@ -99,7 +99,7 @@ def test_a_site_backbone_of_another_architecture_refuses_the_job_at_set_up(tmp_p
         del os.environ["FEDESM_SITE_CONFIG"]
     from fedesm.flare.payload import withheld_reason
 
-    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION and executor.trainer is None
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION and executor.run is None
     line = withheld_reason(reply)
     assert line == (f"site backbone {ckpt} is esm2_t4_small, the job's model.arch is esm2_t2_tiny: point the site "
                     "config's backbone at a esm2_t2_tiny checkpoint, or run a job exported with "

@@ -107,7 +107,7 @@ def test_only_the_nvflare_glue_imports_nvflare():
 
 
 @pytest.mark.parametrize("module", ["aggregation.py", "settings.py", "model/keys.py", "tables.py", "results.py",
-                                    "resume.py"])
+                                    "resume.py", "site_run.py"])
 def test_framework_free_cores_stay_free(module):
     """The aggregation maths, the settings and the name rules import neither NVFLARE nor PEFT at the top."""
     tree = ast.parse((PACKAGE / module).read_text())
@@ -168,3 +168,48 @@ def test_the_package_walk_sees_a_loop_through_different_files():
              "fedesm.evaluation.scoring": {"fedesm.training.inference"}, "fedesm.training.inference": set()}
     assert _cycles(graph) == []
     assert _cycles(_package_graph(graph)) == [["fedesm.evaluation", "fedesm.training"]]
+
+
+# the trainer's insides: what a resume moves goes through LocalTrainer.seek / train_round, never a write from outside
+TRAINER_INSIDES = {"trainer", "scheduler", "accountant", "gradients", "optimizer"}
+
+
+def _writes_into_trainer(source: str) -> list[str]:
+    """Assignments (=, +=, del) whose target lies inside a trainer (`x.trainer.global_step = ...`,
+    `trainer.scheduler.last_epoch = ...`), and any use of a trainer's scheduler, accountant or optimizer."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif isinstance(node, ast.Delete):
+            targets = node.targets
+        for target in targets:
+            chain, cur = [], target.value if isinstance(target, ast.Attribute) else None
+            while isinstance(cur, ast.Attribute):
+                chain.append(cur.attr)
+                cur = cur.value
+            if isinstance(cur, ast.Name):
+                chain.append(cur.id)
+            if set(chain) & TRAINER_INSIDES:
+                found.append(ast.unparse(target))
+        if isinstance(node, ast.Attribute) and node.attr in {"scheduler", "accountant", "optimizer"}:
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_no_module_outside_training_writes_into_the_trainer():
+    offenders = {str(p.relative_to(PACKAGE)): w for p in PACKAGE.rglob("*.py")
+                 if p.relative_to(PACKAGE).parts[0] != "training" and (w := _writes_into_trainer(p.read_text()))}
+    assert offenders == {}
+
+
+def test_the_trainer_write_check_sees_the_old_resume_code():
+    """The check itself can fail: the executor's resume alignment before issue 22 is three offences."""
+    old = ("self.trainer.scheduler.last_epoch = steps - 1\nself.trainer.global_step = steps\n"
+           "trainer.gradients.accountant.steps += 1\nself.trainer = LocalTrainer()\n")
+    assert _writes_into_trainer(old) == ["self.trainer.scheduler.last_epoch", "self.trainer.global_step",
+                                         "trainer.gradients.accountant.steps", "self.trainer.scheduler",
+                                         "trainer.gradients.accountant"]

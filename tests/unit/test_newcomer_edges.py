@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from nvflare.apis.fl_constant import ReservedKey
-from nvflare.apis.fl_context import FLContext
 
 from fedesm.cli import main
 
@@ -61,11 +60,11 @@ def test_provisioning_readme_states_the_wait_after_min_clients_default():
     assert stated and int(stated.group(1)) == FederationSettings().wait_after_min_clients
 
 
-def test_a_poc_site_config_runs_the_job_poc_up_prints(tmp_path):
+def test_a_poc_site_config_runs_the_job_poc_up_prints(tmp_path, caplog):
     """What `fedesm poc up` writes into a site kit's local/ sets a site up for the export it prints."""
-    from fedesm.flare.executor import EsmLoraExecutor
     from fedesm.launch.jobs import JOBS
     from fedesm.site_config import DEFAULT_NAME, POC_JOB_SETTINGS, write_poc_site_config
+    from fedesm.site_run import SiteRun
     from tests.server_parts import Engine
 
     kit = tmp_path / "site-1"
@@ -74,15 +73,11 @@ def test_a_poc_site_config_runs_the_job_poc_up_prints(tmp_path):
     overrides = dict(s.split("=", 1) for s in POC_JOB_SETTINGS)
     job = JOBS["esm2_fra_lora"].settings.with_overrides(
         {k: int(v) if v.isdigit() else v for k, v in overrides.items()})
-    executor = EsmLoraExecutor(**job.to_dict())
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=False)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="fedesm.site_run"):
         mp.delenv("FEDESM_SITE_CONFIG", raising=False)
-        executor._ensure_setup(ctx, num_rounds=2)
-    assert DEFAULT_NAME in str(executor.site_config.source)
-    assert len(executor.train_records) > 100 and executor.backbone_identity["source"] == "random:esm2_t2_tiny"
+        run = SiteRun.set_up(job, "site-1", engine.get_workspace().get_root_dir(), num_rounds=2)
+    assert caplog.records[-1].getMessage().endswith(f"site config {kit / 'local' / DEFAULT_NAME}")
+    assert len(run.train_records) > 100 and run.backbone_identity["source"] == "random:esm2_t2_tiny"
 
 
 def test_plot_axes_read_as_words_and_the_legend_hides_no_line(tmp_path):

@@ -11,7 +11,7 @@ from fedesm.model.adapters import build_lora_model, get_exchanged_state, initial
 from fedesm.model.architectures import get_architecture
 from fedesm.model.backbone import load_backbone
 from fedesm.settings import LoraSettings, TrainConfig
-from fedesm.training.optimizer_state import align_factors, reset_lora_moments, resolve_policy
+from fedesm.training.optimizer_state import align_factors, reset_lora_moments, resolve_optimizer_state
 from fedesm.training.trainer import LocalTrainer
 
 
@@ -49,10 +49,10 @@ def test_align_falls_back_to_the_global_factors_when_no_gauge_fits():
 
 
 def test_auto_policy_follows_the_strategy():
-    assert [resolve_policy("auto", s) for s in ("fra", "fra-ef", "fedit", "ffa")] == ["align", "align", "keep", "keep"]
-    assert resolve_policy("reset", "fedit") == "reset"
+    assert [resolve_optimizer_state("auto", s) for s in ("fra", "fra-ef", "fedit", "ffa")] == ["align", "align", "keep", "keep"]
+    assert resolve_optimizer_state("reset", "fedit") == "reset"
     with pytest.raises(ValueError, match="unknown optimizer-state policy"):
-        resolve_policy("zero", "fra")
+        resolve_optimizer_state("zero", "fra")
 
 
 def _trainer(checkpoint, records, seed=0):
@@ -96,7 +96,7 @@ def test_fra_over_one_site_trains_exactly_like_that_site_alone_with_the_default_
     change. The default policy for fra (align) keeps it; the old behaviour (keep the moments of the old
     basis while loading re-factored factors) does not."""
     alone = _alone(tiny_checkpoint, synth_data[0])
-    aligned = _federated_one_site(tiny_checkpoint, synth_data[0], resolve_policy("auto", "fra"))
+    aligned = _federated_one_site(tiny_checkpoint, synth_data[0], resolve_optimizer_state("auto", "fra"))
     np.testing.assert_allclose(aligned, alone, rtol=1e-4)
     kept = _federated_one_site(tiny_checkpoint, synth_data[0], "keep")
     assert kept[0] == pytest.approx(alone[0], rel=1e-6)  # the first round starts from the same model

@@ -23,7 +23,7 @@ from fedesm.errors import FedesmError
 from fedesm.flare.site_guard import FedesmSiteGuard, version_problem
 from fedesm.launch import policy
 from fedesm.launch.jobs import JOBS, META, VERSION_KEY, export_job, render_job
-from fedesm.settings import SitePolicySettings, SettingError
+from fedesm.settings import SiteGuardSettings, SettingError
 
 REPO = Path(__file__).resolve().parents[2]
 ROLES = ("project_admin", "org_admin", "lead", "member")
@@ -98,7 +98,7 @@ def test_class_allow_list_admits_the_shipped_jobs_and_nothing_else(role, config)
 
 
 def test_site_resources_turn_log_streaming_off_declare_gpus_and_add_the_guard():
-    res = policy.client_resources(num_gpus=2, gpu_mem_gib=40, policy=SitePolicySettings(version_mismatch="warn"))
+    res = policy.client_resources(num_gpus=2, gpu_mem_gib=40, guard=SiteGuardSettings(version_mismatch="warn"))
     assert res["allow_log_streaming"] is False and res["class_list_enforcement_mode"] == "enforce"
     comps = {c["id"]: c for c in res["components"]}
     assert comps["resource_manager"]["args"]["num_of_gpus"] == 2 and comps["resource_manager"]["args"][
@@ -223,10 +223,10 @@ def test_server_guard_blocks_the_submission_of_a_job_of_another_version():
 
 
 def test_site_policy_setting_has_one_home():
-    assert SitePolicySettings().version_mismatch == "refuse"
-    assert SitePolicySettings.from_dict({"version_mismatch": "warn"}).to_dict() == {"version_mismatch": "warn"}
+    assert SiteGuardSettings().version_mismatch == "refuse"
+    assert SiteGuardSettings.from_dict({"version_mismatch": "warn"}).to_dict() == {"version_mismatch": "warn"}
     with pytest.raises(SettingError, match="unknown site_policy setting 'version'"):
-        SitePolicySettings.from_dict({"version": "warn"})
+        SiteGuardSettings.from_dict({"version": "warn"})
 
 
 # ---- versions pinned ----------------------------------------------------------------------------

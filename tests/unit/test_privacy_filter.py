@@ -18,14 +18,15 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 
-from fedesm.flare.executor import EsmLoraExecutor
-from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, WITHHELD_KEY, withheld_reason
+from fedesm.flare.payload import (METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, WITHHELD_KEY, make_weights_shareable,
+                                  withheld_reason)
 from fedesm.flare.privacy import MAX_LORA_RANK, AdaptersOnlyFilter, ExpectedResult, is_exchanged_name, result_problem
 from fedesm.launch import policy
 from fedesm.launch.jobs import export_job
 from fedesm.model.adapters import build_lora_model
 from fedesm.model.backbone import load_backbone
 from fedesm.settings import JobSettings
+from fedesm.site_run import SiteRun
 from fedesm.training.trainer import LocalTrainer
 
 JOB_ID = "b6f1c0de-job"
@@ -61,18 +62,19 @@ def _site_ctx(tmp_path, overrides=None) -> FLContext:
 
 @pytest.fixture(scope="module")
 def executor_reply(tiny_checkpoint, synth_data):
-    """What EsmLoraExecutor returns after a round: its own `_reply`, from a model trained two steps."""
+    """What EsmLoraExecutor returns after a round (`make_weights_shareable` of its SiteRun's exchanged state, at
+    the job's transfer dtype), from a model trained two steps."""
     settings = JobSettings().with_overrides(OVERRIDES)
-    executor = EsmLoraExecutor(**settings.to_dict())
     backbone = load_backbone(str(tiny_checkpoint))
     model = build_lora_model(backbone, settings.lora)
-    executor.trainer = LocalTrainer(model, backbone.alphabet, synth_data[0], settings.training.replace(device="cpu"))
-    executor.trainer.train_steps(2)
+    trainer = LocalTrainer(model, backbone.alphabet, synth_data[0], settings.training.replace(device="cpu"))
+    trainer.train_steps(2)
+    run = SiteRun(settings, SITE, trainer, synth_data[0], synth_data[1])
     meta = {"NUM_STEPS_CURRENT_ROUND": 2, N_SAMPLES_KEY: 200, SITE_KEY: SITE,
             METRICS_KEY: {"auprc": 0.31, "f1": float("nan"), "steps": 2, "global_auprc": 0.2}}
 
     def make():
-        reply = executor._reply(meta)
+        reply = make_weights_shareable(run.exchanged_state(), meta, settings.federation.transfer_dtype)
         reply.set_header(AppConstants.CURRENT_ROUND, 3)
         return reply
 

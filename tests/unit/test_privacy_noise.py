@@ -10,11 +10,11 @@ import torch
 
 from fedesm.cli import main
 from fedesm.data.readers import write_records
-from fedesm.flare.executor import EsmLoraExecutor
 from fedesm.model.adapters import build_lora_model
 from fedesm.model.backbone import load_backbone
 from fedesm.model.cards import read_adapter_state
 from fedesm.settings import JobSettings, LoraSettings, SettingError, SitePrivacySettings, TrainConfig
+from fedesm.site_run import site_training
 from fedesm.training.privacy.accountant import compute_epsilon
 from fedesm.training.privacy.policy import (EpsilonBudget, PolicyRefusal, accounting_delta, check_job, noise_source,
                                             refusal)
@@ -57,14 +57,13 @@ def test_gaussians_and_uniforms_have_the_right_distribution():
 
 
 def _site_trainer(checkpoint, records, site: str, policy: SitePrivacySettings, **training) -> LocalTrainer:
-    """A site's trainer exactly as EsmLoraExecutor builds it: the job's settings, the site's streams and noise."""
+    """A site's trainer exactly as SiteRun.set_up builds it: the job's settings, the site's streams and noise."""
     job = JobSettings().with_overrides({"training.seed": 11, "training.max_len": 96, "training.batch_size": 6,
                                         "training.grad_clip": 0.0, "training.class_weights": "1,4",
                                         **{f"training.{k}": v for k, v in training.items()}})
-    executor = EsmLoraExecutor(**job.to_dict())
     backbone = load_backbone(str(checkpoint))
     model = build_lora_model(backbone, LoraSettings(r=4), seed=job.training.seed)
-    cfg = executor.site_training(site, num_rounds=1, device="cpu", privacy=policy)
+    cfg = site_training(job, site, num_rounds=1, device="cpu", privacy=policy)
     return LocalTrainer(model, backbone.alphabet, records, cfg, noise=noise_source(policy, site))
 
 
@@ -191,9 +190,9 @@ def test_jobs_within_the_policy_run():
 def test_epsilon_is_accounted_at_the_stricter_delta():
     assert accounting_delta(TrainConfig(dp_delta=1e-3), SitePrivacySettings(target_delta=1e-6)) == 1e-6
     assert accounting_delta(TrainConfig(dp_delta=1e-7), SitePrivacySettings()) == 1e-7
-    executor = EsmLoraExecutor(**JobSettings().with_overrides({"training.dp_delta": 1e-3}).to_dict())
-    assert executor.site_training("site-1", 2, "cpu", SitePrivacySettings(target_delta=1e-6)).dp_delta == 1e-6
-    assert executor.site_training("site-1", 2, "cpu").dp_delta == 1e-3
+    job = JobSettings().with_overrides({"training.dp_delta": 1e-3})
+    assert site_training(job, "site-1", 2, "cpu", SitePrivacySettings(target_delta=1e-6)).dp_delta == 1e-6
+    assert site_training(job, "site-1", 2, "cpu").dp_delta == 1e-3
 
 
 def test_the_budget_stops_before_the_round_that_would_exceed_it():

@@ -94,10 +94,10 @@ def test_a_bad_flag_value_is_one_line(capsys):
 
 
 def test_optimizer_state_policy_is_a_federation_setting():
-    from fedesm.training.optimizer_state import resolve_policy
+    from fedesm.training.optimizer_state import resolve_optimizer_state
 
     f = FederationSettings()
-    assert f.optimizer_state == "auto" and resolve_policy(f.optimizer_state, f.strategy) == "align"
+    assert f.optimizer_state == "auto" and resolve_optimizer_state(f.optimizer_state, f.strategy) == "align"
     assert JobSettings().with_overrides(["optimizer_state=reset"]).federation.optimizer_state == "reset"
     with pytest.raises(FedesmError, match="federation.optimizer_state: 'zero' is not one of auto, keep, reset, align"):
         FederationSettings(optimizer_state="zero")

@@ -37,9 +37,9 @@ from hypothesis import strategies as st
 from fedesm.cli import main
 from fedesm.errors import FedesmError
 from fedesm.settings import (MAX_INT, FederationSettings, JobSettings, LoraSettings, ModelSettings, SettingError,
-                             SitePolicySettings, SitePrivacySettings, TrainConfig)
+                             SiteGuardSettings, SitePrivacySettings, TrainConfig)
 
-BLOCKS = (ModelSettings, LoraSettings, TrainConfig, FederationSettings, SitePolicySettings, SitePrivacySettings)
+BLOCKS = (ModelSettings, LoraSettings, TrainConfig, FederationSettings, SiteGuardSettings, SitePrivacySettings)
 FIELDS = [(cls, f) for cls in BLOCKS for f in dataclasses.fields(cls)]
 JOB_FIELDS = [(cls, f) for cls, f in FIELDS if cls in JobSettings.BLOCKS.values()]
 FLAG_FIELDS = [(cls, f) for cls, f in FIELDS if cls in (TrainConfig, LoraSettings)

@@ -131,13 +131,13 @@ cache_dir: {tmp_path / 'cache'}
     records = load_dataset(resolve_site_path(cfg, cfg.train))
     assert len(records) == len(train) and records[0].sequence == train[0].sequence
     assert str(resolve_site_path(cfg, cfg.train)).startswith(str(tmp_path / "cache"))
-    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir, policy=cfg.policy())
+    backbone = load_backbone(cfg.backbone, cache_dir=cfg.cache_dir, policy=cfg.access_policy())
     local = load_backbone(str(tiny_checkpoint))
     assert torch.equal(backbone.model.embed_tokens.weight, local.model.embed_tokens.weight)
     with pytest.raises(FedesmError, match="outside this site's allowed prefixes"):
         resolve_site_path(cfg, cfg.val)
     with pytest.raises(FedesmError, match="no such object"):
-        load_backbone("s3://site-1-data/models/esm2_missing.pt", cache_dir=cfg.cache_dir, policy=cfg.policy())
+        load_backbone("s3://site-1-data/models/esm2_missing.pt", cache_dir=cfg.cache_dir, policy=cfg.access_policy())
 
 
 def test_declared_samples_is_the_operators_whole_count(tmp_path):

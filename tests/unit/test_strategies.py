@@ -6,7 +6,7 @@ import pytest
 from fedesm.aggregation import AggregationState, aggregate
 from fedesm.settings import FederationSettings, JobSettings, SettingError, TrainConfig
 from fedesm.strategies import STRATEGIES, STRATEGY
-from fedesm.training.optimizer_state import resolve_policy
+from fedesm.training.optimizer_state import resolve_optimizer_state
 
 PAIR = "base_model.model.esm.layers.0.self_attn.q_proj"
 
@@ -54,4 +54,4 @@ def test_each_record_is_what_the_strategy_does(name):
     else:
         strategy_alone()
     # its optimizer-state default
-    assert resolve_policy("auto", name) == how.optimizer_state == ("align" if how.refactors else "keep")
+    assert resolve_optimizer_state("auto", name) == how.optimizer_state == ("align" if how.refactors else "keep")

@@ -11,7 +11,7 @@ it. The guard compares it with the installed version:
   ``job_deploy_detail`` (``site-1: fedesm version mismatch: ...``) and nothing is started there;
 * on the server, when a job is submitted (``SUBMIT_JOB``): the submitter gets the line back.
 
-`fedesm.settings.SitePolicySettings.version_mismatch` decides refuse or warn. A job without a
+`fedesm.settings.SiteGuardSettings.version_mismatch` decides refuse or warn. A job without a
 recorded version (not written by fedesm, or with the record removed) is refused the same way: a
 site cannot tell which fedesm wrote it. At ``SYSTEM_START`` the guard logs the fedesm, NVFLARE and
 torch versions of the participant. What the job's configs hold is checked by
@@ -29,7 +29,7 @@ from nvflare.apis.fl_context import FLContext
 
 from fedesm import __version__
 from fedesm.launch.jobs import VERSION_KEY
-from fedesm.settings import SitePolicySettings
+from fedesm.settings import SiteGuardSettings
 
 
 def installed_versions() -> dict[str, str]:
@@ -63,17 +63,17 @@ def version_problem(job_meta: Optional[dict], installed: str = __version__) -> O
 class FedesmSiteGuard(FLComponent):
     def __init__(self, version_mismatch: Optional[str] = None):
         """Args:
-            version_mismatch: refuse | warn (`SitePolicySettings`); None takes the setting's default.
+            version_mismatch: refuse | warn (`SiteGuardSettings`); None takes the setting's default.
         """
         super().__init__()
         given = {} if version_mismatch is None else {"version_mismatch": version_mismatch}
-        self.policy = SitePolicySettings.from_dict(given, where="FedesmSiteGuard")
+        self.settings = SiteGuardSettings.from_dict(given, where="FedesmSiteGuard")
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.SYSTEM_START:
             versions = ", ".join(f"{k} {v}" for k, v in installed_versions().items())
             self.log_info(fl_ctx, f"{fl_ctx.get_identity_name()} runs {versions}; jobs of another fedesm "
-                                  f"version: {self.policy.version_mismatch}", fire_event=False)
+                                  f"version: {self.settings.version_mismatch}", fire_event=False)
         elif event_type == EventType.AUTHORIZE_COMMAND_CHECK:
             if fl_ctx.get_prop(FLContextKey.COMMAND_NAME) != AdminCommandNames.SUBMIT_JOB:
                 return  # only the deployment of a job (check_resources must not block scheduling forever)
@@ -88,7 +88,7 @@ class FedesmSiteGuard(FLComponent):
                 fl_ctx.set_prop(FLContextKey.JOB_BLOCK_REASON, problem, private=True, sticky=False)
 
     def _refuses(self, problem: str, fl_ctx: FLContext) -> bool:
-        if self.policy.version_mismatch == "warn":
+        if self.settings.version_mismatch == "warn":
             self.log_warning(fl_ctx, f"{problem} (running it: site_policy.version_mismatch is warn)", fire_event=False)
             return False
         self.log_error(fl_ctx, problem, fire_event=False)

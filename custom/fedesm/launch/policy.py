@@ -11,7 +11,7 @@ A site that installed fedesm runs only that code. Its kit's ``local/`` folder ge
   (`fedesm.flare.job_check.FedesmJobValidator`: every app is compared with fedesm's job shapes
   after unpacking and before anything is built), ``allow_log_streaming`` off (no site log leaves
   the site), the GPUs the site declares, and `FedesmSiteGuard` (logs the versions, refuses jobs of
-  another fedesm version or none: `SitePolicySettings`);
+  another fedesm version or none: `SiteGuardSettings`);
 * ``privacy.json``: one scope, the default, whose result filter lets only the job's LoRA factors and
   head (names, shapes and dtype of the model it declares, rank at most ``max_lora_rank``), counts
   and metrics leave, and refuses anything else with a logged reason
@@ -44,7 +44,7 @@ from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_write_text
 from fedesm.launch.jobs import CLIENT_CONFIG, JOBS, SERVER_CONFIG, render_job
 from fedesm.paths import repo_path
-from fedesm.settings import SitePolicySettings
+from fedesm.settings import SiteGuardSettings
 
 AUTHORIZATION = "authorization.json"
 RESOURCES = "resources.json"
@@ -146,8 +146,9 @@ def privacy(max_lora_rank: Optional[int] = None) -> dict:
             "default_scope": PRIVACY_SCOPE}
 
 
-def _guard(policy: Optional[SitePolicySettings]) -> dict:
-    args = {} if policy is None else policy.to_dict()
+def _guard(guard: Optional[SiteGuardSettings]) -> dict:
+    """The guard component with the participant's own settings (None: the settings' defaults)."""
+    args = {} if guard is None else guard.to_dict()
     return {"id": GUARD_ID, "path": GUARD_PATH, "args": args}
 
 
@@ -156,18 +157,18 @@ def _validator(role: str) -> dict:
     return {"path": VALIDATOR_PATH, "args": {"role": role}}
 
 
-def client_resources(num_gpus: int = 0, gpu_mem_gib: float = 0, policy: Optional[SitePolicySettings] = None) -> dict:
+def client_resources(num_gpus: int = 0, gpu_mem_gib: float = 0, guard: Optional[SiteGuardSettings] = None) -> dict:
     """A site's resources.json: NVFLARE's, with fedesm's allow-list, no log streaming, its GPUs, the guard."""
     res = _template("local_client_resources", {
         "num_gpus": json.dumps(int(num_gpus)), "gpu_mem": json.dumps(gpu_mem_gib), "allow_log_streaming": "false",
         "class_allow_list": json.dumps(class_allow_list("client"))})
-    res["components"].append(_guard(policy))
+    res["components"].append(_guard(guard))
     res["app_validator"] = _validator("client")
     return res
 
 
 def server_resources(store_root: str | os.PathLike, max_jobs: int = MAX_JOBS,
-                     policy: Optional[SitePolicySettings] = None) -> dict:
+                     guard: Optional[SiteGuardSettings] = None) -> dict:
     """The server's resources.json: NVFLARE's, with its allow-list, the job store and snapshots under
     `store_root` (inside its workspace), `max_jobs`, the guard."""
     res = _template("local_server_resources", {"class_allow_list": json.dumps(class_allow_list("server"))})
@@ -183,7 +184,7 @@ def server_resources(store_root: str | os.PathLike, max_jobs: int = MAX_JOBS,
     res["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"] = f"{store}/snapshot-storage"
     if found != {"job_manager", "job_scheduler"}:
         raise FedesmError(f"NVFLARE's server resources template has no {sorted({'job_manager', 'job_scheduler'} - found)}")
-    res["components"].append(_guard(policy))
+    res["components"].append(_guard(guard))
     res["app_validator"] = _validator("server")
     return res
 
@@ -207,22 +208,22 @@ def _write_json(path: Path, content: dict) -> Path:
 
 
 def write_site_policy(local_dir, num_gpus: int = 0, gpu_mem_gib: float = 0,
-                      policy: Optional[SitePolicySettings] = None) -> list[Path]:
+                      guard: Optional[SiteGuardSettings] = None) -> list[Path]:
     """authorization.json, privacy.json and resources.json into a site kit's (or workspace's) local/."""
     local = Path(local_dir)
     local.mkdir(parents=True, exist_ok=True)
     return [_write_json(local / AUTHORIZATION, authorization("client")),
             _write_json(local / PRIVACY, privacy()),
-            _write_json(local / RESOURCES, client_resources(num_gpus, gpu_mem_gib, policy))]
+            _write_json(local / RESOURCES, client_resources(num_gpus, gpu_mem_gib, guard))]
 
 
 def write_server_policy(local_dir, store_root, max_jobs: int = MAX_JOBS,
-                        policy: Optional[SitePolicySettings] = None) -> list[Path]:
+                        guard: Optional[SiteGuardSettings] = None) -> list[Path]:
     """authorization.json and resources.json into the server kit's local/."""
     local = Path(local_dir)
     local.mkdir(parents=True, exist_ok=True)
     return [_write_json(local / AUTHORIZATION, authorization("server")),
-            _write_json(local / RESOURCES, server_resources(store_root, max_jobs, policy))]
+            _write_json(local / RESOURCES, server_resources(store_root, max_jobs, guard))]
 
 
 def apply_to_kits(kits_dir, server: str, clients: Iterable[str], store_root=None) -> list[Path]:

@@ -1,9 +1,11 @@
 """How one training step turns a batch into gradients: the trainer's only privacy interface.
 
-A mechanism has three parts, and the trainer calls nothing else:
+A mechanism has five parts, and the trainer calls nothing else:
   batches(sampler)                  the sampler the trainer draws its batches from
   backward(token_losses, tok, lab)  set `.grad` of the trainable parameters; return the batch loss
   spent()                           what it reports in each round's statistics (e.g. epsilon)
+  seek(step)                        a resumed run starts at `step`: count the steps before it as spent
+  accounted_steps()                 the steps its privacy accounting has counted (0 where it keeps none)
 
 `PlainGradients` is ordinary training (mean token loss, gradient clipping, and the paper's
 Gaussian gradient noise when `grad_noise_std` > 0); `fedesm.training.privacy.dpsgd.DPSGD` is formal
@@ -33,6 +35,10 @@ class GradientMechanism(Protocol):
 
     def spent(self) -> dict: ...
 
+    def seek(self, step: int) -> None: ...
+
+    def accounted_steps(self) -> int: ...
+
 
 class PlainGradients:
     """Mean token loss, backward, clip to `grad_clip` (0: off), then optional gradient noise."""
@@ -57,6 +63,12 @@ class PlainGradients:
 
     def spent(self) -> dict:
         return {}
+
+    def seek(self, step: int) -> None:
+        """Nothing to account: plain gradients keep no privacy ledger."""
+
+    def accounted_steps(self) -> int:
+        return 0
 
 
 def make_gradients(config: TrainConfig, model: torch.nn.Module, params: Sequence[torch.Tensor],

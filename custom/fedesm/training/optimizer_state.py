@@ -14,7 +14,7 @@ gives the same product, (B G^-1)(G A) = B A; the policies:
           (`align_factors`) and keep the moments: the moments stay meaningful, and with one site the
           site gets back exactly its own factors, so federating over one site changes nothing
 
-`resolve_policy` maps `auto` per strategy: align for fra / fra-ef (re-factored), keep for fedit / ffa.
+`resolve_optimizer_state` maps `auto` per strategy: align for fra / fra-ef (re-factored), keep for fedit / ffa.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ POLICIES = ("keep", "reset", "align")
 MAX_CONDITION = 1e6  # an alignment worse conditioned than this falls back to the global factors as sent
 
 
-def resolve_policy(policy: str, strategy: str) -> str:
+def resolve_optimizer_state(policy: str, strategy: str) -> str:
     """The policy a site applies: `auto` -> the strategy's own (align where it re-factors, keep otherwise)."""
     if policy == "auto":
         return STRATEGY[strategy].optimizer_state

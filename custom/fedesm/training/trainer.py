@@ -1,8 +1,9 @@
 """The local trainer: rounds of N optimizer steps on batches drawn at random from local data.
 
-The same code trains every federated site (the NVFLARE executor calls `train_steps` once per round)
-and the centralized run (`fedesm.centralized`). The model and optimizer live in the trainer
-for its whole life, so a site keeps its optimizer state between rounds.
+The same code trains every federated site (`fedesm.site_run.SiteRun` calls `train_round` once per round,
+and `seek` when a resumed job's first round is not round 0) and the centralized run (`fedesm.centralized`).
+The model and optimizer live in the trainer for its whole life, so a site keeps its optimizer state between
+rounds. Nothing outside `fedesm.training` writes its attributes: what a caller may change has a method here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -104,9 +106,30 @@ class LocalTrainer:
             logits = self.model(tokens)
         return token_losses(logits, labels, self.loss_weight, self.config.focal_gamma)
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        losses, weights = self.token_losses(tokens, labels)
-        return losses.sum() / weights.sum().clamp(min=1e-12)
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step takes (the schedule's current position)."""
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def dp_steps(self) -> int:
+        """Steps the DP-SGD accountant has counted (a resume's earlier rounds included); 0 without DP-SGD."""
+        return self.gradients.accounted_steps()
+
+    def seek(self, step: int) -> None:
+        """Put the schedule at `step` (a resumed job's first round starts there, not at warm-up) and have the
+        privacy mechanism count the steps before it as spent (`GradientMechanism.seek`). The optimizer's
+        moments are not touched: they start afresh."""
+        with warnings.catch_warnings():  # torch warns when the scheduler moves before the optimizer's first step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.last_epoch = step - 1
+            self.scheduler.step()
+        self.global_step = step
+        self.gradients.seek(step)
+
+    def train_round(self, should_abort: Optional[Callable[[], bool]] = None) -> RoundStats:
+        """One round: `steps_per_round` optimizer steps, stopped early (between steps) by `should_abort()`."""
+        return self.train_steps(self.config.steps_per_round, should_abort=should_abort)
 
     def train_steps(self, n_steps: int, should_abort: Optional[Callable[[], bool]] = None,
                     progress: bool = False, desc: str = "train") -> RoundStats:
@@ -144,7 +167,7 @@ class LocalTrainer:
         return RoundStats(steps=done, samples=samples, residues=residues,
                           loss=float(np.nanmean(losses)) if losses else float("nan"),
                           seconds=time.perf_counter() - t0, aborted=aborted,
-                          lr=self.scheduler.get_last_lr()[0], extra=self.gradients.spent())
+                          lr=self.lr, extra=self.gradients.spent())
 
     def load_global(self, state: dict, policy: str = "keep") -> dict:
         """Load global adapters + head into the model, handling the optimizer state by `policy`

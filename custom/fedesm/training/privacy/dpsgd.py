@@ -173,7 +173,7 @@ def clip_and_sum(per_sample: list[tuple[torch.Tensor, torch.Tensor]], max_grad_n
 class DPSGD:
     """DP-SGD as a gradient mechanism of `fedesm.training.trainer.LocalTrainer` (see `fedesm.training.gradients`):
     Poisson batches (`batches`), clipped per-sample gradients + Gaussian noise (`backward`), and the
-    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics).
+    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics; `seek` for a resume).
     `source` gives the noise and the sampling (two independent streams of it); default: a secret one."""
 
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], noise_multiplier: float,
@@ -234,3 +234,12 @@ class DPSGD:
 
     def spent(self) -> dict:
         return {"epsilon": self.epsilon(), "dp_delta": self.delta, "dp_steps": self.accountant.steps}
+
+    def seek(self, step: int) -> None:
+        """A resumed job: the rounds before `step` spent privacy on this site's data too; count them as if this
+        site took part in every one (an upper bound), so its epsilon budget cannot restart at zero."""
+        if self.accountant.steps < step:
+            self.accountant.step(self.noise_multiplier, self.sample_rate, steps=step - self.accountant.steps)
+
+    def accounted_steps(self) -> int:
+        return self.accountant.steps
