@@ -14,21 +14,21 @@ from fedesm.evaluation.scoring import score_trainer
 from fedesm.model.adapters import build_lora_model
 from fedesm.model.backbone import identity as backbone_identity, load_backbone
 from fedesm.model.cards import ModelCard, save_adapters
-from fedesm.settings import LoraSettings, TrainConfig
+from fedesm.settings import JobSettings
 from fedesm.tables import TableLog
 from fedesm.training.trainer import LocalTrainer
 
 log = logging.getLogger(__name__)
 
 
-def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_source: str, out_dir,
-                    config: TrainConfig, lora: Optional[LoraSettings] = None, arm: str = "centralized",
-                    progress: bool = True, tensorboard: bool = True, backbone_kwargs: Optional[dict] = None,
-                    initial_state: Optional[dict] = None, attention: Optional[str] = None) -> list[dict]:
-    """Train for `config.rounds` rounds of `config.steps_per_round` steps; evaluate on `val` after each.
+def run_centralized(settings: JobSettings, train: Sequence[Record], val: Sequence[Record], out_dir,
+                    arm: str = "centralized", progress: bool = True, tensorboard: bool = True,
+                    initial_state: Optional[dict] = None) -> list[dict]:
+    """Train for `training.rounds` rounds of `training.steps_per_round` steps; evaluate on `val` after each.
 
-    `initial_state` (adapters + head, e.g. a federated job's round-0 state) replaces PEFT's own init, so a
-    centralized run can start from exactly the model the federated arms start from.
+    `settings`: the job's model, LoRA and training blocks, as a federated site reads them (the federation
+    block plays no part). `initial_state` (adapters + head, e.g. a federated job's round-0 state) replaces
+    PEFT's own init, so a centralized run can start from exactly the model the federated arms start from.
 
     Writes `metrics.jsonl`/`metrics.csv` (round 0 = before training), TensorBoard events under `tb/`,
     and the `best/` (by validation AUPRC) and `last/` adapters in PEFT's layout; their model cards carry
@@ -36,10 +36,11 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lora = lora or LoraSettings()
-    backbone = load_backbone(backbone_source, **(backbone_kwargs or {}))
+    m, lora, config = settings.model, settings.lora, settings.training
+    backbone = load_backbone(m.backbone_source)
     backbone_id = backbone_identity(backbone)  # before LoRA wraps it: the card says which weights it was trained on
-    model = build_lora_model(backbone, lora, seed=config.seed, attention=attention)
+    model = build_lora_model(backbone, lora, num_labels=m.num_labels, seed=config.seed, attention=m.attention,
+                             head_dropout=m.head_dropout)
     trainer = LocalTrainer(model, backbone.alphabet, train, config)
     if initial_state is not None:
         trainer.load_global(initial_state)
@@ -71,7 +72,8 @@ def run_centralized(train: Sequence[Record], val: Sequence[Record], backbone_sou
         return row
 
     def card(row: dict, round_num: int) -> ModelCard:
-        return ModelCard.describe(backbone.source, backbone.arch, lora, threshold=row["threshold_tuned"],
+        return ModelCard.describe(backbone.source, backbone.arch, lora, num_labels=m.num_labels,
+                                  threshold=row["threshold_tuned"],
                                   max_len=config.max_len, backbone_identity=backbone_id,
                                   extra={"round": round_num, "val_auprc": row["auprc"], "val_f1": row["f1"],
                                          "threshold_source": "maximises F1 on the validation data"})
