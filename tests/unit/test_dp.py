@@ -196,8 +196,10 @@ def test_mixed_history_and_noise_search_are_unchanged_from_the_hand_written_acco
     assert noise_multiplier_for(3.0, 1e-5, 0.01, 1000) == 0.8671875
 
 
-def test_prv_epsilon_is_opacus_and_tighter_than_rdp():
+def test_prv_epsilon_is_opacus_and_tighter_than_rdp(monkeypatch):
     from opacus.accountants import PRVAccountant
+
+    from fedesm.training.privacy import accountant
 
     acc = RDPAccountant()
     assert acc.prv_epsilon(1e-5) == 0.0  # before any step
@@ -207,7 +209,10 @@ def test_prv_epsilon_is_opacus_and_tighter_than_rdp():
     prv = acc.prv_epsilon(1e-5)
     assert prv == pytest.approx(theirs.get_epsilon(1e-5), abs=1e-9)
     assert 1.7 < prv < acc.get_epsilon(1e-5) == pytest.approx(2.1013652716430564, abs=1e-6)
-    acc.step(1e-3, 0.01, steps=100)  # so little noise that PRV's grid would not fit in memory: no answer, RDP still answers
+    monkeypatch.setattr(accountant, "MAX_PRV_GRID", 10 ** 5)  # this history's grid has ~1.3e5 points
+    assert acc.prv_epsilon(1e-5) is None and acc.get_epsilon(1e-5) == pytest.approx(2.1013652716430564, abs=1e-6)
+    monkeypatch.undo()
+    acc.step(1e-3, 0.01, steps=100)  # so little noise that PRV's grid would hold ~4e11 points: refused, not allocated
     assert acc.prv_epsilon(1e-5) is None and math.isfinite(acc.get_epsilon(1e-5))
 
 

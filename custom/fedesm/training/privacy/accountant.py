@@ -18,6 +18,7 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedesm.errors import FedesmError
@@ -26,6 +27,7 @@ DEFAULT_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64
 MAX_SERIES_TERMS = 2_000  # terms of a fractional order's series before the upper bound stands in
 MAX_STEPS = 10 ** 12
 MIN_NOISE_MULTIPLIER = 1e-6  # below it the RDP is taken as infinite (an upper bound: no guarantee is claimed)
+MAX_PRV_GRID = 10 ** 7  # points of the PRV accountant's discretisation (80 MB an array); above it, no PRV answer
 _SERIES_END = -30.0  # Opacus stops a fractional order's series at the first term below exp(-30)
 
 
@@ -105,6 +107,16 @@ def compute_epsilon(noise_multiplier: float, sample_rate: float, steps: int, del
     return rdp_to_epsilon(orders, rdp, delta)[0]
 
 
+class _BoundedPRV(PRVAccountant):
+    """Opacus' PRV accountant, refusing a discretisation grid over MAX_PRV_GRID points before it is made."""
+
+    def _get_domain(self, *args, **kwargs):
+        domain = super()._get_domain(*args, **kwargs)
+        if domain.size > MAX_PRV_GRID:
+            raise AccountingError(f"DP accounting: a PRV grid of {domain.size:.2g} points")
+        return domain
+
+
 class RDPAccountant:
     """Privacy spent by a sequence of DP-SGD steps, each with its own (noise multiplier, sample rate).
 
@@ -148,23 +160,21 @@ class RDPAccountant:
 
     def prv_epsilon(self, delta: float) -> Optional[float]:
         """Opacus' PRV accountant's epsilon for the same steps: tighter than RDP, to within its eps_error (0.01).
-        0 before any step; None where it cannot answer (its discretisation would not fit in memory, at
-        extreme noise or step counts). The budget never uses it: RDP's bound is the one a site enforces."""
-        from opacus.accountants import PRVAccountant
-
+        0 before any step; None where it would not answer within bounds (a discretisation over MAX_PRV_GRID
+        points, at extreme noise or step counts). The budget never uses it: RDP's is the bound a site enforces."""
         delta = _finite("delta", delta, 0.0, 1.0, low_open=True)
         spent = [(sigma, q, n) for sigma, q, n in self.history if q > 0 and n > 0]
         if not spent:
             return 0.0
         if any(sigma < MIN_NOISE_MULTIPLIER for sigma, _, _ in spent):
             return math.inf
-        prv = PRVAccountant()
+        prv = _BoundedPRV()
         prv.history = list(spent)
         try:
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore")
                 return float(prv.get_epsilon(delta))
-        except (MemoryError, ValueError, OverflowError, RuntimeError):
+        except (AccountingError, MemoryError, ValueError, OverflowError, RuntimeError):
             return None
 
 
