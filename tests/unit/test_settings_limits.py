@@ -48,6 +48,10 @@ def _train(tmp_path, *flags) -> int:
     (["--lora-r", "1000000"], "lora.r", "at most"),
     (["--seed", "-1"], "training.seed", ">= 0"),
     (["--device", "cuda:x"], "training.device", "not auto, cpu, cuda or cuda:N"),
+    (["--head-dropout", "1"], "model.head_dropout", "must be in [0, 1)"),
+    (["--head-dropout", "nan"], "model.head_dropout", "finite"),
+    (["--num-labels", "1"], "model.num_labels", "at least 2"),
+    (["--arch", "esm3"], "model.arch", "unknown ESM-2 architecture"),
 ])
 def test_a_bad_training_flag_is_one_line_and_no_run_folder(tmp_path, capsys, flags, field, shown):
     assert _train(tmp_path, *flags) == 2
