@@ -263,14 +263,15 @@ class ModelSettings(Settings):
 
     arch: str = setting("esm2_t12_35M_UR50D", "ESM-2 architecture: fixes adapter names and shapes")
     backbone: Optional[str] = setting(
-        None, "ESM-2 weights when a site's config names none: fair-esm hub name, local .pt, a Hugging Face "
-        "folder or hf:ID, s3:// URI or random:ARCH (default: the hub checkpoint of `arch`); recorded in saved "
-        "model cards")
+        None, "ESM-2 weights: fair-esm hub name, local .pt, a Hugging Face folder or hf:ID, s3:// URI or "
+        "random:ARCH; recorded in saved model cards; a site's own config wins (default: the hub checkpoint of arch)")
     num_labels: int = setting(2, "classes of the per-residue head", maximum=MAX_NUM_LABELS)
     attention: str = setting("packed", "self-attention path: packed (padding dropped, only real tokens computed, "
                              "attention per sequence: varlen flash on CUDA), fused (padded batch through PyTorch "
                              "scaled_dot_product_attention) or stock (fair-esm's explicit softmax over every head's "
                              "L x L weights); same weights and outputs", choices=ATTENTIONS)
+    head_dropout: float = setting(0.1, "dropout on the last layer's representations before the per-residue head "
+                                  "(training only), in [0, 1)")
 
     def check(self) -> None:
         from fedesm.model.architectures import ARCHITECTURES
@@ -279,6 +280,8 @@ class ModelSettings(Settings):
             self.fail("arch", f"unknown ESM-2 architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         if self.num_labels < 2:
             self.fail("num_labels", f"need at least 2 classes, got {self.num_labels}")
+        if not 0 <= self.head_dropout < 1:
+            self.fail("head_dropout", f"must be in [0, 1), got {self.head_dropout:g}")
 
     @property
     def backbone_source(self) -> str:
@@ -406,6 +409,9 @@ class TrainConfig(Settings):
                                          "Gaussian noise sigma*C; noise and sampling from OS entropy)")
     dp_max_grad_norm: float = setting(1.0, "DP-SGD per-sample clipping bound C")
     dp_delta: float = setting(1e-5, "delta of the (epsilon, delta) reported each round")
+    dp_report_prv: bool = setting(False, "DP-SGD: also report epsilon_prv, Opacus' PRV accountant's (tighter) "
+                                  "epsilon for the same steps, beside the RDP epsilon that budgets use; "
+                                  "seconds a round at 1e5 steps and more")
 
     def __post_init__(self):
         object.__setattr__(self, "class_weights", parse_class_weights(self.class_weights))
@@ -715,31 +721,40 @@ def _flag(prefix: str, name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Sequence[str] = (),
-                  title: str | None = None, defaults: Optional[Settings] = None) -> None:
+                  title: str | None = None, defaults: Optional[Settings] = None, only: Sequence[str] = (),
+                  defaults_from: Mapping[str, str] | None = None) -> None:
     """One flag per field of `cls` (`--steps-per-round`, with `prefix` `--lora-r`), help and default from here.
 
-    Flags default to None (= not given), so `from_arguments` keeps the block's own defaults.
+    Flags default to None (= not given), so `from_arguments` keeps the block's own defaults (or `defaults`'),
+    which the help shows. `only`: just these fields (also those no subcommand shows unasked, flag=False).
+    `defaults_from`: {field: where a flag not given takes its value instead, e.g. "the model card's"}.
+    Each flag's action carries `setting` = (cls, field), so a test can hold every flag to its field.
     """
     group = parser.add_argument_group(title or cls.BLOCK)
     base = defaults or cls()
     hints = typing.get_type_hints(cls)
+    elsewhere = defaults_from or {}
     for f in fields(cls):
-        if f.name in skip or not f.metadata.get("flag", True):
+        if (f.name not in only) if only else (f.name in skip or not f.metadata.get("flag", True)):
             continue
         default = getattr(base, f.name)
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_text = f.metadata["help"]
-        if default is not None:  # a None default is explained in the help itself
+        if f.name in elsewhere:  # replaces the default a None field's help names at its end
+            help_text = re.sub(r" \(default: [^()]*\)$", "", help_text) + f" (default: {elsewhere[f.name]})"
+        elif default is not None:  # a None default is explained in the help itself
             help_text += f" (default {shown})"
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
         names = [_flag(prefix, f.name), *f.metadata.get("aliases", ())]
         dest = f"{prefix.replace('-', '_')}{f.name}"
         if hints[f.name] is bool:
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            action = group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                                        help=help_text)
         else:
-            group.add_argument(*names, dest=dest, default=None, choices=f.metadata.get("choices"),
-                               metavar=f.metadata.get("metavar") or (None if f.metadata.get("choices") else "VALUE"),
-                               help=help_text)
+            action = group.add_argument(
+                *names, dest=dest, default=None, choices=f.metadata.get("choices"),
+                metavar=f.metadata.get("metavar") or (None if f.metadata.get("choices") else "VALUE"), help=help_text)
+        action.setting = (cls, f.name)
 
 
 def from_arguments(args: argparse.Namespace, cls, prefix: str = "", base: Optional[Settings] = None):

@@ -130,7 +130,7 @@ class SiteRun:
                               f"federation.strategy fra or fra-ef (products of any rank average); "
                               f"{settings.federation.strategy} averages the factors themselves")
         model = build_lora_model(backbone, lora, num_labels=settings.model.num_labels, seed=settings.training.seed,
-                                 attention=settings.model.attention)
+                                 attention=settings.model.attention, head_dropout=settings.model.head_dropout)
         trainer = LocalTrainer(model, backbone.alphabet, train, training, noise=noise)
         run = cls(settings, site, trainer, train, val, test, lora=lora, privacy=cfg.privacy,
                   noise_reproducible=reproducible, declared_samples=cfg.declared_samples,

@@ -253,7 +253,7 @@ def test_one_site_federation_trains_exactly_like_that_site_alone(tmp_path):
     from fedesm.launch.simulate import run_simulator
     from fedesm.model.cards import read_adapter_state
     from fedesm.model.checkpoint import make_random_checkpoint
-    from fedesm.settings import LoraSettings, TrainConfig
+    from fedesm.settings import JobSettings, LoraSettings, ModelSettings, TrainConfig
     from fedesm.site_config import write_site_config
     from fedesm.centralized import run_centralized
     from fedesm.training.trainer import site_seed
@@ -271,9 +271,11 @@ def test_one_site_federation_trains_exactly_like_that_site_alone(tmp_path):
     fed = [r["train_loss"] for r in sorted(read_table(out / results.METRICS), key=lambda r: r["round"])
            if r.get("site") == "site-1" and r.get("train_loss") is not None]
     site = tmp_path / "data" / "site-1"
-    alone = run_centralized(load_dataset(site / "train.fa"), load_dataset(site / "val.fa"), str(ckpt),
-                            tmp_path / "alone", TrainConfig(**{**training, "seed": site_seed(5, "site-1")}),
-                            LoraSettings(r=4, alpha=8), progress=False, tensorboard=False,
+    alone_settings = JobSettings(model=ModelSettings(arch="esm2_t2_tiny", backbone=str(ckpt)),
+                                 lora=LoraSettings(r=4, alpha=8),
+                                 training=TrainConfig(**{**training, "seed": site_seed(5, "site-1")}))
+    alone = run_centralized(alone_settings, load_dataset(site / "train.fa"), load_dataset(site / "val.fa"),
+                            tmp_path / "alone", progress=False, tensorboard=False,
                             initial_state=read_adapter_state(results.round_dir(out, 0)))
     assert len(fed) == 3
     np.testing.assert_allclose(fed, [r["train_loss"] for r in alone[1:]], rtol=1e-4)

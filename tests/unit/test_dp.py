@@ -116,6 +116,19 @@ def test_trainer_reports_epsilon_and_trains_only_adapters(tiny_checkpoint, synth
     assert stats2.extra["epsilon"] > stats.extra["epsilon"]
 
 
+def test_trainer_reports_the_prv_epsilon_beside_rdp_only_when_asked(tiny_checkpoint, synth_data):
+    from fedesm.evaluation.release import releasable_under_dp
+
+    train, _ = synth_data
+    assert "epsilon_prv" not in _trainer(tiny_checkpoint, train).train_steps(2).extra
+    trainer = _trainer(tiny_checkpoint, train, dp_report_prv=True)
+    stats = trainer.train_steps(2)
+    acc = trainer.gradients.accountant
+    assert stats.extra["epsilon_prv"] == acc.prv_epsilon(1e-5) and stats.extra["epsilon"] == acc.get_epsilon(1e-5)
+    assert 0 < stats.extra["epsilon_prv"] < stats.extra["epsilon"]
+    assert releasable_under_dp("epsilon_prv")  # it may leave a DP site: same public numbers as epsilon
+
+
 def test_dp_sgd_and_paper_noise_are_exclusive(tiny_checkpoint, synth_data):
     train, _ = synth_data
     with pytest.raises(FedesmError, match="one privacy mode"):
@@ -157,6 +170,50 @@ def test_epsilon_of_mixed_history_matches_opacus():
             theirs.step(noise_multiplier=sigma, sample_rate=q)
             ours.step(sigma, q)
     assert ours.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-6)
+
+
+# Epsilons computed by the hand-written RDP accountant this module replaced (commit 35c593b), pinned: the move
+# to Opacus' analysis must leave every reported epsilon, and so every site's budget, where it was.
+@pytest.mark.parametrize("sigma,q,steps,delta,epsilon", [
+    (1.0, 0.01, 1000, 1e-5, 2.1013652716430564),
+    (0.8, 0.004, 3000, 1e-5, 2.4587987186711606),
+    (2.0, 0.1, 100, 1e-6, 2.9141734583973755),
+    (1.1, 0.256, 30, 1e-5, 9.521848515131703),
+    (5.0, 0.5, 10, 1e-3, 0.9576767602546399),
+    (0.6, 1e-4, 10 ** 6, 1e-5, 2.3881720585362554),
+])
+def test_epsilon_is_unchanged_from_the_hand_written_accountant(sigma, q, steps, delta, epsilon):
+    assert compute_epsilon(sigma, q, steps, delta) == pytest.approx(epsilon, abs=1e-6)
+
+
+def test_mixed_history_and_noise_search_are_unchanged_from_the_hand_written_accountant():
+    acc = RDPAccountant()
+    for sigma, q, n in [(1.0, 0.01, 500), (2.0, 0.02, 300), (1.0, 0.01, 200)]:
+        acc.step(sigma, q, steps=n)
+    eps, order = acc.get_privacy_spent(1e-5)
+    assert eps == pytest.approx(1.9812060361682349, abs=1e-6) and order == 8.0
+    assert acc.history == [(1.0, 0.01, 500), (2.0, 0.02, 300), (1.0, 0.01, 200)]  # Opacus' history format
+    assert noise_multiplier_for(3.0, 1e-5, 0.01, 1000) == 0.8671875
+
+
+def test_prv_epsilon_is_opacus_and_tighter_than_rdp(monkeypatch):
+    from opacus.accountants import PRVAccountant
+
+    from fedesm.training.privacy import accountant
+
+    acc = RDPAccountant()
+    assert acc.prv_epsilon(1e-5) == 0.0  # before any step
+    acc.step(1.0, 0.01, steps=1000)
+    theirs = PRVAccountant()
+    theirs.history = [(1.0, 0.01, 1000)]
+    prv = acc.prv_epsilon(1e-5)
+    assert prv == pytest.approx(theirs.get_epsilon(1e-5), abs=1e-9)
+    assert 1.7 < prv < acc.get_epsilon(1e-5) == pytest.approx(2.1013652716430564, abs=1e-6)
+    monkeypatch.setattr(accountant, "MAX_PRV_GRID", 10 ** 5)  # this history's grid has ~1.3e5 points
+    assert acc.prv_epsilon(1e-5) is None and acc.get_epsilon(1e-5) == pytest.approx(2.1013652716430564, abs=1e-6)
+    monkeypatch.undo()
+    acc.step(1e-3, 0.01, steps=100)  # so little noise that PRV's grid would hold ~4e11 points: refused, not allocated
+    assert acc.prv_epsilon(1e-5) is None and math.isfinite(acc.get_epsilon(1e-5))
 
 
 def test_epsilon_grows_with_steps_and_falls_with_noise():

@@ -136,6 +136,63 @@ def test_settings_have_one_home():
     assert offenders == [], offenders
 
 
+# Flags that share a settings field's name but are not that setting, written by hand on purpose.
+NOT_THE_SETTING = {
+    ("make-checkpoint", "--arch"): "the architecture of the random checkpoint file it writes",
+    ("make-checkpoint", "--seed"): "the seed of that checkpoint's random init",
+    ("data split", "--seed"): "the seed of the split",
+    ("data synth", "--seed"): "the seed of the synthetic set",
+    ("data synth", "--max-len"): "the longest synthetic chain",
+    ("data validate", "--max-len"): "a report's threshold: chains longer than this are counted",
+    ("job export", "--resume-from"): "federation.resume_from taken as a path, never read as YAML",
+    ("demo", "--backbone"): "auto | random | a source: chooses between cached pretrained weights and a random init",
+}
+
+
+def _subcommands(parser, path=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, path + (name,))
+    yield " ".join(path), parser
+
+
+def test_cli_flags_have_one_home_too():
+    """Every flag that names a setting is made from its field (`add_arguments`): its parser default is None,
+    which `from_arguments` reads as the settings' own default, and the default its --help shows is the
+    field's (the demo's: its DEMO settings'), so argparse and the settings blocks cannot drift apart."""
+    from fedesm.cli import build_parser
+    from fedesm.experiments.demo import DEMO
+    from fedesm.settings import JobSettings
+
+    prefix = {"lora": "lora-"}
+    setting_flags = {f"--{prefix.get(block, '')}{name.replace('_', '-')}"
+                     for block, cls in JobSettings.BLOCKS.items() for name in cls.names()}
+    by_hand, generated = [], set()
+    for command, parser in _subcommands(build_parser()):
+        for action in parser._actions:
+            if getattr(action, "setting", None) is None:
+                by_hand += [f"{command} {flag}" for flag in action.option_strings
+                            if flag in setting_flags and (command, flag) not in NOT_THE_SETTING]
+                continue
+            cls, name = action.setting
+            base = getattr(DEMO, cls.BLOCK) if command == "demo" else cls()
+            default = getattr(base, name)
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            assert action.default is None or action.default == getattr(cls(), name), (command, action.dest)
+            assert default is None or "(default: " in action.help or action.help.endswith(f"(default {shown})"), (
+                command, action.dest, action.help)
+            generated.add((command, action.option_strings[0]))
+    assert by_hand == [], by_hand
+    for command, flag in [("train", "--backbone"), ("train", "--arch"), ("train", "--head-dropout"),
+                          ("predict", "--threshold"), ("predict", "--max-len"), ("predict", "--device"),
+                          ("predict", "--backbone"), ("params", "--arch"), ("params", "--num-labels"),
+                          ("export", "--backbone"), ("demo", "--arch")]:
+        assert (command, flag) in generated
+
+
 def _package(module: str) -> str:
     """`fedesm.flare.aggregator` -> `fedesm.flare`; a top-level module (`fedesm.settings`) is its own."""
     parts = module.split(".")

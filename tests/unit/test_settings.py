@@ -39,6 +39,9 @@ def test_values_are_coerced_to_the_fields_type(value, expected):
     (lambda: FederationSettings(strategy="fedavg"), "federation.strategy: 'fedavg' is not one of"),
     (lambda: FederationSettings(min_clients=0), "federation.min_clients: need at least one site"),
     (lambda: ModelSettings(arch="esm3"), "model.arch: unknown ESM-2 architecture 'esm3'"),
+    (lambda: ModelSettings(head_dropout=1.0), "model.head_dropout: must be in [0, 1), got 1"),
+    (lambda: ModelSettings(head_dropout=-0.1), "model.head_dropout: must be in [0, 1), got -0.1"),
+    (lambda: ModelSettings(head_dropout=float("nan")), "model.head_dropout: must be a finite number, got nan"),
     (lambda: TrainConfig.from_dict({"lr_": 1}), "unknown training setting 'lr_' (did you mean 'lr'?)"),
     (lambda: JobSettings(federation=FederationSettings(strategy="ffa")), "set training.freeze_lora_a: true"),
 ])
@@ -119,3 +122,18 @@ def test_weights_and_clip_settings_are_checked(changes, message):
         FederationSettings.from_dict(changes)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert FederationSettings().weigh_by == "uniform"
+
+
+def test_head_dropout_is_a_model_setting_from_job_to_model(tmp_path):
+    """model.head_dropout (0.1 by default, as the head always had) reaches the model built from it."""
+    from fedesm.launch.jobs import export_job, job_settings
+    from fedesm.model.adapters import build_lora_model
+    from fedesm.model.backbone import load_backbone
+    from fedesm.model.esm2 import classifiers
+
+    assert ModelSettings().head_dropout == 0.1
+    job = export_job("esm2_fra_lora", tmp_path, {"model.head_dropout": 0.25})
+    assert job_settings(job).model.head_dropout == 0.25  # a job carries it (and `fedesm job show` lists it)
+    for given, p in ((None, 0.1), (0.25, 0.25)):
+        model = build_lora_model(load_backbone("random:esm2_t2_tiny"), LoraSettings(r=2), head_dropout=given)
+        assert [c.dropout.p for c in classifiers(model)] == [p]

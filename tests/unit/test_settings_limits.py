@@ -48,6 +48,10 @@ def _train(tmp_path, *flags) -> int:
     (["--lora-r", "1000000"], "lora.r", "at most"),
     (["--seed", "-1"], "training.seed", ">= 0"),
     (["--device", "cuda:x"], "training.device", "not auto, cpu, cuda or cuda:N"),
+    (["--head-dropout", "1"], "model.head_dropout", "must be in [0, 1)"),
+    (["--head-dropout", "nan"], "model.head_dropout", "finite"),
+    (["--num-labels", "1"], "model.num_labels", "at least 2"),
+    (["--arch", "esm3"], "model.arch", "unknown ESM-2 architecture"),
 ])
 def test_a_bad_training_flag_is_one_line_and_no_run_folder(tmp_path, capsys, flags, field, shown):
     assert _train(tmp_path, *flags) == 2
@@ -140,10 +144,12 @@ def test_a_block_that_is_not_a_mapping_is_one_line():
 
 
 def test_predict_threshold_and_window_are_checked_before_anything_loads(tmp_path, capsys):
-    for flags, needle in ((["--threshold", "2"], "predict --threshold: must be in (0, 1), got 2"),
-                          (["--threshold", "nan"], "predict --threshold"),
-                          (["--threshold", "0"], "predict --threshold"),
-                          (["--max-len", "5000"], "predict --max-len")):
+    # the flags are the training settings' own, so their checks and one-line messages are too
+    for flags, needle in ((["--threshold", "2"], "training.threshold: must be in (0, 1), got 2"),
+                          (["--threshold", "nan"], "training.threshold: must be a finite number"),
+                          (["--threshold", "0"], "training.threshold: must be in (0, 1), got 0"),
+                          (["--max-len", "5000"], "training.max_len: ESM-2 takes 1 to 1022 residues"),
+                          (["--device", "gpu"], "training.device: 'gpu' is not auto, cpu, cuda or cuda:N")):
         out = tmp_path / "p.csv"
         assert main(["predict", "--model", str(tmp_path / "absent"), "--input", str(tmp_path / "absent.fa"),
                      "--out", str(out), *flags]) == 2

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from fedesm.settings import LoraSettings, ModelSettings, TrainConfig, add_arguments, from_arguments
+from fedesm.settings import (JobSettings, LoraSettings, ModelSettings, TrainConfig, add_arguments,
+                             from_arguments)
+
+CARD = "the model card's"  # where `predict` and `export` take a value no flag gives: the trained model's
+
+
+def add_model_args(p: argparse.ArgumentParser, only: Sequence[str] = (),
+                   defaults_from: Mapping[str, str] | None = None) -> None:
+    """--arch, --backbone, --num-labels, --attention, --head-dropout (fedesm.settings.ModelSettings), or `only`
+    some of them."""
+    add_arguments(p, ModelSettings, title="model", only=only, defaults_from=defaults_from)
+
+
+def model_from_args(args) -> ModelSettings:
+    return from_arguments(args, ModelSettings)
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -17,22 +32,20 @@ def lora_from_args(args) -> LoraSettings:
     return from_arguments(args, LoraSettings, prefix="lora-")
 
 
-def add_attention_arg(p: argparse.ArgumentParser) -> None:
-    """--attention packed|fused|stock (fedesm.settings.ModelSettings.attention)."""
-    add_arguments(p, ModelSettings, skip=[n for n in ModelSettings.names() if n != "attention"], title="model")
-
-
-def attention_from_args(args) -> str:
-    return from_arguments(args, ModelSettings).attention
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """One flag per training setting (fedesm.settings.TrainConfig): --rounds, --steps-per-round, --lr, ..."""
-    add_arguments(p, TrainConfig, title="training")
+def add_train_args(p: argparse.ArgumentParser, only: Sequence[str] = (),
+                   defaults_from: Mapping[str, str] | None = None, title: str = "training") -> None:
+    """One flag per training setting (fedesm.settings.TrainConfig): --rounds, --steps-per-round, --lr, ...
+    (or `only` some of them)."""
+    add_arguments(p, TrainConfig, title=title, only=only, defaults_from=defaults_from)
 
 
 def train_config_from_args(args) -> TrainConfig:
     return from_arguments(args, TrainConfig)
+
+
+def job_settings_from_args(args) -> JobSettings:
+    """The model, LoRA and training blocks from their flags (the federation block keeps its defaults)."""
+    return JobSettings(model=model_from_args(args), lora=lora_from_args(args), training=train_config_from_args(args))
 
 
 def load_data(uri: str, cache_dir=None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedesm.settings import FederationSettings, LoraSettings, TrainConfig, add_arguments, from_arguments
+from fedesm.settings import FederationSettings, LoraSettings, ModelSettings, TrainConfig, add_arguments, from_arguments
 
 
 def register(sub) -> None:
@@ -25,8 +25,8 @@ def register(sub) -> None:
                    help="shipped set: ATP, HEM, DNA, RNA, PEP, PRO (default ATP), or 'synthetic' (planted motifs)")
     p.add_argument("--sites", type=int, default=DEMO.federation.min_clients,
                    help=f"number of sites (default {DEMO.federation.min_clients})")
-    p.add_argument("--arch", default=DEMO.model.arch, help=f"ESM-2 architecture (default {DEMO.model.arch}, "
-                   "random init)")
+    add_arguments(p, ModelSettings, title="model", defaults=DEMO.model, only=("arch",))
+    # not model.backbone: auto and random choose between the cached pretrained weights and a random init
     p.add_argument("--backbone", default="auto",
                    help="auto (default): pretrained ESM-2 8M weights when they are in the fair-esm/torch hub cache "
                    "or downloadable, else a random init of --arch (one line says which); random: always the random "
@@ -43,7 +43,7 @@ def register(sub) -> None:
 def _demo(args) -> int:
     from fedesm.experiments.demo import DEMO, choose_backbone, run_demo
 
-    arch, backbone, line = choose_backbone(args.backbone, args.arch)
+    arch, backbone, line = choose_backbone(args.backbone, from_arguments(args, ModelSettings, base=DEMO.model).arch)
     settings = DEMO.replace(
         model=DEMO.model.replace(arch=arch, backbone=backbone),
         lora=from_arguments(args, LoraSettings, prefix="lora-", base=DEMO.lora),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fedesm.cli._common import add_lora_args, lora_from_args
+from fedesm.cli._common import CARD, add_lora_args, add_model_args, lora_from_args, model_from_args
 from fedesm.model.architectures import ARCHITECTURES
 
 EXPORT_FORMATS = ("fair-esm", "hf", "peft-hf")
@@ -24,10 +24,8 @@ def register(sub) -> None:
                        description="Count total and trainable parameters of ESM-2 + LoRA + 2-class head for an "
                        "architecture, on the meta device: nothing is downloaded or allocated. ESM-2 35M with r=16 "
                        "on q,k,v gives 553,922 trainable parameters.")
-    p.add_argument("--arch", default="esm2_t12_35M_UR50D", choices=list(ARCHITECTURES),
-                   help="architecture (default esm2_t12_35M_UR50D)")
-    p.add_argument("--num-labels", type=int, default=2, help="classes of the token head (default 2)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_model_args(p, only=("arch", "num_labels"))
     add_lora_args(p)
     p.set_defaults(func=_params)
 
@@ -47,7 +45,7 @@ def register(sub) -> None:
                    "HF names); default fair-esm")
     p.add_argument("--out", required=True, help="fair-esm: output .pt path (the file name must start with 'esm2'); "
                    "hf / peft-hf: output folder")
-    p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model card")
+    add_model_args(p, only=("backbone",), defaults_from={"backbone": CARD})
     p.set_defaults(func=_export)
 
 
@@ -62,7 +60,8 @@ def _make_checkpoint(args) -> int:
 def _params(args) -> int:
     from fedesm.model.adapters import parameter_report
 
-    rep = parameter_report(args.arch, lora_from_args(args), num_labels=args.num_labels)
+    model = model_from_args(args)
+    rep = parameter_report(model.arch, lora_from_args(args), num_labels=model.num_labels)
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -77,24 +76,25 @@ def _params(args) -> int:
 def _export(args) -> int:
     from fedesm.model.cards import find_model_dir, load_trained_model, read_adapter_state, read_model_card
 
+    backbone = model_from_args(args).backbone
     if args.format == "peft-hf":  # no backbone needed: the adapters are renamed, not merged
         from fedesm.model.hf import export_peft_hf
 
         model_dir = find_model_dir(args.model)
         card = read_model_card(model_dir)
-        if args.backbone:
-            card.backbone = args.backbone
+        if backbone:
+            card.backbone = backbone
         path = export_peft_hf(read_adapter_state(model_dir), card, args.out)
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         print(f"wrote PEFT adapters on Hugging Face names to {path} (base model: "
               f"{base or 'none recorded: load them on the HF form of ' + card.backbone + ', e.g. from --format hf'})")
         return 0
-    model, alphabet, card = load_trained_model(find_model_dir(args.model), backbone_source=args.backbone)
+    model, alphabet, card = load_trained_model(find_model_dir(args.model), backbone_source=backbone)
     if args.format == "hf":
         from fedesm.model.hf import export_hf
 
         path = export_hf(model, args.out, alphabet, threshold=card.threshold, max_len=card.max_len,
-                         backbone=args.backbone or card.backbone, lora=card.lora)
+                         backbone=backbone or card.backbone, lora=card.lora)
         print(f"wrote Hugging Face model {path} (EsmForTokenClassification, LoRA merged, call threshold "
               f"{card.threshold:.4g})")
         return 0

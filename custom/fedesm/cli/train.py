@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedesm.cli._common import (add_attention_arg, add_lora_args, add_train_args, attention_from_args, load_data,
-                                lora_from_args, train_config_from_args)
+from fedesm.cli._common import (CARD, add_lora_args, add_model_args, add_train_args, job_settings_from_args,
+                                load_data, model_from_args, train_config_from_args)
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_path
 
@@ -23,14 +23,11 @@ def register(sub) -> None:
     p.add_argument("--train", required=True, help="training data: FASTA (3-line), CSV, TSV, Parquet, JSONL, s3://, or a shipped set "
                    "(gpsite:ATP; `fedesm data list`)")
     p.add_argument("--val", required=True, help="validation data (same formats)")
-    p.add_argument("--backbone", default="esm2_t12_35M_UR50D",
-                   help="ESM-2 source: fair-esm name (online), local .pt, a Hugging Face folder (save_pretrained) "
-                   "or hf:ID (online), s3:// URI, or random:ARCH (default esm2_t12_35M_UR50D)")
     p.add_argument("--out", required=True, help="output folder (refused when it holds a run, unless --force)")
     p.add_argument("--force", action="store_true", help="replace the run an existing --out holds (its metrics, tb/, "
                    "best/ and last/ are deleted first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_attention_arg(p)
+    add_model_args(p)
     add_lora_args(p)
     add_train_args(p)
     p.set_defaults(func=_train)
@@ -45,11 +42,9 @@ def register(sub) -> None:
     p.add_argument("--input", required=True,
                    help="sequences: FASTA (2- or 3-line), a table with id,sequence, or a shipped set (gpsite:ATP:test)")
     p.add_argument("--out", required=True, help="output CSV")
-    p.add_argument("--threshold", type=float, default=None, help="call threshold (default: the model card's)")
-    p.add_argument("--backbone", default=None, help="override the backbone source recorded in the model")
-    p.add_argument("--max-len", type=int, default=None, help="window length (default: the model card's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    add_attention_arg(p)
+    add_model_args(p, only=("backbone", "attention"), defaults_from={"backbone": CARD})
+    add_train_args(p, only=("threshold", "max_len", "device"), defaults_from={"threshold": CARD, "max_len": CARD},
+                   title="prediction")
     p.set_defaults(func=_predict)
 
 
@@ -57,7 +52,7 @@ def _train(args) -> int:
     from fedesm.data.validate import check_site_data
     from fedesm.centralized import run_centralized
 
-    cfg, lora = train_config_from_args(args), lora_from_args(args)  # bad settings: one line before any read
+    settings = job_settings_from_args(args)  # bad settings: one line before any read
     out = Path(args.out)
     held = _run_entries(out)
     if held and not args.force:
@@ -65,14 +60,13 @@ def _train(args) -> int:
                           "or choose another --out")
     train = load_data(args.train)
     val = load_data(args.val)
-    for note in check_site_data(train, val, args.train, args.val, cfg.max_len):
+    for note in check_site_data(train, val, args.train, args.val, settings.training.max_len):
         print(f"fedesm: note: {note}", file=sys.stderr)
     for entry in held:  # --force: the old run goes only once the new one's settings and data are known good
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     created = not out.exists()
     try:
-        rows = run_centralized(train, val, args.backbone, args.out, cfg, lora, progress=not args.no_progress,
-                               attention=attention_from_args(args))
+        rows = run_centralized(settings, train, val, args.out, progress=not args.no_progress)
     except BaseException:
         if not _finished_a_round(out):  # failed before its first round: leave nothing behind
             if created:
@@ -119,7 +113,8 @@ def _predict(args) -> int:
     from fedesm.data.catalog import resolve
     from fedesm.training.inference import predict_proba, resolve_device
 
-    _check_predict_args(args)  # bad flags: one line before any model is loaded
+    given = train_config_from_args(args)  # bad flags: one line (training.threshold ...) before any model loads
+    model_settings = model_from_args(args)
     model_path = Path(args.model)
     if model_path.is_file():
         from fedesm.model.export import load_exported
@@ -129,16 +124,17 @@ def _predict(args) -> int:
     else:
         from fedesm.model.cards import find_model_dir, load_trained_model
 
-        model, alphabet, card = load_trained_model(find_model_dir(model_path), backbone_source=args.backbone)
+        model, alphabet, card = load_trained_model(find_model_dir(model_path),
+                                                   backbone_source=model_settings.backbone)
         threshold, max_len = card.threshold, card.max_len
     from fedesm.model.esm2 import set_attention
 
-    set_attention(model, attention_from_args(args))
-    threshold = args.threshold if args.threshold is not None else threshold
-    max_len = args.max_len or max_len
+    set_attention(model, model_settings.attention)
+    threshold = given.threshold if args.threshold is not None else threshold
+    max_len = given.max_len if args.max_len is not None else max_len
     labelled = _read_labelled(args.input)
     seqs = [(r.id, r.sequence) for r in labelled] if labelled is not None else _read_unlabelled(resolve(args.input))
-    device = resolve_device(args.device)
+    device = resolve_device(given.device)
     model.to(device)
     print(f"predicting {len(seqs)} sequences ({sum(len(s) for _, s in seqs):,} residues) on {device} ...",
           file=sys.stderr, flush=True)  # minutes on a CPU for a few hundred chains: say so before it starts
@@ -168,20 +164,6 @@ def _predict(args) -> int:
               f"at threshold {threshold:.2f}: precision {m['precision']:.3f}, recall {m['recall']:.3f}, "
               f"F1 {m['f1']:.3f}, MCC {m['mcc']:.3f}")
     return 0
-
-
-def _check_predict_args(args) -> None:
-    """--threshold in (0, 1) and --max-len within ESM-2's window, as training.threshold / training.max_len."""
-    import math
-
-    from fedesm.data.batching import ESM2_MAX_RESIDUES
-    from fedesm.errors import FedesmError
-
-    if args.threshold is not None and not (math.isfinite(args.threshold) and 0 < args.threshold < 1):
-        raise FedesmError(f"predict --threshold: must be in (0, 1), got {args.threshold:g}")
-    if args.max_len is not None and not 1 <= args.max_len <= ESM2_MAX_RESIDUES:
-        raise FedesmError(f"predict --max-len: ESM-2 takes 1 to {ESM2_MAX_RESIDUES} residues per window, "
-                          f"got {args.max_len}")
 
 
 def _read_labelled(path: str):

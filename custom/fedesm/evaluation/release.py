@@ -13,6 +13,8 @@ a DP job's result that carries any other metric, whatever the job asks. What rem
   docs/threat-model.md);
 * the schedule and the accounting: `steps`, `lr`, `epsilon`, `dp_delta`, `dp_steps`, and the site's own
   `epsilon_budget` and `noise_reproducible`: functions of public settings and of q = batch_size / n_train.
+  `epsilon_prv` (with `training.dp_report_prv`) is added on purpose: Opacus' PRV accountant's epsilon for the
+  same (sigma, q, steps) as `epsilon`, so it is a function of the same public numbers and tells no more.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Mapping
 from fedesm.evaluation.metrics import METRIC_NAMES, TUNED_NAMES
 
 # Training numbers a DP-SGD site may send: the schedule and the privacy accounting (no batch contents, no time)
-DP_TRAINING_METRICS = frozenset({"steps", "lr", "epsilon", "dp_delta", "dp_steps", "epsilon_budget",
-                                 "noise_reproducible"})
+DP_TRAINING_METRICS = frozenset({"steps", "lr", "epsilon", "epsilon_prv", "dp_delta", "dp_steps",
+                                 "epsilon_budget", "noise_reproducible"})
 EVALUATION_METRICS = frozenset(set(METRIC_NAMES) | {"threshold_tuned"} | {f"test_{k}" for k in METRIC_NAMES}
                                | {f"test_{k}_tuned" for k in TUNED_NAMES})
 DP_RELEASABLE = frozenset(DP_TRAINING_METRICS | EVALUATION_METRICS | {f"global_{k}" for k in EVALUATION_METRICS})

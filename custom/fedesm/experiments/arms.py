@@ -28,7 +28,7 @@ from fedesm.experiments import layout
 from fedesm.experiments.config import ArmSpec, ExperimentConfig, ExperimentSpec, arm_settings
 from fedesm.experiments.prepare import pooled_site_training
 from fedesm.fileio import atomic_write_text
-from fedesm.settings import TrainConfig
+from fedesm.settings import JobSettings, TrainConfig
 from fedesm.tables import read_table, write_table
 
 @dataclass
@@ -163,19 +163,17 @@ def _central_epsilon(t: TrainConfig, n: int):
     return lambda r: compute_epsilon(t.dp_noise_multiplier, q, r * t.steps_per_round, t.dp_delta)
 
 
-def _train_and_score(cfg: ExperimentConfig, arm: ArmSpec, arm_dir: Path, shared: Seed, train: list, t,
-                     lora, echo, prefix: str, model: Optional[str] = None,
-                     attention: Optional[str] = None) -> list[dict]:
-    """One centralized-style run on `train` from the shared start; its held-out rows (val per round, and
-    the final model on test with the threshold tuned on the held-out val)."""
+def _train_and_score(s: JobSettings, arm: ArmSpec, arm_dir: Path, shared: Seed, train: list, echo, prefix: str,
+                     model: Optional[str] = None) -> list[dict]:
+    """One centralized-style run of the arm's settings `s` on `train` from the shared start; its held-out rows
+    (val per round, and the final model on test with the threshold tuned on the held-out val)."""
     from fedesm.model.cards import read_adapter_state
     from fedesm.centralized import run_centralized
 
-    heldout, evaluator = shared.heldout, shared.evaluator
+    heldout, evaluator, t = shared.heldout, shared.evaluator, s.training
     with forward_log("fedesm.centralized", echo, f"{prefix} "):
-        rows = run_centralized(train, heldout["val"], shared.backbone, arm_dir, t, lora, arm=arm.id,
-                               progress=False, tensorboard=False, initial_state=read_adapter_state(shared.initial),
-                               attention=attention)
+        rows = run_centralized(s, train, heldout["val"], arm_dir, arm=arm.id, progress=False, tensorboard=False,
+                               initial_state=read_adapter_state(shared.initial))
     eps = _central_epsilon(t, len(train))
     held = []
     for r in rows[:-1] if heldout.get("test") else rows:
@@ -201,8 +199,7 @@ def run_central(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, arm_di
     echo(f"{prefix} centralized: {len(pooled)} pooled training sequences, {t.rounds} rounds x "
          f"{t.steps_per_round} steps, evaluated on the held-out val split")
     start = time.perf_counter()
-    held = _train_and_score(cfg, arm, arm_dir, shared, pooled, t, s.lora, echo, prefix,
-                            attention=s.model.attention)
+    held = _train_and_score(s, arm, arm_dir, shared, pooled, echo, prefix)
     write_table(arm_dir / layout.HELDOUT_TABLE, held)
     final = held[-2] if shared.heldout.get("test") else held[-1]
     echo(f"{prefix} done in {time.perf_counter() - start:.0f}s: held-out val AUPRC {_fmt(final.get('auprc'))}, "
@@ -225,8 +222,7 @@ def run_site_alone(cfg: ExperimentConfig, exp: ExperimentSpec, arm: ArmSpec, arm
         sizes[site] = len(train)
         prefix = f"  [{exp.id}/{arm.id} seed {shared.seed} {site}]"
         echo(f"{prefix} {site} alone: {len(train)} training sequences, {t.rounds} rounds x {t.steps_per_round} steps")
-        held += _train_and_score(cfg, arm, arm_dir / site, shared, train, t, s.lora, echo, prefix, model=site,
-                                 attention=s.model.attention)
+        held += _train_and_score(s, arm, arm_dir / site, shared, train, echo, prefix, model=site)
     write_table(arm_dir / layout.HELDOUT_TABLE, held)
     return {"n_train": sizes, "shared_start": True}
 

@@ -21,10 +21,10 @@ from fedesm.settings import LoraSettings
 
 
 def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_labels: int = 2, seed: int = 0,
-                     attention: str | None = None):
+                     attention: str | None = None, head_dropout: float | None = None):
     """Freeze the backbone, add the head, wrap with PEFT LoRA. Returns a `peft.PeftModel`.
 
-    ``attention``: ``model.attention`` (fused | stock; default: the setting's default, fused).
+    ``attention``, ``head_dropout``: ``model.attention``, ``model.head_dropout`` (None: the setting's default).
     """
     from peft import get_peft_model
 
@@ -34,7 +34,8 @@ def build_lora_model(backbone: Backbone, lora: LoraSettings | None = None, num_l
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same initial head and LoRA A at every site
-        model = EsmTokenClassifier(backbone.model, num_labels=num_labels, attention=attention)
+        model = EsmTokenClassifier(backbone.model, num_labels=num_labels, attention=attention,
+                                   head_dropout=head_dropout)
         return get_peft_model(model, lora.to_peft())
 
 

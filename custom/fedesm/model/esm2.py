@@ -21,14 +21,15 @@ class EsmTokenClassifier(nn.Module):
     (``fedesm.model.attention.Packing``), and the logits come back padded (zeros at padding);
     ``fused`` runs the padded batch with PyTorch's fused kernel, ``stock`` through fair-esm's own
     forward. All three compute the same function with the same weights. ``checkpoint_layers``: recompute each layer's
-    activations in the backward pass instead of keeping them (less memory, ~one more forward).
+    activations in the backward pass instead of keeping them (less memory, ~one more forward). ``head_dropout``:
+    ``model.head_dropout`` (None: its default).
     """
 
-    def __init__(self, esm2: nn.Module, num_labels: int = 2, head_dropout: float = 0.1,
+    def __init__(self, esm2: nn.Module, num_labels: int = 2, head_dropout: Optional[float] = None,
                  attention: Optional[str] = None, checkpoint_layers: bool = False):
         super().__init__()
         self.esm = esm2
-        self.dropout = nn.Dropout(head_dropout)
+        self.dropout = nn.Dropout(ModelSettings.head_dropout if head_dropout is None else head_dropout)
         setattr(self, CLASSIFIER_NAME, nn.Linear(esm2.embed_dim, num_labels))
         self.set_attention(attention or ModelSettings.attention)
         self.checkpoint_layers = bool(checkpoint_layers)

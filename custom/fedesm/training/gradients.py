@@ -78,6 +78,6 @@ def make_gradients(config: TrainConfig, model: torch.nn.Module, params: Sequence
     if config.dp_noise_multiplier > 0:
         return DPSGD(model, params, config.dp_noise_multiplier, config.dp_max_grad_norm,
                      sample_rate=config.batch_size / n_train, n_train=n_train, delta=config.dp_delta,
-                     source=noise)
+                     source=noise, report_prv=config.dp_report_prv)
     gradient_noise = GradientNoise(config.grad_noise_std, noise) if config.grad_noise_std > 0 else None
     return PlainGradients(params, config.grad_clip, gradient_noise)

@@ -173,12 +173,13 @@ def clip_and_sum(per_sample: list[tuple[torch.Tensor, torch.Tensor]], max_grad_n
 class DPSGD:
     """DP-SGD as a gradient mechanism of `fedesm.training.trainer.LocalTrainer` (see `fedesm.training.gradients`):
     Poisson batches (`batches`), clipped per-sample gradients + Gaussian noise (`backward`), and the
-    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics; `seek` for a resume).
+    privacy spent so far (`spent`: epsilon for `delta`, steps, for each round's statistics; with `report_prv`
+    the PRV accountant's epsilon beside the RDP one; `seek` for a resume).
     `source` gives the noise and the sampling (two independent streams of it); default: a secret one."""
 
     def __init__(self, model: nn.Module, params: Sequence[torch.Tensor], noise_multiplier: float,
                  max_grad_norm: float, sample_rate: float, n_train: int, delta: float = 1e-5,
-                 source: Optional[NoiseSource] = None):
+                 source: Optional[NoiseSource] = None, report_prv: bool = False):
         if noise_multiplier <= 0:
             raise FedesmError("DP-SGD noise multiplier must be > 0")
         if max_grad_norm <= 0:
@@ -190,6 +191,7 @@ class DPSGD:
         self.sample_rate = float(sample_rate)
         self.expected_batch = sample_rate * n_train
         self.delta = float(delta)
+        self.report_prv = bool(report_prv)
         self.source = source if source is not None else NoiseSource.secret()
         self.params = list(params)
         self.grads = PerSampleGradients(model, self.params)
@@ -233,7 +235,12 @@ class DPSGD:
         return self.accountant.get_epsilon(self.delta)
 
     def spent(self) -> dict:
-        return {"epsilon": self.epsilon(), "dp_delta": self.delta, "dp_steps": self.accountant.steps}
+        spent = {"epsilon": self.epsilon(), "dp_delta": self.delta, "dp_steps": self.accountant.steps}
+        if self.report_prv:
+            prv = self.accountant.prv_epsilon(self.delta)
+            if prv is not None:  # None: PRV cannot answer these numbers (the RDP epsilon still stands)
+                spent["epsilon_prv"] = prv
+        return spent
 
     def seek(self, step: int) -> None:
         """A resumed job: the rounds before `step` spent privacy on this site's data too; count them as if this
