@@ -26,8 +26,8 @@ import numpy as np
 
 from fedesm.flare.payload import make_weights_shareable, shareable_nbytes
 from fedesm.model.adapters import initial_exchanged_state
-from fedesm.model.architectures import get_architecture, new_esm2
-from fedesm.model.keys import CLASSIFIER_NAME
+from fedesm.architectures import get_architecture, new_esm2
+from fedesm.keys import CLASSIFIER_NAME
 from fedesm.settings import LoraSettings
 
 DEFAULT_ARCHS = ("esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D", "esm2_t30_150M_UR50D", "esm2_t33_650M_UR50D")

@@ -21,7 +21,7 @@ leading batch dimensions).
 it back the next round, so nothing is lost over rounds; only ``fra-ef`` forms that tail. ``ffa``
 (FFA-LoRA) freezes A, which makes plain averaging of B exact.
 
-State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.model.keys``): LoRA pairs
+State dicts are flat ``{name: array}`` dicts with PEFT names (``fedesm.keys``): LoRA pairs
 end in ``.lora_A.weight`` / ``.lora_B.weight`` and share a prefix; every other tensor (e.g. the
 classification head) is weighted-averaged (FedAvg). Sites may send factors of different ranks r_k
 (``fedesm.ranks``): the stacks above simply have ``sum_k r_k`` columns; fedit and ffa, which average
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fedesm.model.keys import lora_pairs
+from fedesm.keys import lora_pairs
 from fedesm.strategies import STRATEGIES, STRATEGY, Strategy
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from fedesm.errors import FedesmError
-from fedesm.model.keys import lora_pairs
+from fedesm.keys import lora_pairs
 from fedesm.settings import LoraSettings
 
 

@@ -292,7 +292,7 @@ def check_compatible(point: ResumePoint, expected: dict[str, tuple], total_round
                   if definition.get(block, {}).get(k) != point.job.get(block, {}).get(k)]
         raise FedesmError(f"{where}: saved by another job definition (differs in {', '.join(differ[:4]) or '?'}"
                           f"{', ...' if len(differ) > 4 else ''}); resume a round of this job, or start afresh")
-    from fedesm.model.keys import lora_pairs
+    from fedesm.keys import lora_pairs
 
     pairs = lora_pairs(list(expected))
     for pair, (a_res, b_res) in point.residuals.items():

@@ -274,7 +274,7 @@ class ModelSettings(Settings):
                                   "(training only), in [0, 1)")
 
     def check(self) -> None:
-        from fedesm.model.architectures import ARCHITECTURES
+        from fedesm.architectures import ARCHITECTURES
 
         if self.arch not in ARCHITECTURES:
             self.fail("arch", f"unknown ESM-2 architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -304,7 +304,7 @@ class LoraSettings(Settings):
     def check(self) -> None:
         if self.r < 1:
             self.fail("r", f"the LoRA rank must be a positive integer, got {self.r}")
-        from fedesm.model.architectures import ARCHITECTURES
+        from fedesm.architectures import ARCHITECTURES
 
         widest = max(a.embed_dim for a in ARCHITECTURES.values())
         if self.r > widest:
@@ -331,7 +331,7 @@ class LoraSettings(Settings):
     def to_peft(self):
         from peft import LoraConfig
 
-        from fedesm.model.keys import CLASSIFIER_NAME
+        from fedesm.keys import CLASSIFIER_NAME
 
         alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha
         return LoraConfig(r=self.r, lora_alpha=alpha, lora_dropout=self.dropout, target_modules=list(self.targets),
@@ -652,7 +652,7 @@ class JobSettings:
                               "federation": FederationSettings}
 
     def __post_init__(self):
-        from fedesm.model.architectures import ARCHITECTURES
+        from fedesm.architectures import ARCHITECTURES
 
         self.lora.check_fits(self.model.arch, ARCHITECTURES[self.model.arch].embed_dim)
         if STRATEGY[self.federation.strategy].freezes_a and not self.training.freeze_lora_a:

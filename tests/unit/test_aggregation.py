@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedesm.aggregation import STRATEGIES, AggregationState, aggregate, fra_lora
-from fedesm.model.keys import lora_pairs
+from fedesm.keys import lora_pairs
 
 D, R, K = 64, 4, 3
 PREFIX = "base_model.model.esm.layers.0.self_attn.q_proj"

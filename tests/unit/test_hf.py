@@ -55,7 +55,7 @@ def _tokens(alphabet, seqs):
 
 
 def test_key_maps_are_inverse_and_cover_esm2():
-    from fedesm.model.architectures import get_architecture, new_esm2
+    from fedesm.architectures import get_architecture, new_esm2
 
     esm2, _ = new_esm2(get_architecture("esm2_t2_tiny"))
     mapped = {k: fair_to_hf_key(k) for k in esm2.state_dict()}
@@ -205,7 +205,7 @@ def test_export_peft_hf_names_the_fair_esm_twin(tmp_path, tiny_checkpoint):
     """A model trained on a fair-esm hub name records facebook/<name> as its HF base; on a random init, none."""
     from fedesm.model.cards import ModelCard, save_adapter_state
     from fedesm.model.adapters import initial_exchanged_state
-    from fedesm.model.architectures import get_architecture
+    from fedesm.architectures import get_architecture
     from fedesm.settings import LoraSettings
 
     arch = get_architecture("esm2_t2_tiny")

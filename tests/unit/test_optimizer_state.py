@@ -8,7 +8,7 @@ import torch
 
 from fedesm.aggregation import aggregate, fra_lora
 from fedesm.model.adapters import build_lora_model, get_exchanged_state, initial_exchanged_state
-from fedesm.model.architectures import get_architecture
+from fedesm.architectures import get_architecture
 from fedesm.model.backbone import load_backbone
 from fedesm.settings import LoraSettings, TrainConfig
 from fedesm.training.optimizer_state import align_factors, reset_lora_moments, resolve_optimizer_state

@@ -104,7 +104,7 @@ def test_align_after_truncation(tiny_checkpoint, synth_data):
     """A rank-4 site under a rank-16 job: the truncated global adapters load into its rank-4 PEFT model and the
     'align' policy aligns every pair (the optimizer moments stay with factors of the right shape)."""
     from fedesm.model.adapters import build_lora_model, get_exchanged_state, initial_exchanged_state
-    from fedesm.model.architectures import get_architecture
+    from fedesm.architectures import get_architecture
     from fedesm.model.backbone import load_backbone
     from fedesm.settings import TrainConfig
     from fedesm.training.trainer import LocalTrainer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fedesm.cli._common import CARD, add_lora_args, add_model_args, lora_from_args, model_from_args
-from fedesm.model.architectures import ARCHITECTURES
+from fedesm.architectures import ARCHITECTURES
 
 EXPORT_FORMATS = ("fair-esm", "hf", "peft-hf")
 

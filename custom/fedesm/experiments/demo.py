@@ -48,7 +48,7 @@ def choose_backbone(choice: str | None, arch: str, fetch=None) -> tuple[str, str
     --backbone: auto (pretrained ESM-2 weights from the fair-esm/torch hub cache or a download: `arch`'s when it
     is published, else ESM-2 8M; a random init of `arch` otherwise), random, or any backbone source."""
     from fedesm.errors import FedesmError
-    from fedesm.model.architectures import ARCHITECTURES
+    from fedesm.architectures import ARCHITECTURES
     from fedesm.model.backbone import HUB_URL, fetch_hub_checkpoint
 
     if choice not in (None, AUTO):

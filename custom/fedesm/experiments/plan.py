@@ -9,7 +9,7 @@ from fedesm.errors import FedesmError
 from fedesm.experiments.config import RANDOM_BACKBONE, REPO_ROOT, ExperimentConfig, arm_settings
 from fedesm.experiments.prepare import load_records
 from fedesm.launch.jobs import export_job
-from fedesm.model.architectures import ARCHITECTURES
+from fedesm.architectures import ARCHITECTURES
 from fedesm.settings import FederationSettings, TrainConfig
 
 

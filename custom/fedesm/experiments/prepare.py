@@ -114,7 +114,7 @@ def prepare_initial(cfg: ExperimentConfig, out: Path, seed: int, backbone: str) 
     """The initial adapters + head of every arm of a seed: what a federated job's persistor builds as its
     round 0 (`initial_exchanged_state`), written once; centralized and site-alone arms load it."""
     from fedesm.model.adapters import initial_exchanged_state
-    from fedesm.model.architectures import get_architecture
+    from fedesm.architectures import get_architecture
     from fedesm.model.cards import ModelCard, save_adapter_state
 
     arch = get_architecture(cfg.model.arch)

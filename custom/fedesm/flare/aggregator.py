@@ -42,7 +42,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedesm import aggregation
 from fedesm.flare.payload import METRICS_KEY, N_SAMPLES_KEY, TRANSFER_DTYPE_KEY, read_weights_shareable
-from fedesm.model.keys import fits_within_rank, lora_pairs
+from fedesm.keys import fits_within_rank, lora_pairs
 from fedesm.settings import FederationSettings, LoraSettings
 from fedesm.strategies import STRATEGY
 

@@ -19,7 +19,7 @@ from fedesm import results, resume
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
 from fedesm.flare.payload import to_numpy_dict
-from fedesm.model.architectures import get_architecture
+from fedesm.architectures import get_architecture
 from fedesm.settings import JobSettings
 from fedesm.strategies import STRATEGY
 

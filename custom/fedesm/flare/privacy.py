@@ -49,7 +49,7 @@ from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_
                                   TRANSFER_DTYPE_KEY, WITHHELD_KEY,
                                   withheld_reply)
 from fedesm.launch.policy import MAX_LORA_RANK
-from fedesm.model.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
+from fedesm.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
 from fedesm.settings import JobSettings
 
 MAX_TEXT = 256  # longest string a header may carry (site names, task ids, dtype names)
@@ -92,7 +92,7 @@ class ExpectedResult:
         """From the job's declared model (names and shapes on the meta device: no weights needed)."""
         from fedesm.errors import FedesmError
         from fedesm.model.adapters import exchanged_shapes
-        from fedesm.model.architectures import get_architecture
+        from fedesm.architectures import get_architecture
 
         if settings.lora.r > max_lora_rank:
             raise FedesmError(f"the job's lora.r {settings.lora.r} is above this site's max_lora_rank {max_lora_rank}")

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 
 from fedesm.errors import FedesmError
-from fedesm.model.architectures import EsmArchitecture, get_architecture, new_esm2
+from fedesm.architectures import EsmArchitecture, get_architecture, new_esm2
 from fedesm.model.backbone import Backbone
 from fedesm.model.esm2 import EsmTokenClassifier
-from fedesm.model.keys import is_lora_b
+from fedesm.keys import is_lora_b
 from fedesm.settings import LoraSettings
 
 

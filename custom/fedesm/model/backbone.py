@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from fedesm.errors import FedesmError
-from fedesm.model.architectures import (ARCHITECTURES, EsmArchitecture, architecture_label, architecture_of,
+from fedesm.architectures import (ARCHITECTURES, EsmArchitecture, architecture_label, architecture_of,
                                         get_architecture, new_esm2)
 from fedesm.model.checkpoint import build_from_checkpoint, read_checkpoint
 

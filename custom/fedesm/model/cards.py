@@ -19,7 +19,7 @@ import torch
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
 from fedesm.model.adapters import build_lora_model, get_exchanged_state, set_exchanged_state
-from fedesm.model.architectures import EsmArchitecture
+from fedesm.architectures import EsmArchitecture
 from fedesm.model.backbone import load_backbone
 from fedesm.settings import LoraSettings
 

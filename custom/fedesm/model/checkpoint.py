@@ -17,7 +17,7 @@ import torch
 
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_path
-from fedesm.model.architectures import get_architecture, new_esm2
+from fedesm.architectures import get_architecture, new_esm2
 
 
 def checkpoint_dict(esm2) -> dict:
@@ -139,7 +139,7 @@ def _check_tensor_names(cfg, state: dict, origin) -> None:
     """The checkpoint's tensors against the ESM-2 its cfg describes (built on the meta device: no memory)."""
     import re
 
-    from fedesm.model.architectures import EsmArchitecture
+    from fedesm.architectures import EsmArchitecture
 
     expected = new_esm2(EsmArchitecture(int(cfg.encoder_layers), int(cfg.encoder_embed_dim),
                                         int(cfg.encoder_attention_heads), on_hub=False), device="meta")[0].state_dict()

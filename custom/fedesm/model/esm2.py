@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fedesm.model.attention import Packing, can_fuse, fused_layer, packed_layer, rotary_tables, stock_layer
-from fedesm.model.keys import CLASSIFIER_NAME
+from fedesm.keys import CLASSIFIER_NAME
 from fedesm.settings import ATTENTIONS, ModelSettings
 
 

@@ -73,7 +73,7 @@ def is_hf_source(source: str) -> bool:
 def hf_name_for(source: Optional[str]) -> Optional[str]:
     """The HF model a backbone source corresponds to, for `base_model_name_or_path`: an `hf:` id, a local
     HF folder, or a fair-esm hub name's twin on the HF hub (facebook/<name>); None for random or .pt files."""
-    from fedesm.model.architectures import ARCHITECTURES
+    from fedesm.architectures import ARCHITECTURES
 
     if not source:
         return None
@@ -189,7 +189,7 @@ def load_hf_esm2(source: str, cache_dir=None):
     """(fair-esm ESM2 module, alphabet, HF config) from an HF ESM-2 checkpoint, weights copied exactly."""
     from transformers import AutoConfig, EsmForMaskedLM, EsmModel
 
-    from fedesm.model.architectures import EsmArchitecture, new_esm2
+    from fedesm.architectures import EsmArchitecture, new_esm2
 
     path, origin = _resolve_hf_path(source, cache_dir)
     try:
@@ -414,7 +414,7 @@ def export_peft_hf(state: dict, card, out_dir) -> Path:
     from safetensors.torch import save_file
 
     from fedesm.fileio import atomic_dir
-    from fedesm.model.keys import CLASSIFIER_NAME
+    from fedesm.keys import CLASSIFIER_NAME
 
     lora = card.lora_settings
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from fedesm.model.keys import is_lora_a, is_lora_b, lora_pairs
+from fedesm.keys import is_lora_a, is_lora_b, lora_pairs
 from fedesm.strategies import STRATEGY
 
 POLICIES = ("keep", "reset", "align")

@@ -21,7 +21,7 @@ import torch
 from fedesm.data.batching import IGNORE_INDEX, RandomBatchSampler, Tokenizer
 from fedesm.data.records import Record
 from fedesm.model.esm2 import set_activation_checkpointing
-from fedesm.model.keys import is_lora_a
+from fedesm.keys import is_lora_a
 from fedesm.settings import TrainConfig
 from fedesm.training.gradients import make_gradients
 from fedesm.training.inference import autocast_dtype, predict_proba, resolve_device

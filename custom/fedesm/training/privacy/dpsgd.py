@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from fedesm.errors import FedesmError
-from fedesm.model.keys import batch_axis
+from fedesm.keys import batch_axis
 from fedesm.training.privacy.accountant import RDPAccountant
 from fedesm.training.privacy.randomness import NoiseSource
 
