@@ -1,0 +1,157 @@
+"""One secure FRA-LoRA round, part by part: what each site and the server compute, in the order the
+messages flow (keys, pass 1, pass 2). Transport-free: the NVFLARE glue is to carry these objects
+(docs/architecture.md, "Secure aggregation"); ``run_round`` plays a whole round in one process.
+
+A round's roster (its sites) is fixed when the keys are exchanged: masks cancel only over exactly those
+sites, so a site lost after that point cannot be left out of a sum; the round is run again with the
+sites left (new keys, new masks), never finished with a partial sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedesm.aggregation import AggregationState, _like, _normalise_weights
+from fedesm.errors import FedesmError
+from fedesm.model.keys import lora_pairs
+from fedesm.secure import masking
+from fedesm.secure.keys import SignedKey, load_root, new_key_pair, shared_secrets, sign_public_key
+from fedesm.secure.sketch import ServerSketch, SketchPlan, site_pass1, site_pass2
+from fedesm.strategies import STRATEGY
+
+SECURE_STRATEGIES = ("fra", "fra-ef")  # the re-factoring strategies, through the two-pass sketch
+
+
+def context(job_id: str, round_num: int, step: str) -> bytes:
+    """What a signature or a mask is bound to: the job, the round and the step (keys, pass1, pass2)."""
+    return f"{job_id}\x00{int(round_num)}\x00{step}".encode()
+
+
+def site_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Every site's normalised weight, from weights every party knows before the round (the job's)."""
+    names = sorted(weights)
+    return dict(zip(names, _normalise_weights([weights[n] for n in names], len(names)).tolist()))
+
+
+@dataclass
+class SiteRound:
+    """A site's part of one round: its key pair, its secrets with the other sites, its two messages."""
+
+    site: str
+    startup: Path
+    job_id: str
+    round_num: int
+    weight: float
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    roster: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self._private, public = new_key_pair()
+        self.signed_key = sign_public_key(self.site, self._context("keys"), public, self.startup)
+
+    def _context(self, step: str) -> bytes:
+        return context(self.job_id, self.round_num, step)
+
+    def agree(self, keys: Mapping[str, SignedKey]) -> None:
+        """The secrets with every other site of the roster (``keys``: every site's signed key, own included)."""
+        if self.site not in keys or keys[self.site].public != self.signed_key.public:
+            raise FedesmError(f"secure aggregation: the roster the server sent does not carry site {self.site!r}'s "
+                              "own key; refused")
+        peers = {s: k for s, k in keys.items() if s != self.site}
+        self.secrets = shared_secrets(self._private, peers, self._context("keys"), load_root(self.startup))
+        self.roster = tuple(sorted(keys))
+
+    def pass1(self, state: Mapping[str, Any], plan: SketchPlan) -> masking.MaskedMessage:
+        terms = site_pass1(state, self.weight, plan)
+        return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
+                            self._context("pass1"))
+
+    def pass2(self, state: Mapping[str, Any], bases: Mapping[str, np.ndarray]) -> masking.MaskedMessage:
+        terms = site_pass2(state, self.weight, bases)
+        return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
+                            self._context("pass2"))
+
+
+def pass_layouts(global_state: Mapping[str, Any], plan: SketchPlan) -> tuple[masking.Layout, masking.Layout]:
+    """The flat layouts of the two passes, from the global model and the plan (the sites' own order)."""
+    pairs = lora_pairs(list(global_state))
+    lora_keys = {k for pair in pairs.values() for k in pair}
+    first, second = [], []
+    for name, (a_key, b_key) in pairs.items():
+        d_in, d_out, s = np.shape(global_state[a_key])[1], np.shape(global_state[b_key])[0], plan.widths[name]
+        first.append((name, (d_out, s)))
+        second.append((name, (s, d_in)))
+    first += [(k, tuple(np.shape(v))) for k, v in global_state.items() if k not in lora_keys]
+    return tuple(first), tuple(second)
+
+
+def run_round(sites: Mapping[str, tuple[Mapping[str, Any], Path]], weights: Mapping[str, float],
+              global_state: Mapping[str, Any], *, job_id: str, round_num: int, seed: int, strategy: str = "fra",
+              rank: int | None = None, state: AggregationState | None = None, server_lr: float = 1.0,
+              oversample: int | None = None) -> dict[str, Any]:
+    """One whole secure round in this process: ``sites[name] = (its trained state, its kit's startup dir)``.
+
+    Returns the global state dict ``aggregation.aggregate`` would return for the same states (fra, fra-ef;
+    ``state`` keeps fra-ef's residual, ``server_lr`` steps from ``global_state``), computed by a server that
+    only ever sees the signed keys and the masked messages.
+    """
+    if strategy not in SECURE_STRATEGIES:
+        raise FedesmError(f"secure aggregation supports {', '.join(SECURE_STRATEGIES)}, not {strategy!r}")
+    if STRATEGY[strategy].keeps_residual and state is None:
+        raise FedesmError(f"{strategy} needs an AggregationState kept between rounds")
+    w = site_weights(weights)
+    roster = sorted(sites)
+    if sorted(w) != roster:
+        raise FedesmError(f"secure aggregation: weights for {sorted(w)}, sites {roster}")
+    parts = {s: SiteRound(s, Path(sites[s][1]), job_id, round_num, w[s]) for s in roster}
+    keys = {s: p.signed_key for s, p in parts.items()}  # relayed by the server
+    for p in parts.values():
+        p.agree(keys)
+
+    pairs = lora_pairs(list(global_state))
+    if not pairs:
+        raise FedesmError("secure aggregation: the global model has no LoRA pairs to re-factor")
+    first_a = next(iter(pairs.values()))[0]
+    own_rank = {s: int(np.shape(sites[s][0][first_a])[0]) for s in roster}  # a site's rank, the same for its pairs
+    residuals = state if strategy == "fra-ef" else None
+    extras: dict[str, list] = {}
+    res_rank = 0
+    for name in pairs:
+        if residuals is not None and name in residuals.residuals:
+            a_res, b_res = residuals.residuals[name]
+            extras.setdefault(name, []).append((a_res, b_res, 1.0))
+            res_rank = max(res_rank, a_res.shape[0])
+    global_rank = 0
+    if server_lr != 1.0:  # the global pair is one more term, as in aggregation.aggregate
+        for name, (a_key, b_key) in pairs.items():
+            extras.setdefault(name, []).append((global_state[a_key], global_state[b_key], 1.0 - server_lr))
+        global_rank = int(np.shape(global_state[first_a])[0])
+    site_rank = sum(own_rank.values()) + global_rank
+    kwargs = {} if oversample is None else {"oversample": oversample}
+    plan = SketchPlan.for_model(seed, global_state, site_rank + res_rank, **kwargs)
+    layout1, layout2 = pass_layouts(global_state, plan)
+    server = ServerSketch(plan, extras, scale=server_lr)
+
+    first = masking.unflatten(masking.unmask_sum([parts[s].pass1(sites[s][0], plan) for s in roster], roster,
+                                                 context(job_id, round_num, "pass1")), layout1)
+    bases = server.bases({name: first[name] for name in pairs})
+    second = masking.unflatten(masking.unmask_sum([parts[s].pass2(sites[s][0], bases) for s in roster], roster,
+                                                  context(job_id, round_num, "pass2")), layout2)
+    out_rank = int(rank) if rank is not None else max(own_rank.values())
+    floor = masking.noise_floor(len(roster), max((int(np.prod(s)) for _, s in layout2), default=1))
+    factors = server.finish({name: second[name] for name in pairs}, out_rank, residuals,
+                            residual_cap=site_rank, noise_floor=floor)
+    out = {}
+    for name, (a_key, b_key) in pairs.items():
+        out[a_key] = _like(factors[name][0], global_state[a_key])
+        out[b_key] = _like(factors[name][1], global_state[b_key])
+    for k, _shape in layout1[len(pairs):]:
+        out[k] = _like(server_lr * first[k] + (1.0 - server_lr) * np.asarray(global_state[k], dtype=np.float64),
+                       global_state[k])
+    if residuals is not None:
+        residuals.rounds += 1
+    return {k: out[k] for k in global_state}
