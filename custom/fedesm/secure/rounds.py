@@ -23,7 +23,7 @@ from fedesm.secure.keys import SignedKey, load_root, new_key_pair, shared_secret
 from fedesm.secure.sketch import ServerSketch, SketchPlan, site_pass1, site_pass2
 from fedesm.strategies import STRATEGY
 
-SECURE_STRATEGIES = ("fra", "fra-ef")  # the re-factoring strategies, through the two-pass sketch
+SECURE_STRATEGIES = tuple(name for name, how in STRATEGY.items() if how.secure)  # fra, fra-ef: the two-pass sketch
 
 
 def context(job_id: str, round_num: int, step: str) -> bytes:
