@@ -17,7 +17,8 @@ from fedesm.aggregation import AggregationState, aggregate
 from fedesm.errors import FedesmError
 from fedesm.launch.network import DEFAULT_PROJECT_FILE, provision, render_project
 from fedesm.secure import keys, masking
-from fedesm.secure.rounds import SiteRound, context, run_round, site_weights
+from fedesm.secure.rounds import (SiteRound, bases_bytes, context, pass_context, plan_bytes, run_round,
+                                  site_weights)
 from fedesm.secure.sketch import SketchPlan, site_pass1
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -173,27 +174,54 @@ def test_a_key_from_another_round_is_refused(kits):
     assert "not this round" in _agree_with(parts, {"site-1": old["site-1"].signed_key})
 
 
+def _through_pass1(kits, states, rnd):
+    parts = _round_parts(kits, SITES, rnd=rnd)
+    for p in parts.values():
+        p.agree({s: q.signed_key for s, q in parts.items()})
+    plan = SketchPlan.for_model(rnd, states["site-1"], 12 + 2)
+    first = [parts[s].pass1(states[s], plan) for s in SITES]
+    masking.unmask_sum(first, SITES, pass_context("job-1", rnd, "pass1", SITES, plan_bytes(plan)))  # complete
+    rng = np.random.default_rng(rnd)
+    bases = {n: np.linalg.qr(rng.standard_normal((24, plan.widths[n])))[0] for n in plan.widths}
+    return parts, bases
+
+
 def test_a_site_lost_between_the_passes_never_yields_a_sum_and_the_round_reruns(kits):
     rng = np.random.default_rng(9)
     states = {s: _state(rng, 4) for s in SITES}
-    parts = _round_parts(kits, SITES, rnd=4)
-    for p in parts.values():
-        p.agree({s: q.signed_key for s, q in parts.items()})
-    plan = SketchPlan.for_model(4, states["site-1"], 12 + 2)
-    first = [parts[s].pass1(states[s], plan) for s in SITES]
-    masking.unmask_sum(first, SITES, context("job-1", 4, "pass1"))  # pass 1 complete
-    bases = {n: np.linalg.qr(rng.standard_normal((24, plan.widths[n])))[0] for n in plan.widths}
+    parts, bases = _through_pass1(kits, states, 4)
     second = [parts[s].pass2(states[s], bases) for s in SITES[:2]]  # site-3 is lost
+    ctx = pass_context("job-1", 4, "pass2", SITES, bases_bytes(bases))
     with pytest.raises(FedesmError, match=r"missing \['site-3'\].*never used"):
-        masking.unmask_sum(second, SITES, context("job-1", 4, "pass2"))
+        masking.unmask_sum(second, SITES, ctx)
     with pytest.raises(FedesmError, match="masks did not cancel"):
-        masking.unmask_sum(second, SITES[:2], context("job-1", 4, "pass2"))
-    # the rerun: the sites left, fresh keys and masks, the FRA result of those sites
-    left = {s: (states[s], _startup(kits, s)) for s in SITES[:2]}
+        masking.unmask_sum(second, SITES[:2], ctx)
+    # the rerun: the sites left, having trained again (a site never resends one update under another roster:
+    # the two sums would differ by the lost site's term), fresh keys and masks; FRA's result for those sites
+    retrained = {s: _state(rng, 4) for s in SITES[:2]}
+    left = {s: (retrained[s], _startup(kits, s)) for s in SITES[:2]}
     rerun = run_round(left, {s: 1.0 for s in left}, states["site-1"], job_id="job-1", round_num=4, seed=44, rank=4)
-    ref = aggregate([states[s] for s in SITES[:2]], [1, 1], "fra", rank=4)
+    ref = aggregate(list(retrained.values()), [1, 1], "fra", rank=4)
     for k in ref:
         np.testing.assert_allclose(rerun[k], ref[k], atol=1e-5)
+
+
+def test_bases_sent_to_one_site_alone_make_the_sum_fail(kits):
+    """A server that sends site-1 other bases (zero for the others would isolate site-1's term) gets a sum whose
+    masks do not cancel, even if it relabels the contexts."""
+    rng = np.random.default_rng(10)
+    states = {s: _state(rng, 4) for s in SITES}
+    parts, bases = _through_pass1(kits, states, 5)
+    zero = {n: np.zeros_like(q) for n, q in bases.items()}
+    second = [parts["site-1"].pass2(states["site-1"], bases)] + [parts[s].pass2(states[s], zero) for s in SITES[1:]]
+    ctx = pass_context("job-1", 5, "pass2", SITES, bases_bytes(bases))
+    with pytest.raises(FedesmError, match="context"):
+        masking.unmask_sum(second, SITES, ctx)
+    relabelled = [masking.MaskedMessage(m.site, ctx, m.words) for m in second]
+    with pytest.raises(FedesmError, match="masks did not cancel"):
+        masking.unmask_sum(relabelled, SITES, ctx)
+    honest = [parts[s].pass2(states[s], bases) for s in SITES]
+    assert masking.unmask_sum(honest, SITES, ctx).size == sum(q.size for q in bases.values())  # accepted
 
 
 def test_strategies_without_a_secure_path_are_refused_in_one_line(kits):

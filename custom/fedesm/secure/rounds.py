@@ -9,6 +9,7 @@ sites left (new keys, new masks), never finished with a partial sum.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +30,27 @@ SECURE_STRATEGIES = tuple(name for name, how in STRATEGY.items() if how.secure) 
 def context(job_id: str, round_num: int, step: str) -> bytes:
     """What a signature or a mask is bound to: the job, the round and the step (keys, pass1, pass2)."""
     return f"{job_id}\x00{int(round_num)}\x00{step}".encode()
+
+
+def pass_context(job_id: str, round_num: int, step: str, roster: Sequence[str], sent: bytes) -> bytes:
+    """A pass's mask context, bound to the roster and to a digest of what the server sent for it (the plan,
+    the bases). A server that sends one site other bases (Q_k = 0 for all sites but one would make the sum
+    that one site's term) or another roster makes that site's masks differ from its peers': the sum does
+    not cancel and is refused (``masking.unmask_sum``'s check word)."""
+    h = hashlib.sha256("\x00".join(sorted(roster)).encode() + b"\x01" + sent).hexdigest()
+    return context(job_id, round_num, step) + b"\x00" + h.encode()
+
+
+def plan_bytes(plan: SketchPlan) -> bytes:
+    return f"{plan.seed}:".encode() + ";".join(f"{k}={v}" for k, v in sorted(plan.widths.items())).encode()
+
+
+def bases_bytes(bases: Mapping[str, np.ndarray]) -> bytes:
+    h = hashlib.sha256()
+    for name in sorted(bases):
+        q = np.ascontiguousarray(bases[name], dtype="<f8")
+        h.update(name.encode() + b"\x00" + str(q.shape).encode() + b"\x00" + q.tobytes())
+    return h.digest()
 
 
 def site_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -68,12 +90,12 @@ class SiteRound:
     def pass1(self, state: Mapping[str, Any], plan: SketchPlan) -> masking.MaskedMessage:
         terms = site_pass1(state, self.weight, plan)
         return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
-                            self._context("pass1"))
+                            pass_context(self.job_id, self.round_num, "pass1", self.roster, plan_bytes(plan)))
 
     def pass2(self, state: Mapping[str, Any], bases: Mapping[str, np.ndarray]) -> masking.MaskedMessage:
         terms = site_pass2(state, self.weight, bases)
         return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
-                            self._context("pass2"))
+                            pass_context(self.job_id, self.round_num, "pass2", self.roster, bases_bytes(bases)))
 
 
 def pass_layouts(global_state: Mapping[str, Any], plan: SketchPlan) -> tuple[masking.Layout, masking.Layout]:
@@ -137,10 +159,12 @@ def run_round(sites: Mapping[str, tuple[Mapping[str, Any], Path]], weights: Mapp
     server = ServerSketch(plan, extras, scale=server_lr)
 
     first = masking.unflatten(masking.unmask_sum([parts[s].pass1(sites[s][0], plan) for s in roster], roster,
-                                                 context(job_id, round_num, "pass1")), layout1)
+                                                 pass_context(job_id, round_num, "pass1", roster,
+                                                              plan_bytes(plan))), layout1)
     bases = server.bases({name: first[name] for name in pairs})
     second = masking.unflatten(masking.unmask_sum([parts[s].pass2(sites[s][0], bases) for s in roster], roster,
-                                                  context(job_id, round_num, "pass2")), layout2)
+                                                  pass_context(job_id, round_num, "pass2", roster,
+                                                               bases_bytes(bases))), layout2)
     out_rank = int(rank) if rank is not None else max(own_rank.values())
     floor = masking.noise_floor(len(roster), max((int(np.prod(s)) for _, s in layout2), default=1))
     factors = server.finish({name: second[name] for name in pairs}, out_rank, residuals,
