@@ -69,7 +69,7 @@ def mask_stream(secret: bytes, context: bytes, low: str, high: str, n: int) -> n
     info = b"fedesm-secagg-mask\x00" + context + b"\x00" + low.encode() + b"\x00" + high.encode()
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
     enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * n)) + enc.finalize(), dtype="<u8").astype(np.uint64)
+    return np.frombuffer(enc.update(bytes(8 * n)) + enc.finalize(), dtype="<u8").astype(np.uint64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,10 @@ def mask(values: np.ndarray, site: str, secrets: Mapping[str, bytes], context: b
     for peer in sorted(secrets):
         low, high = sorted((site, peer))
         stream = mask_stream(secrets[peer], context, low, high, words.size)
-        words = words + stream if site == low else words - stream  # uint64 arithmetic wraps: modulo 2^64
+        if site == low:  # uint64 arithmetic wraps: modulo 2^64
+            words += stream
+        else:
+            words -= stream
     return MaskedMessage(site, bytes(context), words)
 
 

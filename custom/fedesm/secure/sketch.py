@@ -64,15 +64,15 @@ def core_term(a: Any, b: Any, q: np.ndarray, weight: float) -> np.ndarray:
 def orthonormal_basis(y: np.ndarray) -> np.ndarray:
     """Q with orthonormal columns and range(Q) containing range(Y) (Householder QR; a rank-deficient Y
     still gives orthonormal columns, the extra ones harmless)."""
-    return np.linalg.qr(y, mode="reduced")[0]
+    return torch.linalg.qr(torch.from_numpy(np.asarray(y, dtype=np.float64)), mode="reduced")[0].numpy()
 
 
 def refactor(q: np.ndarray, z: np.ndarray, rank: int, *, tail: bool = False):
     """FRA-LoRA's best rank-``rank`` factors ``(A, B)`` of ``Q Z`` (and the dropped :class:`Tail` with
     ``tail=True``): ``_refactor`` with Z as the stacked A and Q as the stacked B, so the split of the
-    singular values and the sign convention are FRA's own."""
+    singular values and the sign convention are FRA's own. Batched like ``_refactor`` (leading dims)."""
     zt, qt = torch.from_numpy(np.ascontiguousarray(z)), torch.from_numpy(np.ascontiguousarray(q))
-    return _refactor(zt, qt, torch.ones(zt.shape[0], dtype=torch.float64), int(rank), tail=tail)
+    return _refactor(zt, qt, torch.ones(zt.shape[-2], dtype=torch.float64), int(rank), tail=tail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,11 +152,15 @@ class ServerSketch:
         """Q of every pair from the decoded pass-1 sums (plus the server's own terms); kept for ``finish``."""
         if set(y_sums) != set(self.plan.widths):
             raise FedesmError("secure aggregation: the pass-1 sum does not cover the round's LoRA pairs")
+        ys = {}
         for name, y in y_sums.items():
             y = self.scale * np.asarray(y, dtype=np.float64)
             for a, b, w in self.extras.get(name, ()):
                 y = y + range_term(a, b, self.plan.omega(name, np.shape(a)[1]), w)
-            self.q[name] = orthonormal_basis(y)
+            ys[name] = y
+        for names in _by_shape(ys):  # pairs of one shape in one batched call, as aggregation does
+            q = torch.linalg.qr(torch.from_numpy(np.stack([ys[n] for n in names])), mode="reduced")[0].numpy()
+            self.q.update(zip(names, q))
         return dict(self.q)
 
     def finish(self, z_sums: Mapping[str, np.ndarray], rank: int, residuals: AggregationState | None = None,
@@ -170,22 +174,33 @@ class ServerSketch:
         """
         if set(z_sums) != set(self.q):
             raise FedesmError("secure aggregation: the pass-2 sum does not cover the pairs of pass 1")
-        out = {}
+        zs = {}
         for name, z in z_sums.items():
-            q = self.q[name]
             z = self.scale * np.asarray(z, dtype=np.float64)
             for a, b, w in self.extras.get(name, ()):
-                z = z + core_term(a, b, q, w)
+                z = z + core_term(a, b, self.q[name], w)
+            zs[name] = z
+        out = {}
+        for names in _by_shape(zs):
+            q, z = np.stack([self.q[n] for n in names]), np.stack([zs[n] for n in names])
             if residuals is None:
                 a_new, b_new = refactor(q, z, rank)
             else:
                 a_new, b_new, tail = refactor(q, z, rank, tail=True)
-                keep = int(torch.sum(tail.s > noise_floor))
-                cap = residual_cap if residual_cap is not None else q.shape[1]
-                _store_residual(residuals, name, tail.a[:keep].numpy(), tail.b[:, :keep].numpy(),
-                                tail.s[:keep].numpy(), cap)
-            out[name] = (a_new.numpy(), b_new.numpy())
+                cap = residual_cap if residual_cap is not None else q.shape[-1]
+                for j, name in enumerate(names):
+                    keep = int(torch.sum(tail.s[j] > noise_floor))
+                    _store_residual(residuals, name, tail.a[j, :keep].numpy(), tail.b[j, :, :keep].numpy(),
+                                    tail.s[j, :keep].numpy(), cap)
+            out.update((name, (a_new[j].numpy(), b_new[j].numpy())) for j, name in enumerate(names))
         return out
+
+
+def _by_shape(arrays: Mapping[str, np.ndarray]) -> list[list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for name, x in arrays.items():
+        groups.setdefault(np.shape(x), []).append(name)
+    return list(groups.values())
 
 
 def plain_sums(terms: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
