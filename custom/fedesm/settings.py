@@ -516,7 +516,8 @@ class FederationSettings(Settings):
                                          "on the server; the job runs rounds NNN+1 .. training.rounds",
                                          metavar="PATH")
     secure_aggregation: bool = setting(False, "the server learns only the sum of the sites' updates (pairwise masks, "
-                                       "keys signed by each site's kit; fra and fra-ef through a two-pass sketch); "
+                                       "keys signed by each site's kit; fra and fra-ef through a two-pass sketch, "
+                                       "fedit and ffa as one masked sum); "
                                        "needs max_update_ratio and clip_update_ratio 0 (the server cannot see one "
                                        "site's update). Designed in fedesm.secure, not yet carried by the NVFLARE job")
     mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
@@ -570,8 +571,8 @@ class FederationSettings(Settings):
 
     def _check_secure_aggregation(self) -> None:
         if not STRATEGY[self.strategy].secure:
-            self.fail("secure_aggregation", f"has no path for strategy {self.strategy} (it averages the factors "
-                      f"themselves); use {' or '.join(n for n, how in STRATEGY.items() if how.secure)}")
+            self.fail("secure_aggregation", f"has no path for strategy {self.strategy}; use "
+                      f"{' or '.join(n for n, how in STRATEGY.items() if how.secure)}")
         screens = [f"{k} {getattr(self, k):g}" for k in ("max_update_ratio", "clip_update_ratio") if getattr(self, k)]
         screens += [f"max_update_norm {self.max_update_norm:g}"] if self.max_update_norm is not None else []
         if screens:

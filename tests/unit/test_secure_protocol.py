@@ -224,6 +224,26 @@ def test_bases_sent_to_one_site_alone_make_the_sum_fail(kits):
     assert masking.unmask_sum(honest, SITES, ctx).size == sum(q.size for q in bases.values())  # accepted
 
 
+@pytest.mark.parametrize("strategy", ["fedit", "ffa"])
+@pytest.mark.parametrize("server_lr", [1.0, 0.6])
+def test_fedit_and_ffa_are_one_masked_sum_equal_to_the_plain_average(kits, strategy, server_lr):
+    rng = np.random.default_rng(21)
+    g = _state(rng, 4)
+    states = {s: _state(rng, 4) for s in SITES}
+    if strategy == "ffa":  # sites train only B: their A is the global one
+        for st in states.values():
+            st.update({k: v.copy() for k, v in g.items() if k.endswith("lora_A.weight")})
+    weights = {"site-1": 1.0, "site-2": 3.0, "site-3": 2.0}
+    ref = aggregate([states[s] for s in SITES], [weights[s] for s in SITES], strategy, global_state=g,
+                    server_lr=server_lr)
+    sec = run_round({s: (states[s], _startup(kits, s)) for s in SITES}, weights, g, job_id="j", round_num=0, seed=0,
+                    strategy=strategy, server_lr=server_lr)
+    assert list(sec) == list(ref)
+    for k in ref:
+        assert sec[k].dtype == ref[k].dtype
+        np.testing.assert_allclose(sec[k], ref[k], atol=1e-6, err_msg=k)
+
+
 def test_strategies_without_a_secure_path_are_refused_in_one_line(kits):
-    with pytest.raises(FedesmError, match="supports fra, fra-ef, not 'fedit'"):
-        run_round({}, {}, {}, job_id="j", round_num=0, seed=0, strategy="fedit")
+    with pytest.raises(FedesmError, match="supports fra, fra-ef, fedit, ffa, not 'fedavg'"):
+        run_round({}, {}, {}, job_id="j", round_num=0, seed=0, strategy="fedavg")

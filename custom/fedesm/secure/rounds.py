@@ -1,5 +1,5 @@
-"""One secure FRA-LoRA round, part by part: what each site and the server compute, in the order the
-messages flow (keys, pass 1, pass 2). Transport-free: the NVFLARE glue is to carry these objects
+"""One secure round, part by part: what each site and the server compute, in the order the messages flow
+(keys, then for fra / fra-ef the sketch's pass 1 and pass 2, for fedit / ffa one masked sum). Transport-free: the NVFLARE glue is to carry these objects
 (docs/architecture.md, "Secure aggregation"); ``run_round`` plays a whole round in one process.
 
 A round's roster (its sites) is fixed when the keys are exchanged: masks cancel only over exactly those
@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedesm.aggregation import AggregationState, _like, _normalise_weights
+from fedesm.aggregation import AggregationState, _like, _normalise_weights, _to_f64
 from fedesm.errors import FedesmError
 from fedesm.model.keys import lora_pairs
 from fedesm.secure import masking
@@ -24,7 +24,7 @@ from fedesm.secure.keys import SignedKey, load_root, new_key_pair, shared_secret
 from fedesm.secure.sketch import ServerSketch, SketchPlan, site_pass1, site_pass2
 from fedesm.strategies import STRATEGY
 
-SECURE_STRATEGIES = tuple(name for name, how in STRATEGY.items() if how.secure)  # fra, fra-ef: the two-pass sketch
+SECURE_STRATEGIES = tuple(name for name, how in STRATEGY.items() if how.secure)
 
 
 def context(job_id: str, round_num: int, step: str) -> bytes:
@@ -92,10 +92,26 @@ class SiteRound:
         return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
                             pass_context(self.job_id, self.round_num, "pass1", self.roster, plan_bytes(plan)))
 
+    def average(self, state: Mapping[str, Any], layout: masking.Layout) -> masking.MaskedMessage:
+        """fedit / ffa: the site's weighted tensors in one masked message (one pass)."""
+        return masking.mask(_weighted(state, self.weight, layout), self.site, self.secrets,
+                            pass_context(self.job_id, self.round_num, "sum", self.roster, repr(layout).encode()))
+
     def pass2(self, state: Mapping[str, Any], bases: Mapping[str, np.ndarray]) -> masking.MaskedMessage:
         terms = site_pass2(state, self.weight, bases)
         return masking.mask(masking.flatten(terms, masking.layout_of(terms)), self.site, self.secrets,
                             pass_context(self.job_id, self.round_num, "pass2", self.roster, bases_bytes(bases)))
+
+
+def averaged_layout(global_state: Mapping[str, Any], freezes_a: bool) -> masking.Layout:
+    """fedit / ffa: every tensor is a plain weighted sum, in the global model's order; ffa sends no lora_A (the
+    server keeps the A it sent: a secure sum cannot show that no site changed it)."""
+    frozen = {a for a, _ in lora_pairs(list(global_state)).values()} if freezes_a else set()
+    return tuple((k, tuple(np.shape(v))) for k, v in global_state.items() if k not in frozen)
+
+
+def _weighted(state: Mapping[str, Any], weight: float, layout: masking.Layout) -> np.ndarray:
+    return masking.flatten({k: weight * np.asarray(_to_f64(state[k])) for k, _ in layout}, layout)
 
 
 def pass_layouts(global_state: Mapping[str, Any], plan: SketchPlan) -> tuple[masking.Layout, masking.Layout]:
@@ -117,9 +133,10 @@ def run_round(sites: Mapping[str, tuple[Mapping[str, Any], Path]], weights: Mapp
               oversample: int | None = None) -> dict[str, Any]:
     """One whole secure round in this process: ``sites[name] = (its trained state, its kit's startup dir)``.
 
-    Returns the global state dict ``aggregation.aggregate`` would return for the same states (fra, fra-ef;
-    ``state`` keeps fra-ef's residual, ``server_lr`` steps from ``global_state``), computed by a server that
-    only ever sees the signed keys and the masked messages.
+    Returns the global state dict ``aggregation.aggregate`` would return for the same states (fra, fra-ef
+    through the two-pass sketch, ``state`` keeping fra-ef's residual; fedit, ffa as one masked sum;
+    ``server_lr`` steps from ``global_state``), computed by a server that only ever sees the signed keys and
+    the masked messages.
     """
     if strategy not in SECURE_STRATEGIES:
         raise FedesmError(f"secure aggregation supports {', '.join(SECURE_STRATEGIES)}, not {strategy!r}")
@@ -133,6 +150,14 @@ def run_round(sites: Mapping[str, tuple[Mapping[str, Any], Path]], weights: Mapp
     keys = {s: p.signed_key for s, p in parts.items()}  # relayed by the server
     for p in parts.values():
         p.agree(keys)
+    if not STRATEGY[strategy].refactors:
+        layout = averaged_layout(global_state, STRATEGY[strategy].freezes_a)
+        total = masking.unflatten(masking.unmask_sum([parts[s].average(sites[s][0], layout) for s in roster], roster,
+                                                     pass_context(job_id, round_num, "sum", roster,
+                                                                  repr(layout).encode())), layout)
+        out = {k: _like(server_lr * total[k] + (1.0 - server_lr) * _to_f64(global_state[k]), global_state[k])
+               for k in total}
+        return {k: out.get(k, global_state[k]) for k in global_state}  # ffa: A as the server sent it
 
     pairs = lora_pairs(list(global_state))
     if not pairs:
