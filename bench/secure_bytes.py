@@ -39,7 +39,7 @@ from fedesm.secure.sketch import sketch_width
 
 # ESM-2 hidden size -> (architecture, layers); q, k, v adapted in each layer
 MODELS = {320: ("esm2_t6_8M_UR50D", 6), 480: ("esm2_t12_35M_UR50D", 12), 1280: ("esm2_t33_650M_UR50D", 33)}
-KEY_BYTES = 32 + 256 + 1300  # X25519 key, RSA-2048 signature, PEM certificate (about)
+KEY_BYTES = 32 + 256 + 1300  # X25519 key, RSA-2048 signature, PEM certificate (an upper estimate)
 HEAD = 2
 
 
@@ -122,7 +122,8 @@ def time_table(dims: list[int], sites: list[int], r: int, reps: int) -> list[str
     from fedesm.secure.rounds import run_round
 
     lines = [f"seconds of one round's maths on this CPU (median of {reps}, {torch.get_num_threads()} thread(s); "
-             "secure: all K sites' parts + the server's, key agreement included, in one process)", f"{'model':<20} {'K':>3} {'plain':>8} {'secure':>8} {'ratio':>7} "
+             "secure: all K sites' parts + the server's, key agreement included, in one process)",
+             f"{'model':<20} {'K':>3} {'plain':>8} {'secure':>8} {'ratio':>7} "
              f"{'site part/K':>11} {'max |diff|':>11}"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,7 @@
 """One secure round, part by part: what each site and the server compute, in the order the messages flow
-(keys, then for fra / fra-ef the sketch's pass 1 and pass 2, for fedit / ffa one masked sum). Transport-free: the NVFLARE glue is to carry these objects
-(docs/architecture.md, "Secure aggregation"); ``run_round`` plays a whole round in one process.
+(keys, then for fra / fra-ef the sketch's pass 1 and pass 2, for fedit / ffa one masked sum).
+Transport-free: the NVFLARE glue is to carry these objects (docs/architecture.md, "Secure
+aggregation"); ``run_round`` plays a whole round in one process.
 
 A round's roster (its sites) is fixed when the keys are exchanged: masks cancel only over exactly those
 sites, so a site lost after that point cannot be left out of a sum; the round is run again with the
@@ -163,7 +164,9 @@ def run_round(sites: Mapping[str, tuple[Mapping[str, Any], Path]], weights: Mapp
     if not pairs:
         raise FedesmError("secure aggregation: the global model has no LoRA pairs to re-factor")
     first_a = next(iter(pairs.values()))[0]
-    own_rank = {s: int(np.shape(sites[s][0][first_a])[0]) for s in roster}  # a site's rank, the same for its pairs
+    # A site's rank (the same for all its pairs) is public: the job's, or the site's own declared with its key;
+    # read from the states here only because this function plays every part.
+    own_rank = {s: int(np.shape(sites[s][0][first_a])[0]) for s in roster}
     residuals = state if strategy == "fra-ef" else None
     extras: dict[str, list] = {}
     res_rank = 0
