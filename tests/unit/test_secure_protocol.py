@@ -247,3 +247,14 @@ def test_fedit_and_ffa_are_one_masked_sum_equal_to_the_plain_average(kits, strat
 def test_strategies_without_a_secure_path_are_refused_in_one_line(kits):
     with pytest.raises(FedesmError, match="supports fra, fra-ef, fedit, ffa, not 'fedavg'"):
         run_round({}, {}, {}, job_id="j", round_num=0, seed=0, strategy="fedavg")
+
+
+def test_a_roster_below_the_jobs_minimum_is_refused(kits):
+    """A server that tells a site it is alone (no masks: its message would be its terms in the clear), or any
+    roster below min_clients, is refused before anything is masked."""
+    parts = _round_parts(kits, SITES)
+    with pytest.raises(FedesmError, match=r"roster of 1 site\(s\).*refused"):
+        parts["site-1"].agree({"site-1": parts["site-1"].signed_key})
+    strict = SiteRound("site-1", _startup(kits, "site-1"), "job-1", 0, 0.5, min_sites=3)
+    with pytest.raises(FedesmError, match="needs at least 3"):
+        strict.agree({"site-1": strict.signed_key, "site-2": parts["site-2"].signed_key})

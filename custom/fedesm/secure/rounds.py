@@ -69,6 +69,7 @@ class SiteRound:
     job_id: str
     round_num: int
     weight: float
+    min_sites: int = 2  # the job's min_clients: a smaller roster is refused (alone, a site's message is plaintext)
     secrets: dict[str, bytes] = field(default_factory=dict)
     roster: tuple[str, ...] = ()
 
@@ -84,6 +85,10 @@ class SiteRound:
         if self.site not in keys or keys[self.site].public != self.signed_key.public:
             raise FedesmError(f"secure aggregation: the roster the server sent does not carry site {self.site!r}'s "
                               "own key; refused")
+        if len(keys) < max(2, self.min_sites):
+            raise FedesmError(f"secure aggregation: site {self.site!r} was sent a roster of {len(keys)} site(s) "
+                              f"({sorted(keys)}); the job needs at least {max(2, self.min_sites)}, and a sum over "
+                              "fewer would show too much of one site's update; refused")
         peers = {s: k for s, k in keys.items() if s != self.site}
         self.secrets = shared_secrets(self._private, peers, self._context("keys"), load_root(self.startup))
         self.roster = tuple(sorted(keys))
