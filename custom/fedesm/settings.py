@@ -521,6 +521,11 @@ class FederationSettings(Settings):
                                          "fedesm/rounds/round_NNN (or fedesm/last) folder, a path or s3:// URI "
                                          "on the server; the job runs rounds NNN+1 .. training.rounds",
                                          metavar="PATH")
+    secure_aggregation: bool = setting(False, "the server learns only the sum of the sites' updates (pairwise masks, "
+                                       "keys signed by each site's kit; fra and fra-ef through a two-pass sketch, "
+                                       "fedit and ffa as one masked sum); "
+                                       "needs max_update_ratio and clip_update_ratio 0 (the server cannot see one "
+                                       "site's update). Designed in fedesm.secure, not yet carried by the NVFLARE job")
     mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
                            "same tags and steps as TensorBoard); needs the mlflow package on the server")
     mlflow_tracking_uri: Optional[str] = setting(
@@ -567,6 +572,23 @@ class FederationSettings(Settings):
             self.fail("max_update_norm", f"must be > 0, got {self.max_update_norm:g}")
         if self.resume_from is not None:
             self._check_resume_from()
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        if not STRATEGY[self.strategy].secure:
+            self.fail("secure_aggregation", f"has no path for strategy {self.strategy}; use "
+                      f"{' or '.join(n for n, how in STRATEGY.items() if how.secure)}")
+        screens = [f"{k} {getattr(self, k):g}" for k in ("max_update_ratio", "clip_update_ratio") if getattr(self, k)]
+        screens += [f"max_update_norm {self.max_update_norm:g}"] if self.max_update_norm is not None else []
+        if screens:
+            self.fail("secure_aggregation", f"hides each site's update from the server, which therefore cannot "
+                      f"bound it ({', '.join(screens)}); set them to 0 (max_update_norm: null) and bound updates at "
+                      "the sites (DP-SGD clipping)")
+        # Issue 26: fedesm.secure has the round's parts; flare/ does not carry them yet. Until it does, a job that
+        # asks for secure aggregation is refused rather than run with the factors in the clear.
+        self.fail("secure_aggregation", "is designed (fedesm.secure, docs/architecture.md) but not yet carried by "
+                  "the NVFLARE job; a job asking for it is refused rather than run with the updates in the clear")
 
     def _check_resume_from(self) -> None:
         text = self.resume_from.strip()  # blank, none or null already mean "not resuming"

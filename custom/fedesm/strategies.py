@@ -18,12 +18,18 @@ class Strategy:
     keeps_residual: bool  # the server keeps the truncated tail between rounds (error feedback)
     freezes_a: bool  # sites train only lora_B; the server keeps A as it sent it
     optimizer_state: str  # what `auto` means for a site's optimizer state (fedesm.training.optimizer_state)
+    secure: bool = False  # has a secure-aggregation path in fedesm.secure (re-factoring: the two-pass sketch;
+    #                       averaging: one masked sum)
 
 
 STRATEGY = {s.name: s for s in (
-    Strategy("fra", refactors=True, any_rank=True, keeps_residual=False, freezes_a=False, optimizer_state="align"),
-    Strategy("fra-ef", refactors=True, any_rank=True, keeps_residual=True, freezes_a=False, optimizer_state="align"),
-    Strategy("fedit", refactors=False, any_rank=False, keeps_residual=False, freezes_a=False, optimizer_state="keep"),
-    Strategy("ffa", refactors=False, any_rank=False, keeps_residual=False, freezes_a=True, optimizer_state="keep"),
+    Strategy("fra", refactors=True, any_rank=True, keeps_residual=False, freezes_a=False, optimizer_state="align",
+             secure=True),
+    Strategy("fra-ef", refactors=True, any_rank=True, keeps_residual=True, freezes_a=False, optimizer_state="align",
+             secure=True),
+    Strategy("fedit", refactors=False, any_rank=False, keeps_residual=False, freezes_a=False, optimizer_state="keep",
+             secure=True),
+    Strategy("ffa", refactors=False, any_rank=False, keeps_residual=False, freezes_a=True, optimizer_state="keep",
+             secure=True),
 )}
 STRATEGIES = tuple(STRATEGY)  # the names, in the table's order
