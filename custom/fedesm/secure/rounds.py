@@ -19,7 +19,7 @@ import numpy as np
 
 from fedesm.aggregation import AggregationState, _like, _normalise_weights, _to_f64
 from fedesm.errors import FedesmError
-from fedesm.model.keys import lora_pairs
+from fedesm.keys import lora_pairs
 from fedesm.secure import masking
 from fedesm.secure.keys import SignedKey, load_root, new_key_pair, shared_secrets, sign_public_key
 from fedesm.secure.sketch import ServerSketch, SketchPlan, site_pass1, site_pass2

@@ -28,7 +28,7 @@ import torch
 
 from fedesm.aggregation import AggregationState, _refactor, _store_residual, _to_f64
 from fedesm.errors import FedesmError
-from fedesm.model.keys import lora_pairs
+from fedesm.keys import lora_pairs
 
 # Columns beyond the summed rank (Halko, Martinsson & Tropp 2011 suggest 5-10): the range is exact
 # already at s = rank(M); the extra columns only guard the orthonormalisation against near-dependence.
