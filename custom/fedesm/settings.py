@@ -264,7 +264,8 @@ class ModelSettings(Settings):
     arch: str = setting("esm2_t12_35M_UR50D", "ESM-2 architecture: fixes adapter names and shapes")
     backbone: Optional[str] = setting(
         None, "ESM-2 weights: fair-esm hub name, local .pt, a Hugging Face folder or hf:ID, s3:// URI or "
-        "random:ARCH; recorded in saved model cards; a site's own config wins (default: the hub checkpoint of arch)")
+        "random:ARCH; recorded in saved model cards; in a federated job a site's own config wins "
+        "(default: the hub checkpoint of arch)")
     num_labels: int = setting(2, "classes of the per-residue head", maximum=MAX_NUM_LABELS)
     attention: str = setting("packed", "self-attention path: packed (padding dropped, only real tokens computed, "
                              "attention per sequence: varlen flash on CUDA), fused (padded batch through PyTorch "
@@ -394,7 +395,8 @@ class TrainConfig(Settings):
                            "evaluation (ESM-2 takes at most 1,022)")
     seed: int = setting(0, "seed of the initial adapters, batch sampling, crops and dropout (never of privacy "
                         "noise, which is secret: fedesm.training.privacy.randomness)", maximum=MAX_SEED)
-    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N; a site's own config wins")
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda, cuda:N; in a federated job a site's own "
+                          "config wins")
     precision: str = setting("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     bucket: Optional[bool] = setting(None, "length-bucketed batches (default: on CUDA)", flag=False)
     eval_batch_tokens: int = setting(16384, "tokens per evaluation batch", flag=False, maximum=MAX_EVAL_BATCH_TOKENS)
