@@ -124,6 +124,7 @@ class SiteRun:
         backbone = load_backbone(backbone_source, cache_dir=cfg.cache_dir, policy=cfg.access_policy(),
                                  endpoint_url=cfg.s3_endpoint_url)
         check_job_architecture(backbone, backbone_source, settings.model.arch)
+        backbone_id = identity(backbone, shared=True)  # before LoRA wraps it: the weights the sites trained on
         lora = site_lora(settings.lora, cfg.lora_r)  # the site's own rank (fedesm.ranks)
         if lora.r != settings.lora.r and not STRATEGY[settings.federation.strategy].any_rank:
             raise FedesmError(f"site lora_r {lora.r} below the job's lora.r {settings.lora.r} needs "
@@ -134,7 +135,7 @@ class SiteRun:
         trainer = LocalTrainer(model, backbone.alphabet, train, training, noise=noise)
         run = cls(settings, site, trainer, train, val, test, lora=lora, privacy=cfg.privacy,
                   noise_reproducible=reproducible, declared_samples=cfg.declared_samples,
-                  backbone_identity=identity(backbone, shared=True), num_rounds=num_rounds)
+                  backbone_identity=backbone_id, num_rounds=num_rounds)
         run._report_budget(cfg.privacy, log)
         tested = f" and {len(test)} test" if test else ""
         log.info(f"{site}: {len(train)} training, {len(val)} validation{tested} sequences; backbone {backbone_source} "

@@ -63,6 +63,10 @@ def test_set_up_reads_the_site_config_and_says_what_it_built(tmp_path, tiny_chec
     assert run.trainer.config == site_training(job, "site-1", 3, "cpu", SitePrivacySettings())
     assert run.lora == job.lora and run.budget is None and run.noise_reproducible is None
     assert run.backbone_identity["source"] == tiny_checkpoint.name and run.last_round == 3
+    from fedesm.model.backbone import identity, load_backbone
+
+    # the digest of the weights as loaded, before LoRA wraps them: what `predict` computes from the same file
+    assert run.backbone_identity["sha256"] == identity(load_backbone(str(tiny_checkpoint)))["sha256"]
     assert log.lines[-1] == ("info", f"site-1: 40 training, 12 validation sequences; backbone {tiny_checkpoint} on "
                                      f"cpu; LoRA rank 4; site config {tmp_path / 'site.yaml'}")
 
