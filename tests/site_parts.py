@@ -20,11 +20,11 @@ ROUND_KEYS = EVAL | {f"global_{k}" for k in EVAL} | {"train_loss", "steps", "tra
                                                      "lr", "task_seconds"}
 
 
-def site_run(checkpoint, data, overrides=None, site_rank=None, privacy=None, rounds=6) -> SiteRun:
+def site_run(checkpoint, data, overrides=None, site_rank=None, privacy=None, rounds=6, site="site-1") -> SiteRun:
     """A SiteRun from parts, exactly as `SiteRun.set_up` assembles them."""
     job = JOBS["esm2_fra_lora"].settings.with_overrides({**SMALL, **(overrides or {})})
     backbone = load_backbone(str(checkpoint))
     lora = site_lora(job.lora, site_rank)
     trainer = LocalTrainer(build_lora_model(backbone, lora, seed=job.training.seed), backbone.alphabet, data[0],
-                           site_training(job, "site-1", rounds, "cpu", privacy))
-    return SiteRun(job, "site-1", trainer, data[0], data[1][:20], lora=lora, privacy=privacy, num_rounds=rounds)
+                           site_training(job, site, rounds, "cpu", privacy))
+    return SiteRun(job, site, trainer, data[0], data[1][:20], lora=lora, privacy=privacy, num_rounds=rounds)

@@ -527,7 +527,11 @@ class FederationSettings(Settings):
                                        "keys signed by each site's kit; fra and fra-ef through a two-pass sketch, "
                                        "fedit and ffa as one masked sum); "
                                        "needs max_update_ratio and clip_update_ratio 0 (the server cannot see one "
-                                       "site's update). Designed in fedesm.secure, not yet carried by the NVFLARE job")
+                                       "site's update), weigh_by uniform and min_clients >= 2; each site signs its "
+                                       "keys with its kit (site config kit_dir)")
+    secure_pass_timeout: int = setting(600, "secure_aggregation: seconds the server waits for a site's masked message "
+                                       "of a pass; a site lost between the passes makes the round run again "
+                                       "with the others")
     mlflow: bool = setting(False, "the server also streams the per-round metrics to MLflow (one run per site, the "
                            "same tags and steps as TensorBoard); needs the mlflow package on the server")
     mlflow_tracking_uri: Optional[str] = setting(
@@ -554,6 +558,8 @@ class FederationSettings(Settings):
             self.fail("min_clients", f"need at least one site, got {self.min_clients}")
         if self.max_residual_rank is not None and self.max_residual_rank < 1:
             self.fail("max_residual_rank", f"must be a positive integer, got {self.max_residual_rank}")
+        if self.secure_pass_timeout < 1:
+            self.fail("secure_pass_timeout", f"must be >= 1 second, got {self.secure_pass_timeout}")
         if self.train_timeout < 0:
             self.fail("train_timeout", f"must be >= 0, got {self.train_timeout}")
         if self.wait_after_min_clients < 0:
@@ -587,10 +593,12 @@ class FederationSettings(Settings):
             self.fail("secure_aggregation", f"hides each site's update from the server, which therefore cannot "
                       f"bound it ({', '.join(screens)}); set them to 0 (max_update_norm: null) and bound updates at "
                       "the sites (DP-SGD clipping)")
-        # Issue 26: fedesm.secure has the round's parts; flare/ does not carry them yet. Until it does, a job that
-        # asks for secure aggregation is refused rather than run with the factors in the clear.
-        self.fail("secure_aggregation", "is designed (fedesm.secure, docs/architecture.md) but not yet carried by "
-                  "the NVFLARE job; a job asking for it is refused rather than run with the updates in the clear")
+        if self.weigh_by != "uniform":
+            self.fail("secure_aggregation", f"masks and weights must agree at every site before the round: it weighs "
+                      f"by uniform only (weigh_by {self.weigh_by} would make each site's weight the server's word)")
+        if self.min_clients < 2:
+            self.fail("secure_aggregation", f"needs min_clients >= 2 (a sum of one site is that site's update), got "
+                      f"{self.min_clients}")
 
     def _check_resume_from(self) -> None:
         text = self.resume_from.strip()  # blank, none or null already mean "not resuming"

@@ -20,6 +20,9 @@ in this order: the environment variable FEDESM_SITE_CONFIG (a YAML file), then
     declared_samples: null                                   # training sequences this site's operator declares
                                                              # for a job weighing by declared counts (sent with
                                                              # each contribution only when set; capped by the job)
+    kit_dir: null                                            # the startup/ folder of this site's provisioned kit
+                                                             # (client.key, client.crt, rootCA.pem): signs its keys
+                                                             # for secure aggregation (default <workspace>/startup)
     privacy:                                                 # this site's DP rules (settings.SitePrivacySettings)
       require_dp: true                                       # refuse jobs without DP-SGD
       min_noise_multiplier: 1.0                              # refuse jobs asking for less noise
@@ -55,7 +58,7 @@ from fedesm.settings import SitePrivacySettings
 ENV_VAR = "FEDESM_SITE_CONFIG"
 DEFAULT_NAME = "fedesm_site.yaml"
 _KEYS = {"backbone", "data", "allowed_prefixes", "cache_dir", "s3_endpoint_url", "device", "cpu_threads", "lora_r",
-         "declared_samples", "privacy", "sites"}
+         "declared_samples", "kit_dir", "privacy", "sites"}
 MAX_DECLARED = 10**12  # = fedesm.flare.aggregator.MAX_DECLARED (the server refuses more)
 
 
@@ -74,6 +77,7 @@ class SiteConfig:
     lora_r: Optional[int] = None  # this site's LoRA rank (<= the job's lora.r; fedesm.ranks); None: the job's
     # the operator's count for federation.weigh_by: declared; None: the site sends no count (its size stays here)
     declared_samples: Optional[int] = None
+    kit_dir: Optional[str] = None  # the site's kit startup folder (secure aggregation); None: <workspace>/startup
     privacy: SitePrivacySettings = field(default_factory=SitePrivacySettings)  # the site's DP policy
     source: str = ""  # the file it came from, for messages
 
@@ -173,6 +177,7 @@ def load_site_config(site: str, path=None, workspace_root: Optional[str] = None)
         cpu_threads=merged.get("cpu_threads"),
         lora_r=lora_r,
         declared_samples=declared,
+        kit_dir=str(merged["kit_dir"]) if merged.get("kit_dir") else None,
         privacy=_privacy(merged.get("privacy"), path, site),
         source=str(path),
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -79,10 +80,11 @@ class SiteRun:
                  val: Sequence[Record], test: Optional[Sequence[Record]] = None, *, lora: Optional[LoraSettings] = None,
                  privacy: Optional[SitePrivacySettings] = None, noise_reproducible: Optional[bool] = None,
                  declared_samples: Optional[int] = None, backbone_identity: Optional[dict] = None,
-                 num_rounds: Optional[int] = None):
+                 num_rounds: Optional[int] = None, kit_dir: Optional[str] = None):
         """`trainer` was built with this site's training settings (`site_training`); `privacy` is the site's DP
         policy (its epsilon budget); `declared_samples` the operator's count; `backbone_identity` what each
-        update says about the backbone (`fedesm.model.backbone.identity`)."""
+        update says about the backbone (`fedesm.model.backbone.identity`); `kit_dir` the startup folder of the
+        site's provisioned kit (its key signs the site's secure-aggregation keys)."""
         self.settings, self.site, self.trainer = settings, site, trainer
         self.train_records, self.val_records, self.test_records = train, val, test
         self.lora = lora or settings.lora  # the site's LoRA settings (the job's, or at the site's own rank)
@@ -90,7 +92,10 @@ class SiteRun:
         self.declared_samples = declared_samples
         self.backbone_identity = backbone_identity
         self.num_rounds = num_rounds
+        self.kit_dir = kit_dir
         self.rounds_done = 0
+        self._global = None  # the last round's global model as received
+        self._secure = None  # this round's secure-aggregation part (fedesm.secure.rounds.SiteRound), if any
         training = trainer.config
         self.dp = training.dp_noise_multiplier > 0
         # the site's epsilon budget, DP-SGD only
@@ -135,7 +140,8 @@ class SiteRun:
         trainer = LocalTrainer(model, backbone.alphabet, train, training, noise=noise)
         run = cls(settings, site, trainer, train, val, test, lora=lora, privacy=cfg.privacy,
                   noise_reproducible=reproducible, declared_samples=cfg.declared_samples,
-                  backbone_identity=backbone_id, num_rounds=num_rounds)
+                  backbone_identity=backbone_id, num_rounds=num_rounds,
+                  kit_dir=cfg.kit_dir or str(Path(workspace_root) / "startup"))
         run._report_budget(cfg.privacy, log)
         tested = f" and {len(test)} test" if test else ""
         log.info(f"{site}: {len(train)} training, {len(val)} validation{tested} sequences; backbone {backbone_source} "
@@ -188,6 +194,8 @@ class SiteRun:
         """Load the global `state` (at the site's rank), score it, train one round and score the result;
         an aborted round (`should_abort`, checked between steps) reports nothing."""
         self._join(current_round, log)
+        self._secure = None  # a new round: whatever key this site had is never used again
+        self._global = state  # the round's global model (secure aggregation: the names and shapes of its sums)
         t0 = time.perf_counter()
         f = self.settings.federation
         self.trainer.load_global(self.at_site_rank(state), resolve_optimizer_state(f.optimizer_state, f.strategy))
@@ -209,6 +217,65 @@ class SiteRun:
         metrics.update(self._privacy_metrics())  # noise_reproducible, epsilon_budget
         # under DP-SGD nothing about the secret batches (loss, seconds, throughput) leaves: a closed list does
         return RoundResult(current_round, rounds_before, stats, releasable_metrics(metrics, dp=self.dp))
+
+    # ------------------------------------------------------------------ secure aggregation (fedesm.secure)
+
+    def open_secure_round(self, job_id: str, current_round: int, min_sites: int):
+        """After `train_round`: a fresh key pair for this round, its public key signed with the site's kit key
+        (what leaves instead of the factors); the trained state stays here for the masked passes."""
+        from fedesm.secure.rounds import SiteRound
+
+        if self._global is None:
+            raise FedesmError("secure aggregation: no trained round to send")
+        self._secure = SiteRound(self.site, Path(self.kit_dir or "startup"), job_id, int(current_round),
+                                 min_sites=max(2, int(min_sites)))
+        self._secure_state = {k: _numpy(v) for k, v in self.exchanged_state().items()}
+        return self._secure.signed_key
+
+    def _secure_part(self, step: str):
+        if self._secure is None:
+            raise FedesmError(f"secure aggregation: {step} asked before this site trained the round (or after "
+                              "its round ended); a round that runs again trains again")
+        return self._secure
+
+    def secure_first(self, keys, plan=None):
+        """The first masked message: pass 1 of the sketch (fra / fra-ef, with the server's `plan`) or the one
+        masked sum (fedit / ffa). Agrees the pairwise secrets with the roster's verified keys first; a site
+        agrees once per trained round, so a roster that changes means training again (the server would
+        otherwise get two sums that differ by one site's term)."""
+        from fedesm.secure.rounds import averaged_layout, check_plan
+
+        part = self._secure_part("the first pass")
+        if part.roster:
+            raise FedesmError("secure aggregation: this site already masked for a roster this round; it sends "
+                              "again only after training again")
+        part.agree(keys)
+        global_state = {k: _numpy(v) for k, v in self._global.items()}
+        how = STRATEGY[self.settings.federation.strategy]
+        if plan is None:
+            if how.refactors:
+                raise FedesmError("secure aggregation: the server sent no sketch plan for a re-factoring strategy")
+            message = part.average(self._secure_state, averaged_layout(global_state, how.freezes_a))
+            self._secure = None  # the round's only message
+            return message
+        check_plan(plan, global_state)
+        self._secure_plan = plan
+        return part.pass1(self._secure_state, plan)
+
+    def secure_second(self, bases):
+        """Pass 2 of the sketch with the server's bases (d_out x s per pair, as the plan said); the last message."""
+        part = self._secure_part("pass 2")
+        if not part.roster:
+            raise FedesmError("secure aggregation: pass 2 asked before pass 1")
+        plan = self._secure_plan
+        for name, q in bases.items():
+            if name not in plan.widths or q.ndim != 2 or q.shape[1] != plan.widths[name]:
+                raise FedesmError(f"secure aggregation: the server's basis for {name} has shape {q.shape}, the plan "
+                                  "does not; refused")
+        try:
+            return part.pass2(self._secure_state, bases)
+        finally:
+            self._secure = None
 
     def _privacy_metrics(self) -> dict:
         out = {}
@@ -248,6 +315,14 @@ class SiteRun:
         from fedesm.model.adapters import get_exchanged_state
 
         return get_exchanged_state(self.trainer.model)
+
+
+def _numpy(value):
+    import numpy as np
+
+    if hasattr(value, "detach"):
+        return value.detach().cpu().float().numpy()
+    return np.asarray(value)
 
 
 def _privacy_noise(site: str, training: TrainConfig, cfg, log: SiteLog):

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -15,23 +14,16 @@ from scipy import stats
 
 from fedesm.aggregation import AggregationState, aggregate
 from fedesm.errors import FedesmError
-from fedesm.launch.network import DEFAULT_PROJECT_FILE, provision, render_project
 from fedesm.secure import keys, masking
 from fedesm.secure.rounds import (SiteRound, bases_bytes, context, pass_context, plan_bytes, run_round,
                                   site_weights)
 from fedesm.secure.sketch import SketchPlan, site_pass1
 
-SITES = ["site-1", "site-2", "site-3"]
+from tests.secure_parts import SITES, make_kits
 
 
 def _kits(root, name):
-    project = yaml.safe_load(DEFAULT_PROJECT_FILE.read_text())
-    project["name"] = name
-    project["participants"] = [p for p in project["participants"] if p["type"] == "server"] + [
-        {"name": s, "type": "client", "org": f"org{i}"} for i, s in enumerate(SITES, start=1)]
-    src = root / "src.yml"
-    src.write_text(yaml.safe_dump(project))
-    return provision(render_project(src, root / "project.yml", server_name="localhost", fl_port=18102), root / "ws")
+    return make_kits(root, name, SITES)
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,23 @@ def test_server_side_update_bounds_are_refused_with_it(screen, shown):
 
 
 @pytest.mark.parametrize("strategy", ["fra", "fra-ef", "fedit", "ffa"])
-def test_until_the_job_carries_it_a_secure_job_is_refused_not_run_in_the_clear(strategy):
-    with pytest.raises(SettingError, match="not yet carried by the NVFLARE job"):
-        FederationSettings(strategy=strategy, secure_aggregation=True, **_OPEN)
+def test_every_secure_strategy_is_accepted_and_its_job_routes_the_passes(strategy):
+    from fedesm.launch.jobs import JOBS, render_job
+
+    fed = FederationSettings(strategy=strategy, secure_aggregation=True, min_clients=2, **_OPEN)
+    assert fed.secure_aggregation and fed.secure_pass_timeout == 600
+    template = JOBS["esm2_fra_lora"]
+    training = template.settings.training.replace(freeze_lora_a=strategy == "ffa")
+    files = render_job(template, template.settings.replace(federation=fed, training=training))
+    assert files["app/config/config_fed_client.json"]["executors"][0]["tasks"] == [
+        "train", "validate", "submit_model", "secure_pass1", "secure_pass2", "secure_sum"]
+    plain = render_job(template)  # off: the executor takes only the usual tasks
+    assert plain["app/config/config_fed_client.json"]["executors"][0]["tasks"] == ["train", "validate", "submit_model"]
+
+
+@pytest.mark.parametrize("fields, shown", [(dict(weigh_by="declared"), "uniform only"),
+                                           (dict(min_clients=1), "min_clients >= 2"),
+                                           (dict(secure_pass_timeout=0), "secure_pass_timeout: must be >= 1")])
+def test_what_a_secure_sum_cannot_do_is_refused_in_one_line(fields, shown):
+    with pytest.raises(SettingError, match=shown):
+        FederationSettings(**{"strategy": "fra", "secure_aggregation": True, "min_clients": 2, **_OPEN, **fields})

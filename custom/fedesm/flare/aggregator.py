@@ -77,9 +77,11 @@ class Rejected(Exception):
 class Contribution:
     """One site's vetted contribution this round: its arrays, its weight (1, or its declared count) and meta."""
     site: str
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]  # empty under secure aggregation: the factors never reach the server
     weight: float
     meta: dict
+    key: Any = None  # secure aggregation: the site's signed round key (fedesm.secure.keys.SignedKey)
+    rank: int = 0  # secure aggregation: the site's LoRA rank (public: the sketch's width depends on it)
 
 
 def _check_finite(result: dict) -> None:
@@ -127,6 +129,10 @@ class FraLoraAggregator(Aggregator):
         self._round_metrics: dict[str, dict] = {}
         self._reduced_precision = False
         self.declared: dict[str, int] = {}  # weigh_by declared: each site's count, fixed by its first contribution
+        # federation.secure_aggregation: contributions are signed keys, the sums run through the workflow's relay
+        # (fedesm.flare.secure_gather), which the workflow sets when it starts
+        self.secure = self.federation.secure_aggregation
+        self.relay = None
 
     # ---------------------------------------------------------------------------------- accept
 
@@ -163,6 +169,8 @@ class FraLoraAggregator(Aggregator):
         rc = shareable.get_return_code()
         if rc and rc != ReturnCode.OK:
             raise Rejected(f"return code {rc}")
+        if self.secure:
+            return self._vet_key(site, shareable, fl_ctx)
         try:
             dxo = from_shareable(shareable)
         except ValueError as e:
@@ -179,6 +187,20 @@ class FraLoraAggregator(Aggregator):
         self._check_arrays(weights, fl_ctx)
         self._check_frozen_a(weights, meta, fl_ctx)
         return Contribution(site, weights, self._weight(site, meta), meta)
+
+    def _vet_key(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> Contribution:
+        """Secure aggregation: the site's signed key and rank instead of its factors (its peers verify the key's
+        signature; the server cannot)."""
+        from fedesm.flare.secure_gather import read_key
+
+        self._check_round(site, shareable, fl_ctx)
+        try:
+            key, rank, meta = read_key(site, shareable, self.rank)
+        except ValueError as e:
+            raise Rejected(str(e)) from None
+        if not self.how.any_rank and rank != self.rank:
+            raise Rejected(f"LoRA rank {rank}; {self.strategy} needs the job's {self.rank}")
+        return Contribution(site, {}, 1.0, meta, key=key, rank=rank)
 
     def _check_round(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> None:
         """This round's, and the site's first of it; a new round starts here if the workflow did not reset."""
@@ -301,6 +323,8 @@ class FraLoraAggregator(Aggregator):
     # ------------------------------------------------------------------------------- aggregate
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        if self.secure:
+            return self._aggregate_secure(fl_ctx)
         with self._lock:
             round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             global_state = self._global_weights(fl_ctx)
@@ -321,6 +345,70 @@ class FraLoraAggregator(Aggregator):
         self.log_info(fl_ctx, msg)
         meta = {"fedesm_strategy": self.strategy, "aggregated_sites": sites, AppConstants.CURRENT_ROUND: round_}
         return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+
+    def _aggregate_secure(self, fl_ctx: FLContext) -> Shareable:
+        """The round's sum through the masked passes (fedesm.flare.secure_gather); a site lost between them
+        makes the round run again with the others (they train again), up to MAX_RERUNS times; with fewer than
+        min_clients sites left, or a sum that does not cancel after the reruns, the job stops with the reason
+        and the last saved round stays the last good one. An incomplete sum is never used."""
+        from fedesm.flare.secure_gather import MAX_RERUNS, SitesLost, secure_round
+
+        round_ = self._round if self._round is not None else fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        global_state = self._global_weights(fl_ctx)
+        need = max(2, self.federation.min_clients)
+        for attempt in range(MAX_RERUNS + 1):
+            with self._lock:
+                got = dict(self._contributions)
+            roster = sorted(got)
+            if len(roster) < need or self.relay is None:
+                why = ("no workflow relays the secure passes" if self.relay is None else
+                       f"{len(roster)} site(s) with a key ({', '.join(roster) or 'none'}); a secure sum needs "
+                       f"{need} (federation.min_clients, and never fewer than 2)")
+                return self._stop(fl_ctx, f"round {round_}: {why}: stopping; the last saved round is the last good one")
+            try:
+                result = secure_round(self.relay, roster, {s: got[s].key for s in roster},
+                                      {s: got[s].rank for s in roster}, global_state, job_id=fl_ctx.get_job_id(),
+                                      round_num=int(round_), attempt=attempt, strategy=self.strategy, rank=self.rank,
+                                      ef_state=self.ef_state if self.how.keeps_residual else None,
+                                      server_lr=self.federation.server_lr,
+                                      timeout=self.federation.secure_pass_timeout, fl_ctx=fl_ctx)
+                _check_finite(result)
+            except SitesLost as e:
+                self.log_warning(fl_ctx, f"round {round_}: secure sum not used ({e}); "
+                                 + ("the round runs again" if attempt < MAX_RERUNS else "no rerun left"))
+                if isinstance(round_, int):
+                    self._record(fl_ctx, round_ + 1, {s: {"rejected": f"secure pass: {why}"}
+                                                      for s, why in e.sites.items()})
+                if attempt == MAX_RERUNS:
+                    break
+                survivors = [s for s in roster if s not in e.sites] if e.sites else roster
+                if len(survivors) < need:
+                    return self._stop(fl_ctx, f"round {round_}: lost {', '.join(e.sites)} between the secure passes; "
+                                      f"{len(survivors)} site(s) left ({', '.join(survivors) or 'none'}), a secure "
+                                      f"sum needs {need} (federation.min_clients, and never fewer than 2): stopping; "
+                                      "the last saved round is the last good one")
+                with self._lock:
+                    self._clear_round()
+                    self._round = round_
+                self.log_info(fl_ctx, f"round {round_}: running again with {', '.join(survivors)} (they train "
+                                      "again: fresh keys and masks)")
+                self.relay.retrain(survivors, fl_ctx)
+                continue
+            self.last_round_weights = dict(zip(roster, [1.0 / len(roster)] * len(roster)))
+            self.last_round_sites = list(roster)
+            self.last_round_checks = {}
+            self.last_round_metrics = {s: m for s, m in self._round_metrics.items() if s in roster}
+            self.log_info(fl_ctx, f"round {round_}: secure {self.strategy} of {len(roster)} sites (uniform weights; "
+                                  "the server saw only masked messages and their sums)")
+            meta = {"fedesm_strategy": self.strategy, "aggregated_sites": roster, AppConstants.CURRENT_ROUND: round_}
+            return DXO(data_kind=DataKind.WEIGHTS, data=result, meta=meta).to_shareable()
+        return self._stop(fl_ctx, f"round {round_}: the secure sum failed {MAX_RERUNS + 1} times: stopping; the last "
+                                  "saved round is the last good one")
+
+    def _stop(self, fl_ctx: FLContext, reason: str) -> Shareable:
+        self.log_error(fl_ctx, reason)
+        self.system_panic(reason, fl_ctx)
+        return DXO(data_kind=DataKind.WEIGHTS, data={}).to_shareable()
 
     def _screen(self, global_state) -> list[str]:
         """The bounds on each vetted update (`aggregation.screen_updates`): the sites that pass, by name (not

@@ -15,8 +15,9 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.errors import FedesmError
-from fedesm.flare.payload import (BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE_KEY, make_weights_shareable,
-                                  read_weights_shareable, to_torch_dict, withheld_reply)
+from fedesm.flare.payload import (BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, RANK_KEY, SECURE_STEP_KEY, SECURE_TASKS,
+                                  SITE_KEY, make_weights_shareable, read_weights_shareable, to_torch_dict,
+                                  withheld_reply)
 from fedesm.settings import JobSettings
 from fedesm.site_run import SiteRun
 from fedesm.training.privacy.policy import PolicyRefusal
@@ -74,6 +75,8 @@ class EsmLoraExecutor(Executor):
                 return self._train(shareable, fl_ctx, abort_signal)
             if task_name == self.validate_task_name:
                 return self._validate(shareable, fl_ctx)
+            if task_name in SECURE_TASKS.values():
+                return self._secure_pass(task_name, shareable, fl_ctx)
             if task_name == self.submit_model_task_name:
                 return self._reply({SITE_KEY: self.run.site}) if self.run else make_reply(ReturnCode.EMPTY_RESULT)
             self.log_error(fl_ctx, f"unknown task {task_name!r}")
@@ -125,8 +128,45 @@ class EsmLoraExecutor(Executor):
             meta[N_SAMPLES_KEY] = run.declared_samples  # the operator's count, never the data's
         if run.backbone_identity:
             meta[BACKBONE_KEY] = run.backbone_identity
-        reply = self._reply(meta)
+        if self.settings.federation.secure_aggregation:
+            reply = self._key_reply(run, current_round, meta, fl_ctx)
+        else:
+            reply = self._reply(meta)
         reply.set_header(AppConstants.CURRENT_ROUND, current_round)
+        return reply
+
+    # ------------------------------------------------------------------ secure aggregation
+
+    def _key_reply(self, run: SiteRun, current_round, meta: dict, fl_ctx: FLContext) -> Shareable:
+        """Secure aggregation: the round's signed public key and the metrics; the factors stay here until the
+        masked passes (fedesm.secure)."""
+        from fedesm.ranks import state_rank
+        from fedesm.secure.wire import key_to_arrays
+
+        if not isinstance(current_round, int):
+            raise FedesmError("secure aggregation: the train task carries no round number")
+        key = run.open_secure_round(fl_ctx.get_job_id(), current_round, self.settings.federation.min_clients)
+        meta = {**meta, SECURE_STEP_KEY: "keys", RANK_KEY: int(state_rank(run.exchanged_state()) or 0)}
+        self.log_info(fl_ctx, f"{run.site}: secure aggregation: sent the round's signed key, kept the factors")
+        return DXO(data_kind=DataKind.COLLECTION, data=key_to_arrays(key), meta=meta).to_shareable()
+
+    def _secure_pass(self, task_name: str, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        from fedesm.secure import wire
+
+        if self.run is None or not self.settings.federation.secure_aggregation:
+            raise FedesmError(f"{task_name}: this job does not aggregate securely, or the site has not trained")
+        data = _collection(shareable)
+        step = next(k for k, v in SECURE_TASKS.items() if v == task_name)
+        if step == "pass2":
+            message = self.run.secure_second(wire.bases_from_arrays(data))
+        else:
+            plan = wire.plan_from_arrays(data) if step == "pass1" else None
+            message = self.run.secure_first(wire.keys_from_arrays(data), plan)
+        self.log_info(fl_ctx, f"{self.run.site}: secure aggregation: sent the masked {step} message "
+                              f"({message.words.size:,} words)")
+        reply = DXO(data_kind=DataKind.COLLECTION, data=wire.message_to_arrays(message),
+                    meta={SECURE_STEP_KEY: step, SITE_KEY: self.run.site}).to_shareable()
+        reply.set_header(AppConstants.CURRENT_ROUND, shareable.get_header(AppConstants.CURRENT_ROUND))
         return reply
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -153,3 +193,12 @@ class EsmLoraExecutor(Executor):
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and v == v:  # skip NaN
                 sender.add(tag=k, value=float(v), data_type=AnalyticsDataType.SCALAR, global_step=int(global_step))
+
+
+def _collection(shareable: Shareable) -> dict:
+    from nvflare.apis.dxo import from_shareable
+
+    dxo = from_shareable(shareable)
+    if dxo.data_kind != DataKind.COLLECTION or not isinstance(dxo.data, dict):
+        raise FedesmError(f"secure aggregation: the task carries a {dxo.data_kind} DXO, not the round's collection")
+    return dxo.data

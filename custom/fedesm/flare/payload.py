@@ -18,6 +18,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import numpy_decomposers
 from nvflare.fuel.utils import fobs
 
+from fedesm.secure.wire import SECURE_TASKS  # noqa: F401 - the passes' task names, with the other wire names here
 from fedesm.settings import TRANSFER_DTYPES
 
 # DXO meta keys of a site's contribution, shared by the executor (writer) and the aggregator (reader).
@@ -29,6 +30,12 @@ N_SAMPLES_KEY = "n_samples"
 SITE_KEY = "site"
 BACKBONE_KEY = "fedesm_backbone"  # which backbone the site trained on: arch, source (no local path), sha256
 BACKBONE_FIELDS = ("arch", "source", "sha256", "seed")
+# Secure aggregation (federation.secure_aggregation): the step a DXO(COLLECTION) belongs to (keys: a site's signed
+# key instead of its factors; pass1 / pass2 / sum: masked words) and the site's LoRA rank (public: the sketch's
+# width depends on the sites' summed rank). The tasks the server sends for the masked passes:
+SECURE_STEP_KEY = "fedesm_secure"
+RANK_KEY = "fedesm_lora_rank"
+SECURE_STEPS = ("keys", "pass1", "pass2", "sum")
 # A reply header: why a site sends nothing for a task (its privacy policy refused the job, its epsilon budget is
 # spent, its outbound filter stopped the result). The reply carries no data and a non-OK return code, so NVFLARE's
 # ScatterAndGather goes on without the site when min_clients still allows it (its dynamic ignore_result_error).

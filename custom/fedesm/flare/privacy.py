@@ -45,11 +45,12 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from fedesm.evaluation.release import releasable_under_dp
-from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, SITE_KEY,
+from fedesm.flare.payload import (BACKBONE_FIELDS, BACKBONE_KEY, METRICS_KEY, N_SAMPLES_KEY, RANK_KEY, SECURE_STEP_KEY,
+                                  SITE_KEY,
                                   TRANSFER_DTYPE_KEY, WITHHELD_KEY,
                                   withheld_reply)
 from fedesm.launch.policy import MAX_LORA_RANK
-from fedesm.keys import CLASSIFIER_NAME, fits_within_rank, split_lora_key
+from fedesm.keys import CLASSIFIER_NAME, fits_within_rank, lora_pairs, split_lora_key
 from fedesm.settings import JobSettings
 
 MAX_TEXT = 256  # longest string a header may carry (site names, task ids, dtype names)
@@ -85,6 +86,7 @@ class ExpectedResult:
     dtype: str
     site: Optional[str] = None
     dp: bool = False  # the job trains with DP-SGD: only the metrics of `fedesm.evaluation.release` leave
+    secure: bool = False  # secure aggregation: a signed key and masked words leave, never the factors themselves
 
     @classmethod
     def for_job(cls, settings: JobSettings, site: Optional[str] = None,
@@ -98,7 +100,15 @@ class ExpectedResult:
             raise FedesmError(f"the job's lora.r {settings.lora.r} is above this site's max_lora_rank {max_lora_rank}")
         shapes = exchanged_shapes(get_architecture(settings.model.arch), settings.lora, settings.model.num_labels)
         return cls(shapes=shapes, dtype=settings.federation.transfer_dtype, site=site,
-                   dp=not settings.training.dp_noise_multiplier <= 0)  # nan counts as DP: the stricter list
+                   dp=not settings.training.dp_noise_multiplier <= 0,  # nan counts as DP: the stricter list
+                   secure=settings.federation.secure_aggregation)
+
+    def words_limit(self) -> int:
+        """The most masked words one secure message of this job can hold: the check word, a d_out x d_in
+        block per LoRA pair (a sketch is never wider than the matrix) and every exchanged tensor once."""
+        pairs = lora_pairs(list(self.shapes))
+        full = sum(int(self.shapes[b][0]) * int(self.shapes[a][1]) for a, b in pairs.values())
+        return 1 + full + sum(int(np.prod(s)) for s in self.shapes.values())  # nan counts as DP: the stricter list
 
 
 def _number(value: Any) -> bool:
@@ -159,6 +169,24 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
     bad = [k for k, v in data.items() if not (isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.number))]
     if bad:
         return f"non-numeric values for {bad[:3]}"
+    problem = _weights_meta_problem(meta, expected)
+    if problem or expected is None:
+        return problem
+    sent_as = meta.get(TRANSFER_DTYPE_KEY, "float32")
+    if sent_as != expected.dtype:
+        return f"meta {TRANSFER_DTYPE_KEY} {str(sent_as)[:20]!r}, the job sends {expected.dtype}"
+    for name, arr in data.items():
+        if name not in expected.shapes:
+            return f"tensor {name!r}, not one of the {len(expected.shapes)} of the job's model"
+        if not fits_within_rank(name, arr.shape, expected.shapes[name]):  # a site may train a smaller rank
+            return f"tensor {name!r} of shape {tuple(arr.shape)}, the job's model has {tuple(expected.shapes[name])}"
+        if arr.dtype != np.dtype(expected.dtype):
+            return f"tensor {name!r} of dtype {arr.dtype}, the job sends {expected.dtype}"
+    return None
+
+
+def _weights_meta_problem(meta: dict, expected: Optional[ExpectedResult]) -> Optional[str]:
+    """The meta of a train result: declared names only, counts, the backbone's identity, metrics, the site."""
     unknown = sorted(set(meta) - _WEIGHT_META)
     if unknown:
         return f"undeclared meta {unknown[:3]} (only {', '.join(sorted(_WEIGHT_META))})"
@@ -175,20 +203,43 @@ def _weights_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) 
         problem = _metrics_problem(meta[METRICS_KEY], "metrics", expected is not None and expected.dp)
         if problem:
             return problem
-    if expected is None:
-        return None
-    if expected.site is not None and SITE_KEY in meta and meta[SITE_KEY] != expected.site:
+    if expected is not None and expected.site is not None and SITE_KEY in meta and meta[SITE_KEY] != expected.site:
         return f"meta {SITE_KEY} {str(meta[SITE_KEY])[:60]!r}, this site is {expected.site!r}"
-    sent_as = meta.get(TRANSFER_DTYPE_KEY, "float32")
-    if sent_as != expected.dtype:
-        return f"meta {TRANSFER_DTYPE_KEY} {str(sent_as)[:20]!r}, the job sends {expected.dtype}"
-    for name, arr in data.items():
-        if name not in expected.shapes:
-            return f"tensor {name!r}, not one of the {len(expected.shapes)} of the job's model"
-        if not fits_within_rank(name, arr.shape, expected.shapes[name]):  # a site may train a smaller rank
-            return f"tensor {name!r} of shape {tuple(arr.shape)}, the job's model has {tuple(expected.shapes[name])}"
-        if arr.dtype != np.dtype(expected.dtype):
-            return f"tensor {name!r} of dtype {arr.dtype}, the job sends {expected.dtype}"
+    return None
+
+
+def _secure_problem(data: Any, meta: dict, expected: Optional[ExpectedResult]) -> Optional[str]:
+    """A secure-aggregation message: the round's signed key (with the train task's metrics) or masked words."""
+    from fedesm.secure.wire import CONTEXT, KEY_LIMITS, WORDS
+
+    if expected is not None and not expected.secure:
+        return "a secure-aggregation message in a job that does not aggregate securely"
+    step = meta.get(SECURE_STEP_KEY)
+    if not isinstance(data, dict) or not all(isinstance(v, np.ndarray) and v.ndim == 1 for v in data.values()):
+        return "a secure-aggregation message that is not flat arrays"
+    if step == "keys":
+        if set(data) != set(KEY_LIMITS):
+            return f"a key message holding {sorted(map(str, data))[:5]}"
+        for name, arr in data.items():
+            if arr.dtype != np.uint8 or arr.size > KEY_LIMITS[name]:
+                return f"a key message whose {name} is {arr.size} {arr.dtype} (at most {KEY_LIMITS[name]} bytes)"
+        rank = meta.get(RANK_KEY)
+        if not _count(rank):
+            return f"meta {RANK_KEY} that is not a count"
+        rest = {k: v for k, v in meta.items() if k not in (SECURE_STEP_KEY, RANK_KEY)}
+        return _weights_meta_problem(rest, expected)
+    if step not in ("pass1", "pass2", "sum"):
+        return f"a secure-aggregation step {str(step)[:20]!r}"
+    if set(data) != {WORDS, CONTEXT} or data[WORDS].dtype != np.uint64 or data[CONTEXT].dtype != np.uint8:
+        return "a masked message that is not uint64 words with its context"
+    if data[CONTEXT].size > KEY_LIMITS["context"]:
+        return f"a masked message with a {data[CONTEXT].size}-byte context"
+    if set(meta) - {SECURE_STEP_KEY, SITE_KEY}:
+        return f"undeclared meta {sorted(set(meta) - {SECURE_STEP_KEY, SITE_KEY})[:3]}"
+    if expected is not None and data[WORDS].size > expected.words_limit():
+        return f"{data[WORDS].size:,} masked words, more than this job's model can need ({expected.words_limit():,})"
+    if expected is not None and expected.site is not None and meta.get(SITE_KEY, expected.site) != expected.site:
+        return f"meta {SITE_KEY} {str(meta[SITE_KEY])[:60]!r}, this site is {expected.site!r}"
     return None
 
 
@@ -217,7 +268,11 @@ def result_problem(shareable: Shareable, expected: Optional[ExpectedResult] = No
         if unknown:
             return f"undeclared meta {unknown[:3]}"
         return _metrics_problem(dxo.data or {}, "metrics", expected is not None and expected.dp)
+    if dxo.data_kind == DataKind.COLLECTION and SECURE_STEP_KEY in meta:
+        return _secure_problem(dxo.data, meta, expected)
     if dxo.data_kind in (DataKind.WEIGHTS, DataKind.WEIGHT_DIFF):
+        if expected is not None and expected.secure:
+            return "the LoRA factors in the clear, in a job that aggregates securely (only masked sums leave)"
         return _weights_problem(dxo.data, meta, expected)
     return f"a DXO of kind {getattr(dxo.data_kind, 'value', dxo.data_kind)}"
 

@@ -35,6 +35,7 @@ from fedesm import __version__
 from fedesm.errors import FedesmError
 from fedesm.fileio import atomic_dir
 from fedesm.paths import repo_path
+from fedesm.secure.wire import SECURE_TASKS
 from fedesm.settings import FederationSettings, JobSettings, ModelSettings, TrainConfig
 
 SERVER_CONFIG = "app/config/config_fed_server.json"
@@ -139,6 +140,16 @@ def _sync_tracking(server: dict, settings: JobSettings) -> None:
     server["components"] = components
 
 
+def _sync_tasks(client: dict, settings: JobSettings) -> None:
+    """The executor also takes the secure passes' tasks exactly when `federation.secure_aggregation` is on."""
+    secure = list(SECURE_TASKS.values())
+    for entry in client.get("executors", []):
+        tasks = [t for t in entry.get("tasks", []) if t not in secure]
+        if settings.federation.secure_aggregation and "train" in tasks:
+            tasks += secure
+        entry["tasks"] = tasks
+
+
 def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str, dict]:
     """Put the settings blocks into both configs (first, for readers) and the numbers derived from them
     into NVFLARE's own components and meta.json; add the components the settings switch on (MLflow)."""
@@ -156,6 +167,8 @@ def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str,
                     flow["args"][key] = value
         if cfg == SERVER_CONFIG:
             _sync_tracking(data, settings)
+        else:
+            _sync_tasks(data, settings)
         out[cfg] = {"format_version": files[cfg].get("format_version", 2), **settings.to_dict(), **data}
     meta = dict(files.get(META) or {})
     meta.update(name=name, min_clients=settings.federation.min_clients)
