@@ -15,6 +15,7 @@ def make_kits(root, name="fedesm", sites=SITES, fl_port=18102):
     project["name"] = name
     project["participants"] = [p for p in project["participants"] if p["type"] == "server"] + [
         {"name": s, "type": "client", "org": f"org{i}"} for i, s in enumerate(sites, start=1)]
+    root.mkdir(parents=True, exist_ok=True)
     src = root / "src.yml"
     src.write_text(yaml.safe_dump(project))
     return provision(render_project(src, root / "project.yml", server_name="localhost", fl_port=fl_port), root / "ws")

@@ -233,7 +233,7 @@ def test_fedit_and_ffa_are_one_masked_sum_equal_to_the_plain_average(kits, strat
     assert list(sec) == list(ref)
     for k in ref:
         assert sec[k].dtype == ref[k].dtype
-        np.testing.assert_allclose(sec[k], ref[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(sec[k], ref[k], atol=1e-5, err_msg=k)  # float32 factors
 
 
 def test_strategies_without_a_secure_path_are_refused_in_one_line(kits):
@@ -250,3 +250,19 @@ def test_a_roster_below_the_jobs_minimum_is_refused(kits):
     strict = SiteRound("site-1", _startup(kits, "site-1"), "job-1", 0, 0.5, min_sites=3)
     with pytest.raises(FedesmError, match="needs at least 3"):
         strict.agree({"site-1": strict.signed_key, "site-2": parts["site-2"].signed_key})
+
+
+@pytest.mark.parametrize("strategy", ["fra", "fedit"])
+def test_a_site_whose_state_lists_its_tensors_in_another_order_sums_the_same(kits, strategy):
+    """The flat messages follow one order every party derives (names sorted), not the order of a state dict:
+    in NVFLARE the global model comes from the persistor and a site's state from PEFT, in different orders."""
+    rng = np.random.default_rng(11)
+    names = SITES[:2]
+    g = _state(rng, 4)
+    states = {s: _state(rng, 4) for s in names}
+    ref = aggregate([states[s] for s in names], [1, 1], strategy, rank=4, global_state=g)
+    shuffled = {s: dict(reversed(list(st.items()))) for s, st in states.items()}
+    sec = run_round({s: (shuffled[s], _startup(kits, s)) for s in names}, {s: 1 for s in names}, g, job_id="j",
+                    round_num=0, seed=3, strategy=strategy, rank=4)
+    for k in ref:
+        np.testing.assert_allclose(sec[k], ref[k], atol=1e-5, err_msg=k)  # float32 factors

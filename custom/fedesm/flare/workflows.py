@@ -60,7 +60,7 @@ class ScatterAndGather(_ScatterAndGather):
         shareable.set_header(AppConstants.NUM_ROUNDS, self._num_rounds)
         replies: dict = {}
 
-        def received(client_task: ClientTask, _ctx: FLContext) -> None:
+        def received(client_task: ClientTask, fl_ctx: FLContext) -> None:
             replies[client_task.client.name] = client_task.result
 
         task = Task(name=task_name, data=shareable, timeout=int(timeout), result_received_cb=received)

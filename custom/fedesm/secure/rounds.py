@@ -115,7 +115,7 @@ def averaged_layout(global_state: Mapping[str, Any], freezes_a: bool) -> masking
     """fedit / ffa: every tensor is a plain weighted sum, in the global model's order; ffa sends no lora_A (the
     server keeps the A it sent: a secure sum cannot show that no site changed it)."""
     frozen = {a for a, _ in lora_pairs(list(global_state)).values()} if freezes_a else set()
-    return tuple((k, tuple(np.shape(v))) for k, v in global_state.items() if k not in frozen)
+    return tuple((k, tuple(np.shape(global_state[k]))) for k in sorted(global_state) if k not in frozen)
 
 
 def _weighted(state: Mapping[str, Any], weight: float, layout: masking.Layout) -> np.ndarray:
@@ -123,15 +123,16 @@ def _weighted(state: Mapping[str, Any], weight: float, layout: masking.Layout) -
 
 
 def pass_layouts(global_state: Mapping[str, Any], plan: SketchPlan) -> tuple[masking.Layout, masking.Layout]:
-    """The flat layouts of the two passes, from the global model and the plan (the sites' own order)."""
+    """The flat layouts of the two passes, from the global model and the plan: pairs, then the other tensors,
+    each sorted by name (the order `sketch.site_pass1/2` make their terms in, whatever order a state has)."""
     pairs = lora_pairs(list(global_state))
     lora_keys = {k for pair in pairs.values() for k in pair}
     first, second = [], []
-    for name, (a_key, b_key) in pairs.items():
+    for name, (a_key, b_key) in sorted(pairs.items()):  # sorted: the order every party flattens in
         d_in, d_out, s = np.shape(global_state[a_key])[1], np.shape(global_state[b_key])[0], plan.widths[name]
         first.append((name, (d_out, s)))
         second.append((name, (s, d_in)))
-    first += [(k, tuple(np.shape(v))) for k, v in global_state.items() if k not in lora_keys]
+    first += [(k, tuple(np.shape(global_state[k]))) for k in sorted(global_state) if k not in lora_keys]
     return tuple(first), tuple(second)
 
 

@@ -117,12 +117,12 @@ def site_pass1(state: Mapping[str, Any], weight: float, plan: SketchPlan) -> dic
     is a plain weighted sum, sent once)."""
     pairs = _pairs(state, plan)
     out: dict[str, np.ndarray] = {}
-    for name, (a_key, b_key) in pairs.items():
+    for name, (a_key, b_key) in sorted(pairs.items()):  # sorted: the order every party flattens in
         out[name] = range_term(state[a_key], state[b_key], plan.omega(name, np.shape(state[a_key])[1]), weight)
     lora_keys = {k for pair in pairs.values() for k in pair}
-    for k, v in state.items():
+    for k in sorted(state):
         if k not in lora_keys:
-            out[k] = weight * _to_f64(v)
+            out[k] = weight * _to_f64(state[k])
     return out
 
 
@@ -131,7 +131,7 @@ def site_pass2(state: Mapping[str, Any], weight: float, bases: Mapping[str, np.n
     pairs = lora_pairs(list(state))
     if set(pairs) != set(bases):
         raise FedesmError("secure aggregation: the server's bases do not name this site's LoRA pairs")
-    return {name: core_term(state[a], state[b], bases[name], weight) for name, (a, b) in pairs.items()}
+    return {name: core_term(state[a], state[b], bases[name], weight) for name, (a, b) in sorted(pairs.items())}
 
 
 @dataclass
