@@ -184,6 +184,29 @@ def test_admin_console_session_from_the_readme(network):
 # ---- what a site refuses ------------------------------------------------------------------------
 
 
+def test_a_secure_job_completes_under_the_shipped_site_policy_and_the_server_gets_no_factor(network):
+    """federation.secure_aggregation on the provisioned network: each site signs its round keys with its own
+    kit's client.key (the kit is its workspace), the peers check them against the project's root CA, the
+    job checker and the sites' outbound filters (the shipped policy) let the keys and masked words through,
+    and the server saves every round without a single site's tensor ever reaching it."""
+    net = network["net"]
+    job = export(network, "--set federation.secure_aggregation=true", "--set federation.max_update_ratio=0",
+                 "--set federation.clip_update_ratio=0")
+    meta = finished(network, submit(network, job, net.admin_kit), timeout=600)
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    assert sorted(meta["job_deploy_detail"]) == ["server: OK", "site-1: OK", "site-2: OK"]
+    run = net.download(meta["job_id"], network["root"] / "secure_result") / "workspace"
+    assert (run / "fedesm" / "rounds" / "round_002" / "adapter_model.safetensors").is_file()
+    manifest = json.loads((run / "fedesm" / "payload_manifest.json").read_text())
+    assert manifest == {s: {"tensors": [], "parameters": 0, "secure_aggregation": True} for s in ("site-1", "site-2")}
+    server_log = (run / "log.txt").read_text(errors="replace")
+    assert server_log.count("secure fra of 2 sites") == 2
+    for site in ("site-1", "site-2"):
+        site_log = (net.kit(site) / meta["job_id"] / "log.txt").read_text(errors="replace")
+        assert site_log.count("sent the masked pass2 message") == 2
+        assert "site privacy policy: refused" not in site_log
+
+
 def test_a_bundle_that_brings_code_is_refused_by_the_server_and_by_every_site(network):
     """The server's job checker refuses the code before any site gets it (from the project admin and a lead
     alike: a job is data); sent to the sites alone, each site's checker refuses it on its own (NVFLARE's byoc

@@ -52,3 +52,13 @@ def test_every_secure_strategy_is_accepted_and_its_job_routes_the_passes(strateg
 def test_what_a_secure_sum_cannot_do_is_refused_in_one_line(fields, shown):
     with pytest.raises(SettingError, match=shown):
         FederationSettings(**{"strategy": "fra", "secure_aggregation": True, "min_clients": 2, **_OPEN, **fields})
+
+
+def test_a_cyclic_job_with_secure_aggregation_is_refused_at_export(tmp_path):
+    from fedesm.errors import FedesmError
+    from fedesm.launch.jobs import export_job
+
+    with pytest.raises(FedesmError, match="needs the scatter-and-gather workflow"):
+        export_job("esm2_cyclic", tmp_path, {"federation.secure_aggregation": True, "federation.max_update_ratio": 0,
+                                             "federation.clip_update_ratio": 0})
+    assert not (tmp_path / "esm2_cyclic").exists()  # nothing written

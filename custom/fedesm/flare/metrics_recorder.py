@@ -96,11 +96,19 @@ class MetricsRecorder(AnalyticsReceiver):
         if result is None or r is None:
             return
         site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, None) or "unknown"
+        from fedesm.flare.payload import BACKBONE_FIELDS, BACKBONE_KEY, SECURE_STEP_KEY
+
         try:
             weights, meta = read_weights_shareable(result)
         except Exception:
-            return
-        from fedesm.flare.payload import BACKBONE_FIELDS, BACKBONE_KEY
+            try:  # secure aggregation: the site's signed key instead of its tensors (no factor reaches the server)
+                dxo = from_shareable(result)
+                meta = dict(dxo.meta or {}) if (dxo.meta or {}).get(SECURE_STEP_KEY) == "keys" else None
+            except Exception:
+                meta = None
+            if meta is None:
+                return
+            weights = {}
 
         claimed = meta.get(BACKBONE_KEY)
         if isinstance(claimed, dict):  # a claim: only recorded (in the model card), never acted on
@@ -110,7 +118,8 @@ class MetricsRecorder(AnalyticsReceiver):
             self._set(r + 1, site, "sent_tensors", len(weights))
             self._set(r + 1, site, "sent_parameters", n_params)
             self._set(r + 1, site, "sent_bytes", shareable_nbytes(result))
-            self.manifest.setdefault(site, {"tensors": sorted(weights), "parameters": n_params})
+            self.manifest.setdefault(site, {"tensors": sorted(weights), "parameters": n_params,
+                                            **({"secure_aggregation": True} if not weights else {})})
             self._write()
 
     # --------------------------------------------------------------------------------- other components

@@ -167,6 +167,11 @@ def _sync(files: dict[str, dict], settings: JobSettings, name: str) -> dict[str,
                     flow["args"][key] = value
         if cfg == SERVER_CONFIG:
             _sync_tracking(data, settings)
+            if settings.federation.secure_aggregation and any(
+                    not str(w.get("path", "")).endswith(".ScatterAndGather") for w in data.get("workflows", [])[:1]):
+                raise FedesmError(f"job {name}: federation.secure_aggregation needs the scatter-and-gather workflow "
+                                  "(esm2_fra_lora): a cyclic job hands each site's model to the next site, there is "
+                                  "no sum to hide")
         else:
             _sync_tasks(data, settings)
         out[cfg] = {"format_version": files[cfg].get("format_version", 2), **settings.to_dict(), **data}
