@@ -37,3 +37,48 @@ def test_counted_bytes_are_the_messages_bytes(tmp_path):
     assert 0.5 * secure_bytes.KEY_BYTES < key_bytes <= secure_bytes.KEY_BYTES  # counted generously
     plain = secure_bytes.plain_bytes(d, layers, r)["up"]
     assert plain == sum(v.nbytes for v in states[names[0]].values())
+
+
+def test_timed_round_plays_run_round(tmp_path):
+    """The bench's part-by-part round is the round ``rounds.run_round`` plays: same global model."""
+    from fedesm.secure.rounds import run_round
+
+    names = ["site-1", "site-2", "site-3"]
+    kits = secure_bytes._kits(tmp_path, names)
+    rng = np.random.default_rng(1)
+    states = {n: secure_bytes._state(rng, 24, 2, 4) for n in names}
+    timed = secure_bytes.timed_round(states, kits, round_num=0, seed=5, rank=4)
+    ref = run_round({n: (states[n], kits[n]) for n in names}, {n: 1.0 for n in names}, states[names[0]],
+                    job_id="bench", round_num=0, seed=5, rank=4)
+    assert set(timed["state"]) == set(ref)
+    assert max(float(np.max(np.abs(timed["state"][k] - ref[k]))) for k in ref) < 1e-12
+    assert set(timed["site_s"]) == set(names) and timed["server_s"] > 0
+
+
+def test_secure_section_of_run_bench_on_tiny_shapes(tmp_path):
+    import run_bench
+
+    sizes = {"secure": {"dims": (32,), "sites": (2, 3), "rank": 4, "reps": 1, "word_bits": (64, 32), "threads": 1,
+                        "models": {32: ("tiny", 2)}}}
+    doc = run_bench.run_all(["secure"], sizes=sizes, work_dir=tmp_path, echo=lambda *a: None)
+    sec = doc["results"]["secure"]
+    assert doc["sections"] == ["secure"] and sec["threads"] == 1 and sec["load_average_before"] is not None
+    rows = {(x["sites"], x["word_bits"]): x for x in sec["rows"]}
+    assert set(rows) == {(2, 64), (2, 32), (3, 64), (3, 32)}
+    for k in (2, 3):
+        r64, r32 = rows[(k, 64)], rows[(k, 32)]
+        assert r64["plain_up_bytes"] == secure_bytes.plain_bytes(32, 2, 4)["up"]
+        assert r64["secure_up_bytes"] == secure_bytes.secure_bytes(32, 2, 4, k)["up"]
+        # 32-bit words: the masked messages take exactly half the bytes
+        assert 2 * (r32["secure_up_bytes"] - secure_bytes.KEY_BYTES) == r64["secure_up_bytes"] - secure_bytes.KEY_BYTES
+        for x in (r64, r32):
+            # the messages the timed round made: the counted sizes, the key at its real (smaller) length
+            assert 0 < x["secure_up_bytes"] - x["secure_up_measured_bytes"] < secure_bytes.KEY_BYTES
+            assert x["server_receives_secure_bytes"] == k * x["secure_up_bytes"]
+            assert x["up_ratio"] == x["secure_up_bytes"] / x["plain_up_bytes"]
+            assert x["max_abs_diff"] < 1e-4  # the secure round gives plain FRA's model
+            assert x["plain_s"] > 0 and x["secure_site_s"] > 0 and x["secure_server_s"] > 0
+    assert rows[(2, 32)]["max_abs_diff"] > rows[(2, 64)]["max_abs_diff"]  # 2^-24 steps against 2^-32
+    md = run_bench.to_markdown(doc)
+    assert "## 3a. Secure aggregation" in md and "| tiny | 3 | 32-bit |" in md
+    assert any(line.startswith("secure tiny K=3 32-bit: up") for line in run_bench.summary_lines(doc))
