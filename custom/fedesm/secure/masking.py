@@ -3,8 +3,9 @@ sites' masked messages and learns the sum, and nothing else.
 
 Each site encodes its terms in fixed point (two's complement modulo 2^w: ``word_bits`` w = 64, the default,
 with ``SCALE_BITS`` fractional bits; or w = 32, half the bytes, with the fractional bits ``fraction_bits``
-leaves after room for the sum of the sites' values, each below a public ``bound``) and adds, for every other site j, a mask drawn from the secret it shares with j: ``+m_ij`` when its
-name sorts before j's, ``-m_ij`` after. Summed over all the round's sites the masks cancel exactly
+leaves after room for the sum of the sites' values, each below a public ``bound``) and adds, for every
+other site j, a mask drawn from the secret it shares with j: ``+m_ij`` when its name sorts before j's,
+``-m_ij`` after. Summed over all the round's sites the masks cancel exactly
 (integer arithmetic modulo 2^w), so the decoded sum is the sum of the encodings; each message alone is
 its encoding plus pseudorandom uniform words, which says nothing about it without a peer's secret.
 
