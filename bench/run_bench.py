@@ -82,7 +82,7 @@ FULL = {
     "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32), "models": (480, 1280), "threads": 1},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 2e8},
     # 8M, 35M, 650M shapes (hidden 320, 480, 1280) at 2, 4, 8 sites, LoRA r=16; one thread, as aggregation
-    "secure": {"dims": (320, 480, 1280), "sites": (2, 4, 8), "rank": 16, "reps": 3, "word_bits": (64, 32),
+    "secure": {"dims": (320, 480, 1280), "sites": (2, 4, 8), "rank": 16, "reps": 3, "masks": secure_bytes.MASKS,
                "threads": 1},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 4, "steps_per_round": 40, "noise_seed": 1},
     "overhead": {"archs": ["esm2_t2_tiny", "esm2_t6_8M_UR50D"], "rounds": 4,
@@ -102,7 +102,7 @@ QUICK = {
     "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
                     "model_reps": 3},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 4e7},
-    "secure": {"dims": (320,), "sites": (2, 4), "rank": 16, "reps": 2, "word_bits": (64, 32), "threads": 1},
+    "secure": {"dims": (320,), "sites": (2, 4), "rank": 16, "reps": 2, "masks": secure_bytes.MASKS, "threads": 1},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 2, "steps_per_round": 40, "noise_seed": None},
     "overhead": {"archs": ["esm2_t2_tiny"], "rounds": 2, "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40}}},
 }
@@ -654,7 +654,8 @@ def summary_lines(doc: dict) -> list[str]:
                      f"{row['lora_sent_fp16'] / 1e6:.3f} MB fp16 vs {row['full_sent_fp32'] / 1e6:.1f} MB full "
                      f"= {100 * row['ratio_sent_fp32']:.2f}% / {100 * row['ratio_sent_fp16']:.2f}%")
     for row in r.get("secure", {}).get("rows", []):
-        lines.append(f"secure {row['arch']} K={row['sites']} {row['word_bits']}-bit: up "
+        label = secure_bytes.mask_label(row["word_bits"], row.get("bound"))
+        lines.append(f"secure {row['arch']} K={row['sites']} {label}: up "
                      f"{row['secure_up_bytes'] / 2**20:.2f} MiB = {row['up_ratio']:.1f}x plain; site "
                      f"{row['secure_site_s']:.3f}s ({row['site_over_plain']:.1f}x plain FRA's {row['plain_s']:.3f}s), "
                      f"server {row['secure_server_s']:.3f}s ({row['server_over_plain']:.1f}x); "

@@ -20,7 +20,8 @@ streams of the pass sizes.
 
 ``run`` (the ``secure`` section of ``make bench``) times the same round part by part (``timed_round``: each
 site's key, agreement and two masked messages; the server's two unmasked sums, bases and re-factoring),
-with 64-bit and 32-bit mask words (``masking`` ``word_bits``), and counts the bytes of the messages it made.
+with 64-bit and 32-bit mask words (``masking`` ``word_bits``; 32-bit at the default bound 64 and at 4),
+and counts the bytes of the messages it made.
 
     python bench/secure_bytes.py [--sites 2 4 8] [--rank 16] [--time 320 480] [--reps 3] [--threads 1]
 """
@@ -158,7 +159,7 @@ def time_table(dims: list[int], sites: list[int], r: int, reps: int) -> list[str
 
 
 def timed_round(states: dict, kits: dict, *, round_num: int, seed: int, rank: int, word_bits: int = 64,
-                job_id: str = "bench") -> dict:
+                bound: float | None = None, job_id: str = "bench") -> dict:
     """One secure FRA round (equal weights, server_lr 1) played part by part as ``rounds.run_round`` plays it,
     each part timed where it runs: a site's key pair and signature, key agreement, pass-1 and pass-2 messages
     (``site_s``, per site); the server's two unmasked sums, bases and re-factoring (``server_s``). Returns the
@@ -190,7 +191,7 @@ def timed_round(states: dict, kits: dict, *, round_num: int, seed: int, rank: in
         terms = terms_fn(state, w[name], arg)
         ctx = pass_context(job_id, round_num, step, roster, sent_for)
         return masking.mask(masking.flatten(terms, masking.layout_of(terms)), name, parts[name].secrets, ctx,
-                            word_bits=word_bits)
+                            word_bits=word_bits, bound=bound)
 
     server_s = 0.0
     ctx1 = plan_bytes(plan)
@@ -198,15 +199,16 @@ def timed_round(states: dict, kits: dict, *, round_num: int, seed: int, rank: in
     t0 = time.perf_counter()
     server = ServerSketch(plan, {}, scale=1.0)
     first = masking.unflatten(masking.unmask_sum(msgs1, roster, pass_context(job_id, round_num, "pass1", roster, ctx1),
-                                                 word_bits=word_bits), layout1)
+                                                 word_bits=word_bits, bound=bound), layout1)
     bases = server.bases({name: first[name] for name in pairs})
     ctx2 = bases_bytes(bases)
     server_s += time.perf_counter() - t0
     msgs2 = [at_site(n, message, n, site_pass2, states[n], bases, "pass2", ctx2) for n in roster]
     t0 = time.perf_counter()
     second = masking.unflatten(masking.unmask_sum(msgs2, roster, pass_context(job_id, round_num, "pass2", roster,
-                                                                              ctx2), word_bits=word_bits), layout2)
-    floor = masking.noise_floor(len(roster), max(int(np.prod(x)) for _, x in layout2), word_bits)
+                                                                              ctx2), word_bits=word_bits, bound=bound),
+                              layout2)
+    floor = masking.noise_floor(len(roster), max(int(np.prod(x)) for _, x in layout2), word_bits, bound)
     factors = server.finish({name: second[name] for name in pairs}, rank, None, residual_cap=len(roster) * rank,
                             noise_floor=floor)
     out = {}
@@ -233,13 +235,22 @@ def update_rel_diff(state: dict, ref: dict) -> float:
     return worst
 
 
-def run(dims=(320, 480, 1280), sites=(2, 4, 8), rank: int = 16, reps: int = 3, word_bits=(64, 32),
+MASKS = ((64, None), (32, None), (32, 4.0))  # (word_bits, bound): 64-bit, 32-bit at BOUND_32, 32-bit at bound 4
+
+
+def mask_label(word_bits: int, bound: float | None) -> str:
+    return f"{word_bits}-bit" + ("" if bound is None else f", bound {bound:g}")
+
+
+def run(dims=(320, 480, 1280), sites=(2, 4, 8), rank: int = 16, reps: int = 3, masks=MASKS,
         reps_by_dim: dict | None = None, models: dict | None = None, echo=print) -> list[dict]:
-    """Rows of the ``secure`` section: per (shape, K, word size) the bytes per site per round (counted, and the
+    """Rows of the ``secure`` section: per (shape, K, mask words) the bytes per site per round (counted, and the
     messages' own bytes), what the server receives, and the seconds of the site and server parts against
-    ``aggregate(..., "fra")``, interleaved, medians of ``reps`` (``reps_by_dim[d]`` where given). ``models``:
-    hidden size -> (name, layers), ``MODELS`` by default (tests pass tiny shapes)."""
+    ``aggregate(..., "fra")``, interleaved, medians of ``reps`` (``reps_by_dim[d]`` where given). ``masks``:
+    (word_bits, bound) pairs (``masking``; bound None: its default). ``models``: hidden size -> (name, layers),
+    ``MODELS`` by default (tests pass tiny shapes)."""
     models = models or MODELS
+    masks = tuple((int(wb), None if bound is None else float(bound)) for wb, bound in masks)
     rows = []
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,14 +263,16 @@ def run(dims=(320, 480, 1280), sites=(2, 4, 8), rank: int = 16, reps: int = 3, w
                 states = {n: _state(rng, d, layers, rank) for n in names}
                 load = [round(x, 2) for x in os.getloadavg()]
                 plain_t = []
-                arms = {wb: {"site": [], "site_max": [], "server": [], "diff": 0.0, "update_diff": 0.0, "sent": 0} for wb in word_bits}
+                arms = {m: {"site": [], "site_max": [], "server": [], "diff": 0.0, "update_diff": 0.0, "sent": 0}
+                        for m in masks}
                 for rep in range(n_reps):
                     t0 = time.perf_counter()
                     ref = aggregate([states[n] for n in names], [1.0] * k, "fra", rank=rank)
                     plain_t.append(time.perf_counter() - t0)
-                    for wb in (word_bits if rep % 2 == 0 else tuple(reversed(word_bits))):
-                        res = timed_round(states, kits, round_num=rep, seed=rep, rank=rank, word_bits=wb)
-                        a = arms[wb]
+                    for m in (masks if rep % 2 == 0 else tuple(reversed(masks))):
+                        res = timed_round(states, kits, round_num=rep, seed=rep, rank=rank, word_bits=m[0],
+                                          bound=m[1])
+                        a = arms[m]
                         a["site"].append(statistics.mean(res["site_s"].values()))
                         a["site_max"].append(max(res["site_s"].values()))
                         a["server"].append(res["server_s"])
@@ -268,10 +281,11 @@ def run(dims=(320, 480, 1280), sites=(2, 4, 8), rank: int = 16, reps: int = 3, w
                         a["sent"] = max(res["sent"].values())
                 plain = statistics.median(plain_t)
                 pb = plain_bytes(d, layers, rank)
-                for wb in word_bits:
-                    a, sb = arms[wb], secure_bytes(d, layers, rank, k, wb)
+                for wb, bound in masks:
+                    a, sb = arms[(wb, bound)], secure_bytes(d, layers, rank, k, wb)
                     site, server = statistics.median(a["site"]), statistics.median(a["server"])
                     row = {"arch": arch, "d": d, "layers": layers, "sites": k, "rank": rank, "word_bits": wb,
+                           "bound": bound, "fraction_bits": masking.fraction_bits(k, wb, bound),
                            "sketch_width": sb["s"], "reps": n_reps, "load_average": load,
                            "plain_up_bytes": pb["up"], "plain_down_bytes": pb["down"],
                            "secure_up_bytes": sb["up"], "secure_down_bytes": sb["down"],
@@ -288,25 +302,27 @@ def run(dims=(320, 480, 1280), sites=(2, 4, 8), rank: int = 16, reps: int = 3, w
                            "total_over_plain": (k * site + server) / plain,
                            "max_abs_diff": a["diff"], "max_update_rel_diff": a["update_diff"]}
                     rows.append(row)
-                    echo(f"   {arch} K={k} {wb}-bit: up {sb['up'] / 2**20:.2f} MiB ({row['up_ratio']:.1f}x plain), "
+                    echo(f"   {arch} K={k} {mask_label(wb, bound)}: up {sb['up'] / 2**20:.2f} MiB "
+                         f"({row['up_ratio']:.1f}x plain), "
                          f"site {site:.3f}s, server {server:.3f}s, plain {plain:.3f}s, max |diff| {a['diff']:.1e}, "
                          f"update rel diff {a['update_diff']:.1e}")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["model", "K", "words", "s", "plain up MiB", "secure up MiB", "up x", "round bytes x",
+    head = ["model", "K", "mask words", "s", "plain up MiB", "secure up MiB", "up x", "round bytes x",
             "server receives MiB (plain / secure)", "plain s", "site s", "server s", "site / plain",
             "server / plain", "all sites + server / plain", "max abs diff", "update rel diff", "reps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
-        cells = [x["arch"], x["sites"], f"{x['word_bits']}-bit", x["sketch_width"],
+        cells = [x["arch"], x["sites"], mask_label(x["word_bits"], x.get("bound")), x["sketch_width"],
                  f"{x['plain_up_bytes'] / 2**20:.2f}", f"{x['secure_up_bytes'] / 2**20:.2f}",
                  f"**{x['up_ratio']:.1f}x**", f"{x['round_bytes_ratio']:.1f}x",
                  f"{x['server_receives_plain_bytes'] / 2**20:.1f} / {x['server_receives_secure_bytes'] / 2**20:.1f}",
                  f"{x['plain_s']:.3f}", f"{x['secure_site_s']:.3f}", f"{x['secure_server_s']:.3f}",
                  f"**{x['site_over_plain']:.1f}x**", f"{x['server_over_plain']:.1f}x",
-                 f"{x['total_over_plain']:.1f}x", f"{x['max_abs_diff']:.1e}", f"{x['max_update_rel_diff']:.1e}", x["reps"]]
+                 f"{x['total_over_plain']:.1f}x", f"{x['max_abs_diff']:.1e}", f"{x['max_update_rel_diff']:.1e}",
+                 x["reps"]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 

@@ -59,13 +59,14 @@ def test_timed_round_plays_run_round(tmp_path):
 def test_secure_section_of_run_bench_on_tiny_shapes(tmp_path):
     import run_bench
 
-    sizes = {"secure": {"dims": (32,), "sites": (2, 3), "rank": 4, "reps": 1, "word_bits": (64, 32), "threads": 1,
-                        "models": {32: ("tiny", 2)}}}
+    sizes = {"secure": {"dims": (32,), "sites": (2, 3), "rank": 4, "reps": 1, "threads": 1,
+                        "masks": ((64, None), (32, None), (32, 4.0)), "models": {32: ("tiny", 2)}}}
     doc = run_bench.run_all(["secure"], sizes=sizes, work_dir=tmp_path, echo=lambda *a: None)
     sec = doc["results"]["secure"]
     assert doc["sections"] == ["secure"] and sec["threads"] == 1 and sec["load_average_before"] is not None
-    rows = {(x["sites"], x["word_bits"]): x for x in sec["rows"]}
-    assert set(rows) == {(2, 64), (2, 32), (3, 64), (3, 32)}
+    rows = {(x["sites"], x["word_bits"]): x for x in sec["rows"] if x["bound"] is None}
+    bound4 = {x["sites"]: x for x in sec["rows"] if x["bound"] == 4.0}
+    assert set(rows) == {(2, 64), (2, 32), (3, 64), (3, 32)} and set(bound4) == {2, 3}
     for k in (2, 3):
         r64, r32 = rows[(k, 64)], rows[(k, 32)]
         assert r64["plain_up_bytes"] == secure_bytes.plain_bytes(32, 2, 4)["up"]
@@ -83,8 +84,13 @@ def test_secure_section_of_run_bench_on_tiny_shapes(tmp_path):
         assert r64["max_abs_diff"] < 1e-5 and r64["max_update_rel_diff"] < 1e-5
         assert r32["max_abs_diff"] < 1e-3 and r32["max_update_rel_diff"] < 1e-3
         assert r32["max_update_rel_diff"] > r64["max_update_rel_diff"]
+        # a tighter public bound: 4 more fractional bits (64 = 2^6 -> 4 = 2^2), the same bytes, a closer model
+        assert bound4[k]["fraction_bits"] == r32["fraction_bits"] + 4 and r64["fraction_bits"] == 32
+        assert bound4[k]["secure_up_bytes"] == r32["secure_up_bytes"]
+        assert bound4[k]["max_update_rel_diff"] < r32["max_update_rel_diff"]
     md = run_bench.to_markdown(doc)
-    assert "## 3a. Secure aggregation" in md and "| tiny | 3 | 32-bit |" in md
+    assert "## 3a. Secure aggregation" in md
+    assert "| tiny | 3 | 32-bit |" in md and "| tiny | 2 | 32-bit, bound 4 |" in md
     assert any(line.startswith("secure tiny K=3 32-bit: up") for line in run_bench.summary_lines(doc))
 
 
