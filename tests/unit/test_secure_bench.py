@@ -103,3 +103,17 @@ def test_update_rel_diff_sees_the_product_not_the_factors():
     assert secure_bytes.update_rel_diff(flipped, ref) < 1e-6
     moved = {**ref, a_key: ref[a_key] * 1.01}
     assert secure_bytes.update_rel_diff(moved, ref) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_full_and_quick_sizes_of_the_secure_section():
+    import inspect
+
+    import run_bench
+
+    assert "secure" in run_bench.SECTIONS
+    full, quick = run_bench.FULL["secure"], run_bench.QUICK["secure"]
+    assert set(full["dims"]) == set(secure_bytes.MODELS) and tuple(full["sites"]) == (2, 4, 8)
+    assert (64, None) in full["masks"] and any(wb == 32 for wb, _ in full["masks"])
+    assert set(quick["dims"]) < set(full["dims"]) and max(quick["sites"]) < max(full["sites"])
+    for cfg in (full, quick):  # every key is run()'s (threads: the runner's)
+        inspect.signature(secure_bytes.run).bind(**{k: v for k, v in cfg.items() if k != "threads"})
