@@ -6,7 +6,7 @@ has a d -> 2 token head. Per site and round:
 * plain: up, the site's factors (float32: r (d_in + d_out) per matrix) and head; down, the global factors
   and head (the same size).
 * secure: up, its signed key (32-byte X25519 key, RSA-2048 signature, kit certificate ~1.3 kB), pass 1
-  (d_out x s words of 8 bytes per matrix, the head, one check word) and pass 2 (s x d_in words); down,
+  (d_out x s words of 8 bytes, or 4 with 32-bit mask words, per matrix, the head, one check word) and pass 2 (s x d_in words); down,
   every roster site's signed key, the bases Q (d_out x s float64) and the global factors and head as in
   plain. s = min(d, K r + 8) (``fedesm.secure.sketch.sketch_width``).
 
@@ -73,15 +73,18 @@ def _mib(n: int) -> str:
 
 
 def byte_table(sites: list[int], r: int) -> list[str]:
-    lines = [f"bytes per round per site (MiB), LoRA r={r} on q,k,v, float32 factors; ratio = secure / plain",
+    lines = [f"bytes per round per site (MiB), LoRA r={r} on q,k,v, float32 factors; ratio = secure / plain "
+             "(32b: masked messages in 32-bit words)",
              f"{'model':<20} {'K':>3} {'s':>4} {'plain up':>9} {'plain dn':>9} {'sec up':>9} {'sec dn':>9} "
-             f"{'up x':>6} {'total x':>8}"]
+             f"{'up x':>6} {'total x':>8} {'up 32b':>9} {'x 32b':>6}"]
     for d, (arch, layers) in MODELS.items():
         for k in sites:
             p, q = plain_bytes(d, layers, r), secure_bytes(d, layers, r, k)
+            q32 = secure_bytes(d, layers, r, k, word_bits=32)
             lines.append(f"{arch:<20} {k:>3} {q['s']:>4} {_mib(p['up'])} {_mib(p['down'])} {_mib(q['up'])} "
                          f"{_mib(q['down'])} {q['up'] / p['up']:6.1f} "
-                         f"{(q['up'] + q['down']) / (p['up'] + p['down']):8.1f}")
+                         f"{(q['up'] + q['down']) / (p['up'] + p['down']):8.1f} {_mib(q32['up']):>9} "
+                         f"{q32['up'] / p['up']:6.1f}")
     return lines
 
 
