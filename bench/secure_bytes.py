@@ -7,8 +7,8 @@ has a d -> 2 token head. Per site and round:
   and head (the same size).
 * secure: up, its signed key (32-byte X25519 key, RSA-2048 signature, kit certificate ~1.3 kB), pass 1
   (d_out x s words of 8 bytes, or 4 with 32-bit mask words, per matrix, the head, one check word) and
-  pass 2 (s x d_in words); down, every roster site's signed key, the bases Q (d_out x s float64) and the global factors and head as in
-  plain. s = min(d, K r + 8) (``fedesm.secure.sketch.sketch_width``).
+  pass 2 (s x d_in words); down, every roster site's signed key, the bases Q (d_out x s float64) and the
+  global factors and head as in plain. s = min(d, K r + 8) (``fedesm.secure.sketch.sketch_width``).
 
 Seconds (``--time``; 8M and 35M by default): one whole round's maths in one process, the K sites' parts
 one after another (fedesm.secure.rounds.run_round, kits from a throwaway CA, key agreement included)
