@@ -6,6 +6,8 @@
   attention    fused vs stock attention (and activation checkpointing) in that loop: residues/s, peak memory
   aggregation  FRA-LoRA vs NVFLARE's HLoRA-style peer and a dense SVD, per matrix and per model (bench_aggregation)
   comm         bytes per site per round: LoRA adapters + head vs the full model, fp32 and fp16
+  secure       secure FRA-LoRA (masked two-pass sketch, 64- and 32-bit words) vs plain FRA-LoRA: bytes per
+               site per round, seconds of the site and server maths, max |difference| (secure_bytes)
   fp16         global F1 of a simulated federated run with float32 vs float16 transfer
   overhead     a simulator round's wall time: local training vs everything else
 
@@ -35,6 +37,7 @@ if str(HERE) not in sys.path:  # the sibling bench modules, when run as a script
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 import bench_aggregation  # noqa: E402
 import bench_attention  # noqa: E402
@@ -42,8 +45,9 @@ import bench_comm  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_peer  # noqa: E402
 import bench_throughput  # noqa: E402
+import secure_bytes  # noqa: E402
 
-SECTIONS = ("throughput", "peer", "attention", "aggregation", "comm", "fp16", "overhead")
+SECTIONS = ("throughput", "peer", "attention", "aggregation", "comm", "secure", "fp16", "overhead")
 
 # Sizes of the full run (<= ~20 min on 2 shared cores) and of --quick (~2-3 min).
 FULL = {
@@ -77,6 +81,9 @@ FULL = {
     # one thread: LAPACK with 2 threads on a shared 2-core machine swings by 10x between repetitions
     "aggregation": {"sizes": (480, 1280, 2560), "sites": (2, 8, 32), "models": (480, 1280), "threads": 1},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 2e8},
+    # 8M, 35M, 650M shapes (hidden 320, 480, 1280) at 2, 4, 8 sites, LoRA r=16; one thread, as aggregation
+    "secure": {"dims": (320, 480, 1280), "sites": (2, 4, 8), "rank": 16, "reps": 3, "masks": secure_bytes.MASKS,
+               "threads": 1},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 4, "steps_per_round": 40, "noise_seed": 1},
     "overhead": {"archs": ["esm2_t2_tiny", "esm2_t6_8M_UR50D"], "rounds": 4,
                  "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40},
@@ -95,6 +102,7 @@ QUICK = {
     "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
                     "model_reps": 3},
     "comm": {"archs": list(bench_comm.DEFAULT_ARCHS), "measure_full_max_params": 4e7},
+    "secure": {"dims": (320,), "sites": (2, 4), "rank": 16, "reps": 2, "masks": secure_bytes.MASKS, "threads": 1},
     "fp16": {"arch": "esm2_t2_tiny", "rounds": 2, "steps_per_round": 40, "noise_seed": None},
     "overhead": {"archs": ["esm2_t2_tiny"], "rounds": 2, "per_arch": {"esm2_t2_tiny": {"steps_per_round": 40}}},
 }
@@ -228,6 +236,21 @@ class Bench:
         table = bench_comm.format_table(rows)
         self.echo(table)
         return {"rows": rows, "table": table, "measure_full_max_params": cfg["measure_full_max_params"]}
+
+    def secure(self) -> dict:
+        cfg = dict(self.sizes["secure"])
+        threads = cfg.pop("threads", None)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(threads):  # numpy's BLAS too: the sketch's products and the server's QR
+                rows = secure_bytes.run(echo=self.echo, **cfg)
+        finally:
+            torch.set_num_threads(before)
+        table = secure_bytes.format_table(rows)
+        self.echo(table)
+        return {"rows": rows, "table": table, "threads": threads or before, "key_bytes": secure_bytes.KEY_BYTES}
 
     def fp16(self) -> dict:
         cfg = self.sizes["fp16"]
@@ -394,6 +417,8 @@ def to_markdown(doc: dict) -> str:
                             f"{100 * x['ratio_sent_fp16']:.2f}%", f"{100 * x['ratio_round_fp32']:.2f}%"]
                            for x in c["rows"]]), ""]
         out += _comm_cross_check(c, r.get("overhead"))
+    if "secure" in r:
+        out += _secure_markdown(r["secure"])
     if "fp16" in r:
         f = r["fp16"]["comparison"]
         rows = [["float32", f"{f['f1_fp32']:.4f}", "", f"{f['auprc_fp32']:.4f}", "", f"{f['sent_bytes_fp32']:,}"],
@@ -486,6 +511,37 @@ def _attention_markdown(att: dict) -> list[str]:
                         if x.get("max_abs_logit_diff_vs_stock") is not None) + ".", "",
             _md_table(["arch", "device", "length", "batch", "precision", "threads", "arm", "residues/s", "x stock",
                        "spread", "peak MiB", "memory x stock"], rows), ""]
+
+
+def _secure_markdown(sec: dict) -> list[str]:
+    return ["## 3a. Secure aggregation (masked two-pass FRA-LoRA) vs plain FRA-LoRA, per round", "",
+            "From `bench/secure_bytes.py`, shapes only (no model): q, k, v adapted in every layer at LoRA r=16, a "
+            "d -> 2 head; random factors; equal site weights. Bytes per site per round, counted: plain up = the "
+            "site's adapters + head as float32 arrays (raw bytes, no NVFLARE framing); secure up = its signed "
+            f"key (counted as {sec['key_bytes']} bytes: X25519 key, RSA-2048 signature, kit certificate) + the "
+            "pass-1 (d x s per matrix, the head) and pass-2 (s x d per matrix) masked messages, each with its "
+            "check word, in 64- or 32-bit words; down (in the ratio `round bytes x`) adds every site's key, the "
+            "float64 bases Q and the global model. The messages the timed round made have exactly these "
+            "sizes (`secure_up_measured_bytes` in the JSON; the key there is its real length). s = the sketch "
+            "width min(d, K r + 8). The server receives K x up. Seconds, on "
+            f"{sec['threads']} thread(s), in one process: plain = `aggregate(..., 'fra')` (the server's whole "
+            "merge); site = one site's key pair and signature, key agreement (K - 1 X25519 agreements and "
+            "certificate checks) and its two masked messages (sketch products and 2 (K - 1) AES-CTR mask "
+            "streams), mean over the K sites; server = the two unmasked sums, the bases and the re-factoring. "
+            "Sites work in parallel in a federation, so a round adds about one site's part + the server's; "
+            "`all sites + server` is the CPU the whole federation spends. Mask words: 64-bit (32 fractional "
+            "bits); 32-bit at the default public bound 64 on a site's |value| (`masking.BOUND_32`: 31 - "
+            "ceil(log2 K) - 6 fractional bits); 32-bit at bound 4 (4 bits more, the same bytes). Repetitions "
+            "interleaved (plain, then the mask arms, their order reversed every other repetition), medians. "
+            "max abs diff = the largest "
+            "|secure - plain| over the global model's tensors (factors and head); update rel diff = the largest "
+            "max |B A - B' A'| / max |B' A'| over the adapted matrices (the update the model applies). Both come "
+            "from the fixed-point rounding (2^-32 per value with 64-bit words; with 32-bit words at bound 64 "
+            "2^-24 at 2 sites, 2^-22 at 8), the sketch's round-off and plain FRA's own float32 arithmetic (the "
+            "secure server computes in float64); random factors give the merged update a flat spectrum (about 1% between the 16th and 17th "
+            "singular values), where the rank-16 cut turns a small error in the sums into a larger rotation of "
+            "the factors.",
+            "", sec["table"], ""]
 
 
 def _fmt(v, digits: int) -> str:
@@ -600,6 +656,13 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append(f"comm {row['arch']}: sends {row['lora_sent_fp32'] / 1e6:.3f} MB fp32 / "
                      f"{row['lora_sent_fp16'] / 1e6:.3f} MB fp16 vs {row['full_sent_fp32'] / 1e6:.1f} MB full "
                      f"= {100 * row['ratio_sent_fp32']:.2f}% / {100 * row['ratio_sent_fp16']:.2f}%")
+    for row in r.get("secure", {}).get("rows", []):
+        label = secure_bytes.mask_label(row["word_bits"], row.get("bound"))
+        lines.append(f"secure {row['arch']} K={row['sites']} {label}: up "
+                     f"{row['secure_up_bytes'] / 2**20:.2f} MiB = {row['up_ratio']:.1f}x plain; site "
+                     f"{row['secure_site_s']:.3f}s ({row['site_over_plain']:.1f}x plain FRA's {row['plain_s']:.3f}s), "
+                     f"server {row['secure_server_s']:.3f}s ({row['server_over_plain']:.1f}x); "
+                     f"max |diff| {row['max_abs_diff']:.1e}, update rel diff {row['max_update_rel_diff']:.1e}")
     if "fp16" in r:
         c = r["fp16"]["comparison"]
         lines.append(f"fp16 transfer: F1 {c['f1_fp16']:.4f} vs fp32 {c['f1_fp32']:.4f} ({c['f1_difference']:+.4f}"

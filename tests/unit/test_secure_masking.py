@@ -106,3 +106,97 @@ def test_layout_flatten_round_trip_and_mismatch():
     assert all(np.array_equal(back[k], terms[k]) for k in terms)
     with pytest.raises(FedesmError, match="layout"):
         masking.flatten({"x": np.ones((3, 2)), "y": np.ones(4)}, layout)
+
+
+# --------------------------------------------------------------------------------------------
+# 32-bit words: half the bytes, a fixed point sized for the roster and a public bound
+# --------------------------------------------------------------------------------------------
+
+CTX = b"job\x001\x00pass1"
+
+
+def _messages32(values, names, bound=None, context=CTX):
+    secrets = _secrets(names)
+    return [masking.mask(v, n, secrets[n], context, word_bits=32, bound=bound) for n, v in zip(names, values)]
+
+
+def test_32_bit_fraction_bits_leave_room_for_the_roster_sum():
+    assert masking.fraction_bits(2, 32) == 31 - 1 - 6  # default bound 64 = 2^6
+    assert masking.fraction_bits(8, 32) == 31 - 3 - 6
+    assert masking.fraction_bits(3, 32, bound=10.0) == 31 - 2 - 4
+    assert masking.fraction_bits(8, 64) == masking.SCALE_BITS  # 64-bit words: unchanged
+    for n in (2, 3, 8, 100):
+        limit, bits = masking.max_abs(n, 32), masking.fraction_bits(n, 32)
+        assert n * (limit * 2**bits) <= 2**31 - 1 + n * 0.5  # n encodings at the limit cannot reach 2^31
+        assert limit > masking.BOUND_32 - 2.0**-bits  # the bound, less at most half a step
+    with pytest.raises(FedesmError, match="word_bits must be one of"):
+        masking.fraction_bits(2, 16)
+    with pytest.raises(FedesmError, match="cannot hold the sum"):
+        masking.fraction_bits(2**20, 32, bound=2.0**12)
+
+
+@pytest.mark.parametrize("names", [SITES[:2], SITES, [f"site-{i}" for i in range(1, 9)]])
+def test_32_bit_sum_is_exact_to_the_fixed_point_resolution(names):
+    n, rng = len(names), np.random.default_rng(2)
+    limit = masking.max_abs(n, 32)
+    values = [rng.uniform(-limit, limit, 5000) for _ in names]
+    for v in values:  # every site at the extremes: the worst case for a wrap
+        v[:2] = [limit * (1 - 1e-9), -limit * (1 - 1e-9)]
+    msgs = _messages32(values, names)
+    assert all(m.words.dtype == np.uint32 and m.words.nbytes == 4 * 5001 for m in msgs)  # half the 64-bit bytes
+    total = masking.unmask_sum(msgs, names, CTX, word_bits=32)
+    bits = masking.fraction_bits(n, 32)
+    exact = np.sum([masking.encode(v, n, 32).view(np.int32).astype(np.int64) for v in values], axis=0) / 2.0**bits
+    assert np.array_equal(total, exact)  # integer arithmetic modulo 2^32: exact, no wrap at the extremes
+    assert total[0] > 0 > total[1]
+    assert np.max(np.abs(total - sum(values))) <= n * 0.5 / 2**bits
+    noise = masking.noise_floor(n, values[0].size, 32)
+    assert np.linalg.norm(total - sum(values)) <= noise
+
+
+def test_32_bit_values_that_could_wrap_are_refused_in_one_line():
+    limit = masking.max_abs(4, 32)
+    masking.encode(np.array([limit * 0.999, -limit * 0.999]), 4, 32)
+    for bad in (limit * 1.001, -limit * 1.001, np.inf, np.nan):
+        with pytest.raises(FedesmError, match="32-bit fixed point with 23 fractional bits needs finite"):
+            masking.encode(np.array([0.5, bad]), 4, 32)
+    # a smaller bound buys resolution and refuses what exceeds it
+    assert masking.fraction_bits(4, 32, bound=1.0) == 29
+    with pytest.raises(FedesmError, match="cannot be encoded"):
+        _messages32([np.array([1.5]), np.zeros(1)], SITES[:2], bound=1.0)
+    # why the roster size is in the fixed point: values sized for 2 sites, summed over 4, wrap to a wrong sign
+    big = 0.9 * masking.max_abs(2, 32)
+    words = masking.encode(np.array([big]), 2, 32)
+    assert masking.decode(words + words, masking.fraction_bits(2, 32))[0] == pytest.approx(2 * big)
+    assert masking.decode(words + words + words + words, masking.fraction_bits(2, 32))[0] < 0
+
+
+def test_32_bit_masked_message_is_indistinguishable_from_uniform():
+    n = 200_000
+    ramp = np.linspace(-5, 5, n)
+    for plain in (np.zeros(n), ramp):
+        words = _messages32([plain, np.zeros(n), np.zeros(n)], SITES)[0].words[1:]
+        top = (words >> np.uint32(24)).astype(np.int64)
+        assert stats.chisquare(np.bincount(top, minlength=256)).pvalue > 1e-4
+        as_unit = words.astype(np.float64) / 2.0**32
+        assert stats.kstest(as_unit, "uniform").pvalue > 1e-4
+        bits = ((words[:, None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).mean(axis=0)
+        assert np.all(np.abs(bits - 0.5) < 0.006)
+        assert abs(np.corrcoef(as_unit, ramp)[0, 1]) < 0.01
+    enc = masking.encode(ramp, 3, 32).astype(np.float64) / 2.0**32  # the checks can fail: unmasked is not uniform
+    assert stats.kstest(enc, "uniform").pvalue < 1e-10
+
+
+def test_32_and_64_bit_messages_do_not_mix():
+    names = SITES[:2]
+    m32 = _messages32([np.ones(4), np.ones(4)], names)
+    with pytest.raises(FedesmError, match="uint32 words, this sum is 64-bit"):
+        masking.unmask_sum(m32, names, CTX)
+    s = b"\x01" * 32
+    w64 = masking.mask_stream(s, CTX, "site-1", "site-2", 4)
+    w32 = masking.mask_stream(s, CTX, "site-1", "site-2", 8, word_bits=32)
+    assert w64.dtype == np.uint64 and w32.dtype == np.uint32
+    assert not np.array_equal(w64.view(np.uint32), w32)  # separate keystreams
+    msgs = _messages32([np.ones(4)] * 3, SITES)
+    with pytest.raises(FedesmError, match="masks did not cancel"):
+        masking.unmask_sum(msgs[:2], SITES[:2], CTX, word_bits=32)
