@@ -219,3 +219,49 @@ def test_a_server_that_sends_one_site_another_plan_gets_no_sum(kits, tiny_checkp
     assert out.data == {}
     panics = [d for e, d in engine.events if e == EventType.FATAL_SYSTEM_ERROR]
     assert len(panics) == 1 and "secure sum failed 3 times" in panics[0]
+
+
+def test_every_masked_message_the_server_receives_looks_uniform(kits, tiny_checkpoint, synth_data):
+    from scipy import stats
+
+    net = _network(kits, tiny_checkpoint, synth_data, SITES[:2])
+    _round(net, 0, SITES[:2])
+    passes = [(s, t, from_shareable(r).data["words"]) for s, t, r in net.received if t.startswith("secure_")]
+    assert len(passes) == 4
+    own = to_numpy_dict(net.runs["site-1"].exchanged_state())
+    for site, task, words in passes:
+        top = np.bincount((words[1:] >> np.uint64(56)).astype(np.int64), minlength=256)
+        assert stats.chisquare(top).pvalue > 1e-4, (site, task)
+        assert stats.kstest(words[1:].astype(np.float64) / 2.0**64, "uniform").pvalue > 1e-4, (site, task)
+    sent = b"".join(w.tobytes() for _, _, w in passes)
+    for v in own.values():  # no site tensor, nor any 16-byte run of one, in what arrived
+        assert np.asarray(v, np.float32).tobytes()[:16] not in sent
+
+
+def test_a_public_key_the_server_swapped_is_refused_by_every_peer_and_no_sum_is_made(kits, tiny_checkpoint,
+                                                                                   synth_data, caplog):
+    import logging
+
+    from fedesm.secure import keys as secure_keys
+    from fedesm.secure import wire
+    from fedesm.secure.rounds import context
+
+    net = _network(kits, tiny_checkpoint, synth_data, SITES)
+    real = net.exchange
+
+    def swapping(task_name, data, sites, timeout, fl_ctx):
+        if task_name == "secure_pass1":  # the server's own key passed off as site-1's, signed by site-3's kit
+            _, public = secure_keys.new_key_pair()
+            forged = secure_keys.sign_public_key("site-1", context("job-7", 0, "keys"), public,
+                                                 kits / "site-3" / "startup")
+            data = {**data, **wire.key_to_arrays(forged, "key/site-1/")}
+        return real(task_name, data, sites, timeout, fl_ctx)
+
+    net.exchange = swapping
+    with caplog.at_level(logging.ERROR):
+        out, engine = _round(net, 0, SITES)
+    assert out.data == {}
+    refusals = [r.getMessage() for r in caplog.records if "public key for site 'site-1'" in r.getMessage()]
+    assert refusals and all("not signed by 'site-1'" in m or "kit of ['site-3']" in m for m in refusals)
+    assert [e for e, _ in engine.events if e == EventType.FATAL_SYSTEM_ERROR]
+    assert not [t for _, t, _ in net.received if t == "secure_pass2"]  # no pass ever completed
