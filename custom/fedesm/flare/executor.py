@@ -1,5 +1,6 @@
 """The site side of a round in NVFLARE: tasks routed to the site's `fedesm.site_run.SiteRun`, Shareables
-converted to and from state dicts, lines logged and metrics streamed; only adapters + head sent back."""
+converted to and from state dicts, lines logged and metrics streamed; only adapters + head sent back (in a
+job with `federation.secure_aggregation`: the round's signed key, then masked words for the passes)."""
 
 from __future__ import annotations
 
