@@ -10,7 +10,8 @@ each, so both see the same machine load. Both workers' probabilities are compare
 
 Per round the demo scored the test split 5 times before issue 25 (each site: the global model and
 its own; the demo: the global model) and 3 times since (`federation.evaluate_global_test: false` in
-the demo): `round_ratio` = 5 x baseline pass / (3 x this pass).
+the demo): `round_ratio` = 5 x baseline pass / (3 x this pass). Target (issue 25): >= 2 at equal
+numbers (probabilities within 1e-5). `make bench` runs it as section `eval`.
 
     python bench/bench_eval.py [--archs esm2_t2_tiny esm2_t6_8M_UR50D] [--reps 5] [--json out.json]
 """
@@ -18,6 +19,7 @@ the demo): `round_ratio` = 5 x baseline pass / (3 x this pass).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -32,9 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = "ac0cb6a"  # the last commit before issue 25's work
 PASSES_PER_ROUND = {"baseline": 5, "current": 3}  # test-split passes per demo round, before and after
+TARGET_ROUND_RATIO = 2.0  # issue 25: the demo's test-split evaluation >= 2x cheaper than before it
+MAX_PROB_DIFF = 1e-5  # ... at equal numbers
 
 
-def _worker(tree: str, arch: str, checkpoint: str, max_len: int) -> None:
+def _worker(tree: str, arch: str, checkpoint: str, max_len: int, chains: int) -> None:
     """One code base in its own process: a pass per 'pass' line on stdin, its CPU seconds on stdout."""
     sys.path.insert(0, str(Path(tree) / "custom"))
     import numpy as np
@@ -50,7 +54,7 @@ def _worker(tree: str, arch: str, checkpoint: str, max_len: int) -> None:
     from fedesm.training.inference import predict_proba
 
     assert Path(fedesm.__file__).resolve().is_relative_to(Path(tree).resolve()), fedesm.__file__
-    seqs = [r.sequence for r in load_dataset("gpsite:ATP:test")]
+    seqs = [r.sequence for r in load_dataset("gpsite:ATP:test")][: chains or None]
     backbone = load_backbone(checkpoint)
     model = build_lora_model(backbone, LoraSettings(r=8, alpha=16), seed=0)  # the code base's default attention
     tokenizer = Tokenizer(backbone.alphabet)
@@ -69,11 +73,11 @@ def _worker(tree: str, arch: str, checkpoint: str, max_len: int) -> None:
 
 
 class Worker:
-    def __init__(self, tree: Path, arch: str, checkpoint: Path, max_len: int):
+    def __init__(self, tree: Path, arch: str, checkpoint: Path, max_len: int, chains: int):
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FEDESM_DATA_DIR=str(REPO / "data"))
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", str(tree), arch, str(checkpoint),
-                                      str(max_len)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env, cwd=str(tree))
+        cmd = [sys.executable, __file__, "--worker", str(tree), arch, str(checkpoint), str(max_len), str(chains)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=str(tree))
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -93,14 +97,15 @@ class Worker:
         self.proc.wait()
 
 
-def measure(arch: str, baseline_tree: Path, workdir: Path, reps: int, max_len: int = 512) -> dict:
+def measure(arch: str, baseline_tree: Path, workdir: Path, reps: int, max_len: int = 512, chains: int = 0) -> dict:
+    """One row: `reps` passes of each code base, interleaved, and their probabilities compared."""
     import numpy as np
 
     from fedesm.model.checkpoint import make_random_checkpoint
 
     checkpoint = make_random_checkpoint(arch, workdir / f"{arch}.pt", seed=0)
-    workers = {"baseline": Worker(baseline_tree, arch, checkpoint, max_len),
-               "current": Worker(REPO, arch, checkpoint, max_len)}
+    workers = {"baseline": Worker(baseline_tree, arch, checkpoint, max_len, chains),
+               "current": Worker(REPO, arch, checkpoint, max_len, chains)}
     try:
         for w in workers.values():  # warm-up pass each
             w.ask("pass")
@@ -118,20 +123,55 @@ def measure(arch: str, baseline_tree: Path, workdir: Path, reps: int, max_len: i
         for w in workers.values():
             w.close()
     med = {k: statistics.median(v) for k, v in times.items()}
+    round_ratio = PASSES_PER_ROUND["baseline"] * med["baseline"] / (PASSES_PER_ROUND["current"] * med["current"])
+    diff = float(np.abs(probs["baseline"] - probs["current"]).max())
     return {"arch": arch, "chains": info["current"]["chains"], "max_len": max_len,
             "attention": {k: v["attention"] for k, v in info.items()},
             "pass_cpu_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "pass_median_s": {k: round(v, 3) for k, v in med.items()},
             "pass_ratio": round(med["baseline"] / med["current"], 2),
             "round_cpu_s": {k: round(PASSES_PER_ROUND[k] * v, 2) for k, v in med.items()},
-            "round_ratio": round(PASSES_PER_ROUND["baseline"] * med["baseline"]
-                                 / (PASSES_PER_ROUND["current"] * med["current"]), 2),
-            "max_abs_prob_diff": float(np.abs(probs["baseline"] - probs["current"]).max())}
+            "round_ratio": round(round_ratio, 2), "max_abs_prob_diff": diff,
+            "ok": round_ratio >= TARGET_ROUND_RATIO and diff <= MAX_PROB_DIFF}
+
+
+def baseline_tree(commit: str, into: Path) -> Path:
+    """`commit`'s custom/ (its fedesm package), from `git archive`, under `into`."""
+    tar = subprocess.run(["git", "archive", commit, "custom"], cwd=REPO, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as tf:
+        tf.extractall(into, filter="data")
+    return into
+
+
+def run(archs, reps: int = 3, baseline: str = BASELINE, chains: int = 0, echo=print) -> list[dict]:
+    """A row per architecture (`chains`: the first n test chains only, 0 = all 79; for smoke tests)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = baseline_tree(baseline, Path(tmp) / "baseline")
+        for arch in archs:
+            row = {**measure(arch, tree, Path(tmp), reps, chains=chains), "baseline": baseline}
+            echo(f"   eval {arch}: pass {row['pass_median_s']['baseline']:.2f} s ({baseline}) -> "
+                 f"{row['pass_median_s']['current']:.2f} s, per round {row['round_ratio']:.2f}x")
+            rows.append(row)
+    return rows
+
+
+def format_table(rows) -> str:
+    head = ["arch", "chains", "attention before -> now", "pass CPU s before", "pass CPU s now", "pass ratio",
+            "per round CPU s (5 passes -> 3)", "round ratio", "max prob diff", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(x) for x in [
+            r["arch"], r["chains"], f"{r['attention']['baseline']} -> {r['attention']['current']}",
+            f"{r['pass_median_s']['baseline']:.3f}", f"{r['pass_median_s']['current']:.3f}", f"{r['pass_ratio']:.2f}",
+            f"{r['round_cpu_s']['baseline']:.2f} -> {r['round_cpu_s']['current']:.2f}", f"**{r['round_ratio']:.2f}**",
+            f"{r['max_abs_prob_diff']:.1e}", f">= {TARGET_ROUND_RATIO:g}" + ("" if r["ok"] else " (missed)")]) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", nargs="+", default=["esm2_t2_tiny", "esm2_t6_8M_UR50D"])
@@ -141,16 +181,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tar = subprocess.run(["git", "archive", args.baseline, "custom"], cwd=REPO, capture_output=True, check=True)
-        with tarfile.open(fileobj=__import__("io").BytesIO(tar.stdout)) as tf:
-            tf.extractall(tmp / "baseline", filter="data")
-        for arch in args.archs:
-            row = measure(arch, tmp / "baseline", tmp, args.reps)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = run(args.archs, args.reps, args.baseline)
+    print(format_table(rows))
     out = {"baseline": args.baseline, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg": list(os.getloadavg())},
            "threads": 1, "rows": rows}
