@@ -350,8 +350,11 @@ def to_markdown(doc: dict) -> str:
                 "ratio = median fedesm / median peer residues per process CPU-second. padding = the share of "
                 "the padded batch's tokens that are padding (what the peer computes for nothing). "
                 f"Target: >= {r['peer']['target_ratio']} at crop 1,000 batch 8, >= {r['peer']['min_ratio']} "
-                "at every shape.", "", r["peer"]["table"], ""]
+                f"at every shape. Load average before / after the section: {r['peer'].get('load_average_before')} / "
+                f"{r['peer'].get('load_average_after')}.", "", r["peer"]["table"], ""]
         out += [f"Left out: {x}." for x in r["peer"].get("left_out", [])] + ([""] if r["peer"].get("left_out") else [])
+    if "attention" in r:
+        out += _attention_markdown(r["attention"])
     if "eval" in r:
         e = r["eval"]
         base = e["rows"][0]["baseline"] if e["rows"] else bench_eval.BASELINE
@@ -365,9 +368,10 @@ def to_markdown(doc: dict) -> str:
                 f"the demo: the global model) and {e['passes_per_round']['current']} times since "
                 "(`federation.evaluate_global_test: false` in the demo). max prob diff = the largest |difference| "
                 f"between the two code bases' probabilities. Target: round ratio >= {e['target_round_ratio']:g} at "
-                "equal numbers.", "", e["table"], ""]
-    if "attention" in r:
-        out += _attention_markdown(r["attention"])
+                "equal numbers. What changed since ac0cb6a: packed batches (no compute on padding), fair-esm's "
+                "erf GELU as one fused kernel, equal-length windows in one attention call, and 3 passes a round "
+                f"instead of 5. Load average before / after the section: {e.get('load_average_before')} / "
+                f"{e.get('load_average_after')}.", "", e["table"], ""]
     if "aggregation" in r:
         a = r["aggregation"]
         out += ["## 2. FRA-LoRA aggregation vs NVFLARE's HLoRA-style peer and a dense SVD (server, per round)", "",
