@@ -3,6 +3,8 @@
   throughput   residues/s of the client executor's training loop vs a plain PyTorch + PEFT loop
   peer         the site loop vs Hugging Face EsmForTokenClassification (sdpa) + PEFT LoRA + AdamW on GPSite
                batches (crops 1,000 / 512, batch 8 / 32): residues per CPU-second, padding share (bench_peer)
+  eval         one pass over the demo's test split (GPSite ATP, 79 chains) in process CPU seconds, this code vs
+               the code before issue 25 (ac0cb6a), interleaved worker processes; per demo round 5 passes -> 3
   attention    fused vs stock attention (and activation checkpointing) in that loop: residues/s, peak memory
   aggregation  FRA-LoRA vs NVFLARE's HLoRA-style peer and a dense SVD, per matrix and per model (bench_aggregation)
   comm         bytes per site per round: LoRA adapters + head vs the full model, fp32 and fp16
@@ -42,12 +44,13 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import bench_aggregation  # noqa: E402
 import bench_attention  # noqa: E402
 import bench_comm  # noqa: E402
+import bench_eval  # noqa: E402
 import bench_overhead  # noqa: E402
 import bench_peer  # noqa: E402
 import bench_throughput  # noqa: E402
 import secure_bytes  # noqa: E402
 
-SECTIONS = ("throughput", "peer", "attention", "aggregation", "comm", "secure", "fp16", "overhead")
+SECTIONS = ("throughput", "peer", "eval", "attention", "aggregation", "comm", "secure", "fp16", "overhead")
 
 # Sizes of the full run (<= ~20 min on 2 shared cores) and of --quick (~2-3 min).
 FULL = {
@@ -64,7 +67,11 @@ FULL = {
     # the Hugging Face peer: GPSite ATP chains, interleaved, process CPU time, one thread. 35M at 32 x 1,000:
     # the peer's padded batch (and its attention) did not fit beside other jobs in 24 GiB: left out here.
     "peer": {"rows": [("esm2_t6_8M_UR50D", bench_peer.SHAPES),
-                      ("esm2_t12_35M_UR50D", ((1000, 8), (512, 8), (512, 32)))], "reps": 3},
+                      ("esm2_t12_35M_UR50D", ((1000, 8), (512, 8), (512, 32)))], "reps": 3,
+             "left_out": ["esm2_t12_35M_UR50D crop 1,000 batch 32: the peer's padded 32 x 1,002 batch did not fit "
+                          "in 24 GiB beside other jobs"]},
+    # the demo's test split scored by this code and by the code before issue 25, one thread each
+    "eval": {"archs": ["esm2_t2_tiny", "esm2_t6_8M_UR50D"], "reps": 3},
     # batch 2 (the second chain 75% long: padded), one optimizer step per repetition, one thread (steady
     # on a shared 2-core machine); on CUDA the paper's shape: batch 8 x 1,000 residues, bf16 autocast.
     "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 64, "reps": 15, "threads": 1},
@@ -97,6 +104,7 @@ QUICK = {
                    "cuda_settings": {"batch_size": 8, "min_len": 400, "max_len": 500, "steps": 3, "reps": 4,
                                      "warmup": 2}},
     "peer": {"rows": [("esm2_t6_8M_UR50D", ((1000, 8), (512, 32)))], "reps": 2},
+    "eval": {"archs": ["esm2_t2_tiny"], "reps": 1},
     "attention": {"cpu_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 256, "reps": 3, "threads": 1}],
                   "cuda_rows": [{"arch": "esm2_t6_8M_UR50D", "length": 1000, "batch_size": 8, "reps": 4}]},
     "aggregation": {"sizes": (480, 1280), "sites": (2, 8), "models": (480,), "threads": 1, "reps": 5,
@@ -209,7 +217,17 @@ class Bench:
         table = bench_peer.format_table(rows)
         self.echo(table)
         return {"rows": rows, "table": table, "target_ratio": bench_peer.TARGET_RATIO,
-                "min_ratio": bench_peer.MIN_RATIO, "all_ok": all(r["ok"] for r in rows)}
+                "min_ratio": bench_peer.MIN_RATIO, "all_ok": all(r["ok"] for r in rows),
+                "left_out": list(cfg.get("left_out", ()))}
+
+    def eval(self) -> dict:
+        cfg = self.sizes["eval"]
+        rows = bench_eval.run(cfg["archs"], cfg["reps"], cfg.get("baseline", bench_eval.BASELINE),
+                              chains=cfg.get("chains", 0), echo=self.echo)
+        table = bench_eval.format_table(rows)
+        self.echo(table)
+        return {"rows": rows, "table": table, "target_round_ratio": bench_eval.TARGET_ROUND_RATIO,
+                "passes_per_round": bench_eval.PASSES_PER_ROUND, "all_ok": all(r["ok"] for r in rows)}
 
     def attention(self) -> dict:
         cfg = self.sizes["attention"]
@@ -355,9 +373,28 @@ def to_markdown(doc: dict) -> str:
                 "ratio = median fedesm / median peer residues per process CPU-second. padding = the share of "
                 "the padded batch's tokens that are padding (what the peer computes for nothing). "
                 f"Target: >= {r['peer']['target_ratio']} at crop 1,000 batch 8, >= {r['peer']['min_ratio']} "
-                "at every shape.", "", r["peer"]["table"], ""]
+                f"at every shape. Load average before / after the section: {r['peer'].get('load_average_before')} / "
+                f"{r['peer'].get('load_average_after')}.", "", r["peer"]["table"], ""]
+        out += [f"Left out: {x}." for x in r["peer"].get("left_out", [])] + ([""] if r["peer"].get("left_out") else [])
     if "attention" in r:
         out += _attention_markdown(r["attention"])
+    if "eval" in r:
+        e = r["eval"]
+        base = e["rows"][0]["baseline"] if e["rows"] else bench_eval.BASELINE
+        out += ["## 1c. Scoring the demo's test split: this code vs the code before issue 25", "",
+                "From `bench/bench_eval.py`: one pass of `predict_proba` over the GPSite ATP test split (79 chains, "
+                "`max_len` 512, long chains tiled), LoRA r=8 as the demo, random-init weights of the named shape "
+                f"(one checkpoint read by both), each code base's default attention; the code of {base} runs from "
+                "`git archive` in a worker process beside one running this tree, passes alternate (ABBA) after a "
+                "warm-up pass each, process CPU seconds, 1 thread, medians. Per demo round the test split was scored "
+                f"{e['passes_per_round']['baseline']} times before issue 25 (each site: the global model and its own; "
+                f"the demo: the global model) and {e['passes_per_round']['current']} times since "
+                "(`federation.evaluate_global_test: false` in the demo). max prob diff = the largest |difference| "
+                f"between the two code bases' probabilities. Target: round ratio >= {e['target_round_ratio']:g} at "
+                "equal numbers. What changed since ac0cb6a: packed batches (no compute on padding), fair-esm's "
+                "erf GELU as one fused kernel, equal-length windows in one attention call, and 3 passes a round "
+                f"instead of 5. Load average before / after the section: {e.get('load_average_before')} / "
+                f"{e.get('load_average_after')}.", "", e["table"], ""]
     if "aggregation" in r:
         a = r["aggregation"]
         out += ["## 2. FRA-LoRA aggregation vs NVFLARE's HLoRA-style peer and a dense SVD (server, per round)", "",
@@ -634,6 +671,10 @@ def summary_lines(doc: dict) -> list[str]:
     for row in r.get("peer", {}).get("rows", []):
         lines.append(f"peer {row['arch']} crop {row['crop']} batch {row['batch_size']}: fedesm/HF = "
                      f"{row['ratio']:.2f}x per CPU-second (padding {100 * row['padding_share']:.0f}%)")
+    for row in r.get("eval", {}).get("rows", []):
+        lines.append(f"eval {row['arch']} (demo test split): pass {row['pass_ratio']:.2f}x, per round "
+                     f"{row['round_ratio']:.2f}x cheaper than {row['baseline']}, probabilities within "
+                     f"{row['max_abs_prob_diff']:.1e}")
     for row in r.get("throughput", {}).get("rows", []):
         if "skipped" not in row:
             cpu = f", CPU time {row['cpu_time_ratio']:.3f}" if row["device"] == "cpu" else ""

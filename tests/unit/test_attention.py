@@ -153,6 +153,16 @@ def test_weights_and_contacts_still_come_from_fair_esm():
     assert float((out["representations"][esm2.num_layers] - ours).abs().max()) < 1e-5
 
 
+def test_gelu_is_fair_esms_erf_gelu():
+    """The fused GELU is fair-esm's erf form (not the tanh approximation), to float rounding."""
+    from esm.modules import gelu
+
+    x = torch.linspace(-8, 8, 100001)
+    assert float((fused_attention.gelu_erf(x) - gelu(x)).abs().max()) < 1e-6
+    tanh_form = torch.nn.functional.gelu(x, approximate="tanh")
+    assert float((tanh_form - gelu(x)).abs().max()) > 1e-4  # the test would see the other form
+
+
 def test_a_layer_it_cannot_reproduce_falls_back_to_stock():
     from esm.modules import TransformerLayer
 

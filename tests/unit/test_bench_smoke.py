@@ -250,6 +250,25 @@ def test_peer_rows_run_both_loops_on_the_same_gpsite_batches(tmp_path):
     assert any(line.startswith("peer esm2_t2_tiny crop 60 batch 2: fedesm/HF =") for line in run_bench.summary_lines(doc))
 
 
+def test_eval_section_scores_the_test_split_with_both_code_bases(tmp_path):
+    """`make bench` section eval: this tree and a commit's code (here the last commit: the same code, so the
+    same probabilities) each score the first test chains in their own worker; passes alternate, a row per arch."""
+    import bench_eval
+
+    sizes = {"eval": {"archs": ["esm2_t2_tiny"], "reps": 2, "chains": 4, "baseline": "HEAD"}}
+    doc = run_bench.run_all(["eval"], sizes=sizes, work_dir=tmp_path, echo=lambda *a: None)
+    (row,) = doc["results"]["eval"]["rows"]
+    assert row["chains"] == 4 and row["baseline"] == "HEAD" and row["attention"]["current"] == "packed"
+    assert len(row["pass_cpu_s"]["baseline"]) == len(row["pass_cpu_s"]["current"]) == 2
+    assert row["max_abs_prob_diff"] == 0.0  # the same code on the same weights, one thread
+    per_round = bench_eval.PASSES_PER_ROUND
+    assert row["round_cpu_s"]["current"] == pytest.approx(per_round["current"] * row["pass_median_s"]["current"],
+                                                          abs=0.01)
+    assert row["ok"] == (row["round_ratio"] >= 2.0)
+    assert "## 1c. Scoring the demo's test split" in run_bench.to_markdown(doc)
+    assert any(line.startswith("eval esm2_t2_tiny (demo test split)") for line in run_bench.summary_lines(doc))
+
+
 def test_cuda_packed_script_runs_its_rows_on_cpu_and_skips_what_cannot_run(tmp_path, monkeypatch):
     """bench/cuda_packed.py (the GPU rows) on the CPU with the tiny model: every arm measured, the JSON
     written to $OUT, packed agreeing with fused; an unknown architecture is a skipped row, not a crash."""

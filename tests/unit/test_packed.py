@@ -64,7 +64,8 @@ def test_packed_is_the_default():
     assert classifiers(model)[0].attention == "packed"
 
 
-@pytest.mark.parametrize("lengths", [(1, 7, 300, 2), (1022, 1, 500)])
+# (5, 5, 5, 40, 40, 3): runs of equal lengths go through one batched attention call each (Packing.runs)
+@pytest.mark.parametrize("lengths", [(1, 7, 300, 2), (1022, 1, 500), (5, 5, 5, 40, 40, 3)])
 def test_packed_equals_padded_tiny(lengths):
     model, alphabet = _lora_model("esm2_t2_tiny")
     tokens = Tokenizer(alphabet).collate([(s, None) for s in _seqs(lengths)])[0]
@@ -97,6 +98,10 @@ def test_packing_layout():
     p = Packing(real)
     assert p.lengths == [3, 1, 0, 4] and p.offsets.tolist() == [0, 3, 4, 4, 8]
     assert p.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3] and p.segments.tolist() == [0, 0, 0, 1, 3, 3, 3, 3]
+    assert p.runs == [(0, 3, 3), (3, 4, 1), (4, 8, 4)]  # the empty sequence in no run
+    assert Packing(torch.ones(3, 2, dtype=torch.bool)).runs == [(0, 6, 2)]
+    same = Packing(torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
+    assert same.runs == [(0, 6, 2), (6, 9, 3)]  # an empty sequence has no rows: its neighbours stay one run
     x = torch.arange(8.0)[:, None]
     back = p.unpack(x)[..., 0]
     assert back[real].tolist() == list(range(8)) and not back[~real].any()

@@ -10,13 +10,15 @@ memory-efficient kernels on CUDA, the fused kernel on CPU), exactly as fair-esm 
   calls and the same (T, B, C) inputs;
 * the layer's own rotary embedding on q and k (same cos/sin tables);
 * the padding mask on the keys (padded keys get no weight), dropout ``attn.dropout`` in training;
-* ``out_proj`` on the heads' outputs, then the block's residuals, layer norms and GELU feed-forward.
+* ``out_proj`` on the heads' outputs, then the block's residuals, layer norms and GELU feed-forward
+  (fair-esm's erf GELU as PyTorch's one kernel, ``gelu_erf``).
 
 The packed path (``Packing``, ``packed_layer``; the default ``model.attention``) goes further: the
 batch's padding is dropped before the embeddings, every projection (LoRA included), layer norm,
 feed-forward and the head run on the (N, C) real tokens only, rotary positions are each token's
 column in its own sequence, and attention runs per sequence: PyTorch's variable-length flash kernel
-(``varlen_attn``) on CUDA in bf16/fp16, one SDPA call per sequence otherwise. Same function as the
+(``varlen_attn``) on CUDA in bf16/fp16, otherwise one SDPA call per sequence, or per run of equal-length
+sequences (``Packing.runs``: evaluation's tiles of long chains). Same function as the
 padded path (the tests hold logits and LoRA gradients to 1e-5 in fp32).
 
 Nothing in fair-esm is replaced: where attention weights are asked for (``need_head_weights``,
@@ -59,14 +61,19 @@ def fused_self_attention(attn: nn.Module, x: torch.Tensor, key_padding_mask: Opt
     return attn.out_proj(out.permute(2, 0, 1, 3).reshape(t, b, c))
 
 
+def gelu_erf(x: torch.Tensor) -> torch.Tensor:
+    """fair-esm's ``gelu`` (``x * 0.5 * (1 + erf(x / sqrt(2)))``) as PyTorch's one fused kernel: the same
+    erf-based function (not the tanh approximation) to float rounding, without five full-size temporaries
+    (fair-esm's version was a quarter of the tiny demo model's evaluation time)."""
+    return F.gelu(x)
+
+
 def fused_layer(layer: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """fair-esm's ``TransformerLayer.forward`` (pre-norm attention + GELU feed-forward) with fused attention."""
-    from esm.modules import gelu
-
     residual = x
     x = residual + fused_self_attention(layer.self_attn, layer.self_attn_layer_norm(x), padding_mask)
     residual = x
-    return residual + layer.fc2(gelu(layer.fc1(layer.final_layer_norm(x))))
+    return residual + layer.fc2(gelu_erf(layer.fc1(layer.final_layer_norm(x))))
 
 
 def stock_layer(layer: nn.Module, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,6 +104,7 @@ class Packing:
         self.lengths = [int(n) for n in counts.tolist()]
         ends = np.cumsum(self.lengths).tolist()
         self.bounds = list(zip([0] + ends[:-1], ends))  # (start, end) of each sequence's rows, host-side
+        self.runs = _equal_length_runs(self.lengths)
         self.max_length = max(self.lengths, default=0)
         self.segments = torch.repeat_interleave(torch.arange(b, device=real.device), counts)  # sequence of each row
         self._cu32 = None
@@ -114,6 +122,22 @@ class Packing:
         """(N, ...) packed rows back into a padded (B, T, ...) tensor, zeros at padding."""
         out = x.new_zeros((self.shape[0] * self.shape[1], *x.shape[1:]))
         return out.index_copy(0, self.flat, x).view(*self.shape, *x.shape[1:])
+
+
+def _equal_length_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(start row, end row, length) of each run of consecutive non-empty sequences of one length.
+
+    Evaluation packs windows sorted by length (every tile of a long chain is ``max_len`` long), so a
+    run's sequences go through one batched SDPA call: the same per-sequence attention, fewer calls."""
+    runs: list[list[int]] = []
+    rows = 0
+    for n in lengths:
+        if n and runs and runs[-1][2] == n:
+            runs[-1][1] += n
+        elif n:
+            runs.append([rows, rows + n, n])
+        rows += n
+    return [tuple(r) for r in runs]
 
 
 def rotary_tables(attn: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,13 +184,12 @@ def packed_self_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
     q, k = q.to(v.dtype), k.to(v.dtype)
     dropout = attn.dropout if attn.training else 0.0
     out = _varlen(q, k, v, packing) if not dropout else None
-    if out is None:  # one SDPA call per sequence on its own tokens: no padding, no mask
+    if out is None:  # one SDPA call per run of equal-length sequences, each on its own tokens: no padding, no mask
         parts = []
-        for s, e in packing.bounds:
-            if e == s:
-                continue
-            qs, ks, vs = (z[s:e].transpose(0, 1).unsqueeze(0) for z in (q, k, v))
-            parts.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=1.0)[0].transpose(0, 1))
+        for s, e, length in packing.runs:
+            qs, ks, vs = (z[s:e].view(-1, length, h, d).transpose(1, 2) for z in (q, k, v))
+            parts.append(F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, scale=1.0)
+                         .transpose(1, 2).reshape(e - s, h, d))
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
     return attn.out_proj(out.reshape(n, c))
 
@@ -174,9 +197,7 @@ def packed_self_attention(attn: nn.Module, x: torch.Tensor, packing: Packing,
 def packed_layer(layer: nn.Module, x: torch.Tensor, packing: Packing,
                  tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """fair-esm's ``TransformerLayer.forward`` on packed (N, C) tokens."""
-    from esm.modules import gelu
-
     residual = x
     x = residual + packed_self_attention(layer.self_attn, layer.self_attn_layer_norm(x), packing, tables)
     residual = x
-    return residual + layer.fc2(gelu(layer.fc1(layer.final_layer_norm(x))))
+    return residual + layer.fc2(gelu_erf(layer.fc1(layer.final_layer_norm(x))))
