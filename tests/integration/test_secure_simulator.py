@@ -13,25 +13,35 @@ from tests.secure_parts import make_kits
 pytestmark = pytest.mark.slow
 
 
-def _runs(tmp_path, n_sites: int, strategy: str, rounds: int = 3):
-    from fedesm import results
+def _sites(tmp_path, n_sites: int, seed: int, kit_overrides=None):
+    """`n_sites` sites on synthetic data with a tiny checkpoint and their kits from real provisioning: the site
+    config (each site's `kit_dir` its own kit, unless `kit_overrides` names another), the checkpoint, the kits."""
     from fedesm.data.split import split_records, write_split
     from fedesm.data.synth import synth_records
-    from fedesm.launch.jobs import export_job
-    from fedesm.launch.simulate import run_simulator
-    from fedesm.model.cards import read_adapter_state
     from fedesm.model.checkpoint import make_random_checkpoint
     from fedesm.site_config import write_site_config
 
     sites = [f"site-{i}" for i in range(1, n_sites + 1)]
     kits = make_kits(tmp_path / "kits", sites=sites)
-    records = synth_records(n=60 * n_sites, n_families=10, pos_rate=0.1, min_len=60, max_len=160, seed=2)
-    write_split(split_records(records, "iid", n_sites, seed=2, site_val_frac=0.15), tmp_path / "data")
+    records = synth_records(n=60 * n_sites, n_families=10, pos_rate=0.1, min_len=60, max_len=160, seed=seed)
+    write_split(split_records(records, "iid", n_sites, seed=seed, site_val_frac=0.15), tmp_path / "data")
     ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt")
     cfg = write_site_config(tmp_path / "site.yaml", ckpt, tmp_path / "data")
     raw = yaml.safe_load(cfg.read_text())
     raw["kit_dir"] = str(kits / "{site}" / "startup")
+    if kit_overrides:
+        raw["sites"] = {site: {"kit_dir": str(path)} for site, path in kit_overrides.items()}
     cfg.write_text(yaml.safe_dump(raw))
+    return cfg, ckpt, kits
+
+
+def _runs(tmp_path, n_sites: int, strategy: str, rounds: int = 3):
+    from fedesm import results
+    from fedesm.launch.jobs import export_job
+    from fedesm.launch.simulate import run_simulator
+    from fedesm.model.cards import read_adapter_state
+
+    cfg, ckpt, _ = _sites(tmp_path, n_sites, seed=2)
     base = {"model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt), "training.rounds": rounds,
             "training.steps_per_round": 6, "training.batch_size": 4, "lora.r": 4, "training.max_len": 160,
             "federation.strategy": strategy, "federation.min_clients": n_sites,
@@ -67,27 +77,15 @@ def _misconfigured_run(tmp_path, n_sites: int, rounds: int = 2):
     so it is lost between the key exchange and the sums, every round."""
     import shutil
 
-    from fedesm.data.split import split_records, write_split
-    from fedesm.data.synth import synth_records
     from fedesm.launch.jobs import export_job
     from fedesm.launch.simulate import run_simulator
-    from fedesm.model.checkpoint import make_random_checkpoint
-    from fedesm.site_config import write_site_config
 
-    sites = [f"site-{i}" for i in range(1, n_sites + 1)]
-    kits = make_kits(tmp_path / "kits", sites=sites)
-    other = make_kits(tmp_path / "other", name="elsewhere", sites=sites)
+    last = f"site-{n_sites}"
     wrong = tmp_path / "wrong_kit"
-    shutil.copytree(kits / sites[-1] / "startup", wrong)
-    shutil.copy(other / sites[-1] / "startup" / "rootCA.pem", wrong / "rootCA.pem")
-    records = synth_records(n=60 * n_sites, n_families=10, pos_rate=0.1, min_len=60, max_len=160, seed=4)
-    write_split(split_records(records, "iid", n_sites, seed=4, site_val_frac=0.15), tmp_path / "data")
-    ckpt = make_random_checkpoint("esm2_t2_tiny", tmp_path / "esm2_t2_tiny.pt")
-    cfg = write_site_config(tmp_path / "site.yaml", ckpt, tmp_path / "data")
-    raw = yaml.safe_load(cfg.read_text())
-    raw["kit_dir"] = str(kits / "{site}" / "startup")
-    raw["sites"] = {sites[-1]: {"kit_dir": str(wrong)}}
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg, ckpt, kits = _sites(tmp_path, n_sites, seed=4, kit_overrides={last: wrong})
+    other = make_kits(tmp_path / "other", name="elsewhere", sites=[f"site-{i}" for i in range(1, n_sites + 1)])
+    shutil.copytree(kits / last / "startup", wrong)
+    shutil.copy(other / last / "startup" / "rootCA.pem", wrong / "rootCA.pem")
     job = export_job("esm2_fra_lora", tmp_path / "job", {
         "model.arch": "esm2_t2_tiny", "model.backbone": str(ckpt), "training.rounds": rounds,
         "training.steps_per_round": 4, "training.batch_size": 4, "lora.r": 4, "training.max_len": 160,
